@@ -1,0 +1,20 @@
+"""sparsetune: sparsity-aware fine-tuning of LLMs.
+
+    sparsetune train recipes/quickstart.yaml       # ReLU-fy + regularize + log + checkpoint
+    sparsetune export runs/quickstart --out DIR    # plain HF folder + sparsity report
+    sparsetune eval DIR                            # perplexity and activation sparsity
+
+Python API: `load_sparse_model(path)` loads an export with its exact sparse activation.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["load_sparse_model", "__version__"]
+
+
+def __getattr__(name):  # lazy, so `import sparsetune` (and the CLI's --help) stays fast
+    if name == "load_sparse_model":
+        from sparsetune.models.exported import load_sparse_model
+
+        return load_sparse_model
+    raise AttributeError(name)

@@ -1,0 +1,5 @@
+import sys
+
+from sparsetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""The `sparsetune` command line: train, export, eval, recipes, validate."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sparsetune.errors import SparsetuneError
+
+
+def _cmd_train(args) -> int:
+    from sparsetune.recipe.loading import load_recipe
+    from sparsetune.training.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    train(recipe, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from sparsetune.recipe.loading import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print:
+        print(recipe_to_yaml(recipe), end="")
+    print(f"{args.recipe}: ok ({recipe.relufy.activation} + {recipe.regularizer.type}/{recipe.regularizer.schedule}, "
+          f"{recipe.train.max_steps} steps, model {recipe.model.path})")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from sparsetune.recipe.loading import builtin_recipes, load_recipe
+
+    for name, path in builtin_recipes().items():
+        try:
+            desc = load_recipe(str(path)).description or "(no description)"
+        except SparsetuneError as exc:
+            desc = f"INVALID: {exc}"
+        print(f"{name:<22} {desc}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from sparsetune.export.exporter import export
+
+    out = export(args.run, args.out, measure=not args.no_eval, eval_batches_n=args.eval_batches,
+                 overwrite=args.overwrite)
+    print(f"sparsetune: exported to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from sparsetune.evaluation.command import print_report, run_eval, write_json
+
+    result = run_eval(args.model, data_path=args.data, seq_len=args.seq_len, batches=args.batches,
+                      batch_size=args.batch_size, activation=args.activation,
+                      near_zero_threshold=args.near_zero_threshold)
+    print_report(result)
+    json_path = Path(args.json) if args.json else None
+    if json_path is None and Path(args.model).is_dir():
+        json_path = Path(args.model) / "eval.json"
+    if json_path is not None:
+        write_json(result, json_path)
+        print(f"sparsetune: wrote {json_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sparsetune import __version__
+
+    parser = argparse.ArgumentParser(prog="sparsetune", description="Sparsity-aware fine-tuning of LLMs.")
+    parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run a recipe: sparsetune train RECIPE.yaml [KEY=VALUE ...]")
+    p.add_argument("recipe", help="recipe file, or the name of a built-in recipe (see `sparsetune recipes`)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=20")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--print", action="store_true", help="print the resolved recipe with every default")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("export", help="write a run's checkpoint as a plain Hugging Face model folder")
+    p.add_argument("run", help="a run's output_dir (its newest complete checkpoint) or one checkpoint folder")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
+    p.add_argument("--eval-batches", type=int, default=None, help="held-out batches for the report")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="perplexity and activation sparsity of a model, run or export")
+    p.add_argument("model", help="export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id")
+    p.add_argument("--data", help="held-out text (same forms as data.path); default: the run's or stdlib-docs")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--activation", default=None,
+                   choices=["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk"],
+                   help="swap the MLP activation before measuring (e.g. relu: the untrained ReLU baseline)")
+    p.add_argument("--near-zero-threshold", type=float, default=1e-3)
+    p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SparsetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("sparsetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""`sparsetune eval`: perplexity and activation sparsity of a model, run, checkpoint or export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
+from sparsetune.data.batches import eval_batches
+from sparsetune.data.text_datasets import load_text_splits, pack
+from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.models.build import model_from_checkpoint
+from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
+from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
+from sparsetune.recipe.schema import DataSection, RelufySection
+from sparsetune.sparsity.recorder import ActivationRecorder
+from sparsetune.surgery.relufy import relufy, sparse_mlps
+
+
+def _load_target(target: str, activation: str | None):
+    """(model with SparseMLPs, tokenizer, default data section, description)."""
+    path = Path(target)
+    is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file())
+    if is_run:
+        model, tokenizer, recipe, state = model_from_checkpoint(resolve_checkpoint(path))
+        if recipe.peft.method == "lora":
+            model = model.merge_and_unload()
+        data, what = recipe.data, f"checkpoint at step {state.get('step')}"
+    else:
+        if path.is_dir() and (path / "config.json").is_file():
+            model, tokenizer = load_model(str(path)), load_tokenizer(str(path))
+            spec = load_activation_spec(path, model.config)
+        else:
+            model, tokenizer = load_model_and_tokenizer(target)
+            spec = activation_for_hf_config(model.config)
+        relufy(model, spec)
+        data, what = DataSection(), "model"
+    if activation is not None:
+        relufy(model, RelufySection(activation=activation))
+    return model, tokenizer, data, what
+
+
+def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
+             batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3) -> dict:
+    model, tokenizer, data_cfg, what = _load_target(target, activation)
+    updates = {}
+    if data_path:
+        updates.update(path=data_path, eval_path=None, eval_split=None)
+    if seq_len:
+        updates["seq_len"] = seq_len
+    data_cfg = data_cfg.model_copy(update=updates)
+    _, held = load_text_splits(data_cfg)
+    packed = pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
+    mlps = sparse_mlps(model)
+    is_silu = mlps[0].activation.name == "silu"
+    recorder = ActivationRecorder(len(mlps), None, near_zero_threshold if is_silu else None)
+    for m in mlps:
+        m.sink = recorder
+    result = evaluate(model, eval_batches(packed, batch_size, batches), recorder, torch.device("cpu"))
+    return {"target": target, "what": what, "activation": mlps[0].activation.spec(), "data": data_cfg.path,
+            "seq_len": data_cfg.seq_len, **result}
+
+
+def print_report(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table(title=f"{result['target']} ({result['what']}, activation {result['activation']['activation']})")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("held-out perplexity", f"{result['perplexity']:.3f}")
+    summary.add_row("tokens evaluated", str(result["tokens"]))
+    summary.add_row("activation sparsity (exact zeros)", f"{result.get('sparsity', 0):.2%}")
+    if "near_zero" in result:
+        summary.add_row(f"near-zero activations (|a| <= {result['near_zero_threshold']:g})", f"{result['near_zero']:.2%}")
+    console.print(summary)
+    layers = Table(title="per-layer activation sparsity")
+    layers.add_column("layer", justify="right")
+    layers.add_column("exact zeros", justify="right")
+    if "near_zero" in result:
+        layers.add_column("near-zero", justify="right")
+    for i, v in enumerate(result.get("per_layer", [])):
+        row = [str(i), f"{v:.2%}"]
+        if "near_zero" in result:
+            row.append(f"{result['near_zero_per_layer'][i]:.2%}")
+        layers.add_row(*row)
+    console.print(layers)
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))

@@ -1,0 +1,50 @@
+"""Held-out perplexity and activation sparsity from the same forward passes."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+
+from sparsetune.sparsity.recorder import ActivationRecorder
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[dict], recorder: ActivationRecorder | None, device,
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """{'loss', 'perplexity', 'tokens', 'sparsity', 'per_layer', ...} over real (label != -100) tokens."""
+    was_training = model.training
+    model.eval()
+    if recorder is not None:
+        recorder.reset_stats()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask = batch.get("attention_mask")
+        if recorder is not None:
+            recorder.open(mask, reg_with_grad=False)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+        if recorder is not None:
+            recorder.close()
+        labels = batch["labels"][:, 1:]
+        if mask is not None:
+            labels = labels.masked_fill(mask[:, 1:] == 0, -100)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        nll += loss.double()
+        count += (labels != -100).sum()
+    totals = torch.stack([nll, count])
+    stats = recorder.reset_stats() if recorder is not None else None
+    counts = stats.merge_counts() if stats is not None else None
+    if all_reduce is not None:
+        totals = all_reduce(totals)
+        counts = all_reduce(counts) if counts is not None else None
+    model.train(was_training)
+    mean_loss = (totals[0] / totals[1].clamp_min(1)).item()
+    out = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 700.0)), "tokens": int(totals[1].item())}
+    if stats is not None:
+        out.update(stats.summary(counts))
+    return out

