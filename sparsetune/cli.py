@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "export", "eval"):
+        import torch
+
+        if not torch.cuda.is_available():  # DeepSpeed would warn that it falls back to its CPU accelerator
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return args.func(args)
     except SparsetuneError as exc:

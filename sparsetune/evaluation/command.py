@@ -36,7 +36,14 @@ def _load_target(target: str, activation: str | None):
             model, tokenizer = load_model_and_tokenizer(target)
             spec = activation_for_hf_config(model.config)
         relufy(model, spec)
-        data, what = DataSection(), "model"
+        # An export carries its recipe: evaluate on the same held-out data it was trained against.
+        recipe_file = path / "recipe.yaml" if path.is_dir() else None
+        if recipe_file is not None and recipe_file.is_file():
+            from sparsetune.recipe.loading import read_yaml, validate_recipe
+
+            data, what = validate_recipe(read_yaml(recipe_file), str(recipe_file)).data, "export"
+        else:
+            data, what = DataSection(), "model"
     if activation is not None:
         relufy(model, RelufySection(activation=activation))
     return model, tokenizer, data, what

@@ -105,7 +105,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     if lm.generation_config is not None:
         lm.generation_config.save_pretrained(tmp)
     spec = {"activation": trained_spec, "load_activation": load_spec, "plain_transformers_exact": exact,
-            "source_checkpoint": str(ckpt), "step": state.get("step"), "model_type": lm.config.model_type}
+            "source_checkpoint": str(ckpt.resolve()), "step": state.get("step"), "model_type": lm.config.model_type}
     (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     report = {
         "activation": trained_spec, "plain_transformers_exact": exact, "step": state.get("step"),

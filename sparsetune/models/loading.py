@@ -60,10 +60,11 @@ def _converted_gguf_dir(gguf: Path) -> Path:
     print(f"sparsetune: converting {gguf.name} to a cached HF folder (once): {out}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantized weights are plain fp32 now; keep no trace of the GGUF quantization.
-    for cfg in (model.config,):
-        if hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
+    # The weights are dequantized to plain fp32 at load; drop the GGUF quantizer so the model
+    # saves (and later loads) as an ordinary float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
     model.config._name_or_path = gguf.stem
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

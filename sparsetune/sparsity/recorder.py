@@ -53,7 +53,7 @@ class SparsityStats:
         if sum(totals) == 0:
             return {}
         per_layer = [z / t if t else 0.0 for z, t in zip(zeros, totals)]
-        out = {"sparsity": sum(zeros) / sum(totals), "per_layer": per_layer, "tokens": sum(totals)}
+        out = {"sparsity": sum(zeros) / sum(totals), "per_layer": per_layer, "activations_counted": int(sum(totals))}
         if self.near_zero_threshold:
             out["near_zero"] = sum(near) / sum(totals)
             out["near_zero_per_layer"] = [n / t if t else 0.0 for n, t in zip(near, totals)]

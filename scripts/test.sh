@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install and run the whole test suite (what .ci/run runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_SILENT=true
+python -m pytest -q -p no:cacheprovider --timeout 900 tests "$@"

@@ -1,0 +1,29 @@
+"""Helpers for tests that drive the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sparsetune.cli import main
+
+TINY_TRAIN = ["data.seq_len=64", "train.micro_batch_size=8", "train.lr=3e-3", "train.eval_batches=2",
+              "distill.weight=0", "wandb.mode=offline"]
+
+
+def train_tiny(model_dir: Path, out: Path, *overrides: str, recipe: str = "quickstart") -> int:
+    return main(["train", recipe, f"model.path={model_dir}", f"output_dir={out}", *TINY_TRAIN, *overrides])
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console entry point in a fresh process (exit code, stderr as a user sees them)."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "sparsetune", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)

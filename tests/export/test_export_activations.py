@@ -1,0 +1,54 @@
+"""Each activation exports to plain transformers where the math allows, and through sparsetune otherwise."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sparsetune
+from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.cli import main
+from sparsetune.models.build import model_from_checkpoint
+from tests.e2e_helpers import train_tiny
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize(
+    "family, overrides, exact, hidden_act",
+    [
+        ("llama", ["relufy.activation=relu2"], True, "relu2"),
+        ("llama", ["relufy.activation=shifted_relu", "relufy.shift=0.05"], True, "relu"),
+        ("mistral", ["relufy.activation=shifted_relu", "relufy.shift=0.05"], False, "relu"),
+        ("llama", ["relufy.activation=drelu"], False, "relu"),
+        ("qwen3", ["relufy.activation=topk", "relufy.top_k_fraction=0.25"], False, "silu"),
+        ("qwen2", ["relufy.activation=fatrelu", "relufy.threshold=0.02"], False, "relu"),
+    ],
+)
+def test_activation_export(tiny_model_dirs, tmp_path, family, overrides, exact, hidden_act):
+    run = tmp_path / "run"
+    assert train_tiny(tiny_model_dirs[family], run, "train.max_steps=2", "train.eval_every=0",
+                      "wandb.mode=disabled", *overrides) == 0
+    trained, *_ = model_from_checkpoint(CheckpointStore(run).latest_complete())
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--no-eval"]) == 0
+    spec = json.loads((out / "sparsetune.json").read_text())
+    assert spec["plain_transformers_exact"] is exact
+    ids = torch.randint(0, trained.config.vocab_size, (2, 16))
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.config.hidden_act == hidden_act
+    with torch.no_grad():
+        expected = trained.eval()(ids).logits
+        via_sparsetune = sparsetune.load_sparse_model(out).eval()(ids).logits
+        plain_logits = plain(ids).logits
+    torch.testing.assert_close(via_sparsetune, expected, rtol=1e-5, atol=1e-5)
+    if exact:
+        torch.testing.assert_close(plain_logits, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(plain_logits, expected, atol=1e-4)
+        assert "Plain transformers cannot express" in (out / "README.md").read_text()
+    if "shifted_relu" in overrides[0] and exact:
+        assert plain.config.mlp_bias is True
+        torch.testing.assert_close(plain.model.layers[0].mlp.gate_proj.bias,
+                                   torch.full_like(plain.model.layers[0].mlp.gate_proj.bias, -0.05))

@@ -1,0 +1,56 @@
+import pytest
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.recipe.loading import builtin_recipes, load_recipe
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_every_builtin_recipe_validates_and_documents_its_command(name):
+    recipe = load_recipe(name)
+    text = builtin_recipes()[name].read_text()
+    assert text.startswith("#"), "header comment"
+    assert f"sparsetune train recipes/{name}.yaml" in text
+    assert recipe.description
+
+
+def test_required_recipe_keys_exist():
+    r = load_recipe("quickstart", ["train.max_steps=7", "relufy.activation=drelu", "wandb.mode=disabled",
+                                   "data.seq_len=64", "train.seed=3", "train.lr=0.001", "regularizer.type=hoyer"])
+    assert (r.train.max_steps, r.relufy.activation, r.wandb.mode, r.data.seq_len, r.train.seed, r.train.lr,
+            r.regularizer.type) == (7, "drelu", "disabled", 64, 3, 0.001, "hoyer")
+    assert r.model.path and r.output_dir and r.data.path
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_step=3"], r"unknown recipe key 'train.max_step'; did you mean 'train.max_steps'\?"),
+        (["relufy.activaton=relu"], r"did you mean 'relufy.activation'\?"),
+        (["relufy.activation=gelu"], r"'relufy.activation' = 'gelu' is not allowed; expected 'silu', 'relu', "),
+        (["train.lr=fast"], r"recipe key 'train.lr': .*valid number.* \(got 'fast'\)"),
+        (["train.lr=-1"], r"recipe key 'train.lr': Input should be greater than 0"),
+        (["data.seq_len=2"], r"recipe key 'data.seq_len': Input should be greater than or equal to 8"),
+        (["wandb.mode=maybe"], r"'wandb.mode' = 'maybe' is not allowed; expected 'auto', 'online', 'offline' or 'disabled'"),
+        (["regularizer.schedule=prosparse"], r"schedule 'prosparse' needs at least one entry in regularizer.stages"),
+        (["train.max_steps"], r"must look like KEY=VALUE"),
+        (["train.max_steps=5", "regularizer.schedule=prosparse", "regularizer.stages=[{end_step: 9, coef: 1}]"],
+         r"regularizer.stages.0.end_step=9 is beyond train.max_steps=5"),
+    ],
+)
+def test_bad_recipes_give_one_clear_line(overrides, message):
+    with pytest.raises(SparsetuneError, match=message) as info:
+        load_recipe("quickstart", overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(SparsetuneError, match=r"recipe file not found: .*nope.yaml"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\ntrain: [1,\n")
+    with pytest.raises(SparsetuneError, match=r"bad.yaml is not valid YAML \(line"):
+        load_recipe(str(bad))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(SparsetuneError, match=r"recipe key 'output_dir' is required"):
+        load_recipe(str(empty))
