@@ -54,3 +54,18 @@ def test_missing_and_malformed_recipe_files(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(SparsetuneError, match=r"recipe key 'output_dir' is required"):
         load_recipe(str(empty))
+
+
+def test_recipe_reference_is_current_and_covers_every_key():
+    from pathlib import Path
+
+    from sparsetune.recipe.reference import recipe_reference
+    from sparsetune.recipe.schema import Recipe
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "RECIPES.md"
+    assert doc.read_text() == recipe_reference(), "run: python scripts/gen_recipe_docs.py"
+    flat = Recipe.model_validate({"output_dir": "x"}).model_dump()
+    keys = [f"{s}.{k}" if isinstance(v, dict) else s for s, sec in flat.items()
+            for k, v in ((sec.items()) if isinstance(sec, dict) else [(None, sec)])]
+    for key in keys:
+        assert f"`{key}" in doc.read_text(), key
