@@ -115,3 +115,17 @@ def test_distillation_loss_is_logged(tiny_model_dirs, tmp_path):
     m = logs[0]
     assert m["train/loss"] == pytest.approx(m["train/lm_loss"] + m["train/reg_coef"] * m["train/reg_loss"]
                                             + m["train/distill_loss"], rel=1e-4)
+
+
+def test_gradient_checkpointing_matches_the_plain_run(tiny_model_dirs, tmp_path):
+    """Recomputation inside backward must not count activations twice nor lose the regularizer's gradient."""
+    runs = {}
+    for gc in (False, True):
+        run = tmp_path / f"gc_{gc}"
+        assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", "train.log_every=1",
+                          "train.eval_every=0", "regularizer.schedule=constant", "regularizer.coef=1.0",
+                          "wandb.mode=disabled", f"train.gradient_checkpointing={str(gc).lower()}") == 0
+        runs[gc] = [m for m in read_metrics(run) if "train/loss" in m]
+    for plain, ckpt in zip(runs[False], runs[True]):
+        for key in ("train/loss", "train/reg_loss", "train/sparsity", "train/sparsity_layer/01"):
+            assert ckpt[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
