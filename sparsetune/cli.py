@@ -15,7 +15,10 @@ def _cmd_train(args) -> int:
     from sparsetune.training.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise SparsetuneError("--resume and --overwrite exclude each other")
+    command = " ".join(["sparsetune train", args.recipe, *args.overrides])
+    train(recipe, overwrite=args.overwrite, resume=args.resume, command=command)
     return 0
 
 
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe file, or the name of a built-in recipe (see `sparsetune recipes`)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=20")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue the run in output_dir from its newest complete checkpoint (a new run when it has "
+                        "none), or from the given checkpoint folder")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe without running it")

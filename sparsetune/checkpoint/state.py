@@ -49,11 +49,11 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
-def save_trainer_files(folder: Path, recipe: Recipe, trainer_state: dict, optimizer, scheduler, rank: int = 0) -> None:
+def save_trainer_files(folder: Path, recipe: Recipe, trainer_state: dict, optimizer, scheduler) -> None:
+    """The main process's share of a checkpoint (each rank writes its own rng_state_rank{r}.json)."""
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     write_json(folder / "trainer_state.json", trainer_state)
-    write_json(folder / f"rng_state_rank{rank}.json", rng_state())
     (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
 

@@ -85,19 +85,27 @@ class CheckpointStore:
                 report(f"skipping incomplete checkpoint {problem}")
         return None
 
-    def save(self, step: int, write: Callable[[Path], None], keep: int, meta: dict | None = None) -> Path:
-        """Run `write(tmp_folder)`, then finish the checkpoint atomically and prune old ones."""
+    def begin(self, step: int) -> Path:
+        """Create (empty) the temporary folder checkpoint `step` is written into. Main process only;
+        the other ranks compute the same path with `tmp_for(step)` and write their per-rank files there."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / self.name_for(step)
-        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        tmp = self.tmp_for(step)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        write(tmp)
+        return tmp
+
+    def tmp_for(self, step: int) -> Path:
+        return self.root / f".tmp-{self.name_for(step)}"
+
+    def commit(self, step: int, keep: int, meta: dict | None = None) -> Path:
+        """Flush, write the marker last, rename into place, move `latest`, prune. Main process only."""
+        tmp, final = self.tmp_for(step), self.root / self.name_for(step)
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)
         _write_atomic(tmp / MARKER, json.dumps({"step": step, "complete": True, "files": files, **(meta or {})}, indent=1))
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            old = self.root / f".old-{final.name}-{os.getpid()}"
+            old = self.root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -107,13 +115,17 @@ class CheckpointStore:
         self.prune(keep)
         return final
 
+    def save(self, step: int, write: Callable[[Path], None], keep: int, meta: dict | None = None) -> Path:
+        """Single-process convenience: begin, `write(tmp_folder)`, commit."""
+        write(self.begin(step))
+        return self.commit(step, keep, meta)
+
     def prune(self, keep: int) -> None:
         complete = [f for f in self.folders() if checkpoint_problem(f) is None]
         for folder in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(folder, ignore_errors=True)
-        for stale in self.root.glob(".tmp-*"):
-            if not stale.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from sparsetune.checkpoint.state import save_trainer_files
+from sparsetune.checkpoint.resume import check_recipe, find_resume_checkpoint, load_model_weights
+from sparsetune.checkpoint.state import (is_lora_checkpoint, load_torch_state, read_trainer_state, rng_state,
+                                         save_trainer_files, set_rng_state, write_json)
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.data.batches import BatchStream, eval_batches
 from sparsetune.data.text_datasets import load_text_splits, pack
@@ -34,6 +37,7 @@ from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.distill import Teacher, kl_to_teacher
 from sparsetune.training.optim import build_optimizer, build_scheduler
+from sparsetune.training.preemption import PreemptionGuard, maybe_kill_in_save
 
 
 def _mixed_precision(choice: str) -> str:
@@ -56,17 +60,38 @@ def layer_metrics(prefix: str, summary: dict) -> dict:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, overwrite: bool = False):
+    """One run of a recipe. `resume`: None/False = new run; True = newest complete checkpoint in
+    output_dir (a fresh start when there is none); a path = that checkpoint folder."""
+
+    def __init__(self, recipe: Recipe, overwrite: bool = False, resume: bool | str | None = None,
+                 command: str = "sparsetune train RECIPE"):
         self.recipe = recipe
         self.run_dir = Path(recipe.output_dir)
         self.overwrite = overwrite
+        self.resume = resume
+        self.command = command
+        self.resume_from: Path | None = None
         self.step = 0
         self.tokens_seen = 0
         self.last_eval: dict = {}
+        self.wandb_run_id: str | None = None
+
+    @staticmethod
+    def notice(message: str) -> None:
+        print(f"sparsetune: {message}", flush=True)
 
     # ------------------------------------------------------------------ setup
     def _check_output_dir(self) -> None:
         holds_run = (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.jsonl").exists()
+        if self.resume:
+            explicit = self.resume if isinstance(self.resume, str) else None
+            self.resume_from = find_resume_checkpoint(self.run_dir, explicit, report=self.notice)
+            if self.resume_from is None:
+                self.notice(f"--resume: no complete checkpoint in {self.run_dir}, starting a new run")
+                self.overwrite = holds_run
+            else:
+                check_recipe(self.resume_from, self.recipe, report=self.notice)
+                return
         if holds_run and not self.overwrite:
             raise SparsetuneError(
                 f"output_dir {self.run_dir} already holds a run; choose another output_dir or pass --overwrite"
@@ -113,16 +138,41 @@ class Trainer:
         self.stream = BatchStream(self.train_data, r.train.micro_batch_size, r.train.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes)
         self.store = CheckpointStore(self.run_dir)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    def _restore(self, ckpt: Path) -> None:
+        """Everything a checkpoint holds: weights, optimizer, LR scheduler, step, tokens, data position, RNG."""
+        load_model_weights(self.accelerator.unwrap_model(self.model), ckpt / "model", is_lora_checkpoint(ckpt))
+        self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt"))
+        self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
+        state = read_trainer_state(ckpt)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.stream.position = state["data_position"]
+        self.last_eval = state.get("last_eval", {})
+        self.wandb_run_id = state.get("wandb_run_id")
+        rank_file = ckpt / f"rng_state_rank{self.accelerator.process_index}.json"
+        if rank_file.is_file():
+            import json
+
+            set_rng_state(json.loads(rank_file.read_text()))
+        else:
+            self.notice(f"resume: {rank_file.name} not in the checkpoint (different number of processes); "
+                        "this rank's RNG starts from the seed")
+        self.notice(f"resuming from {ckpt} at step {self.step} ({self.tokens_seen} tokens seen)")
 
     def _open_run_dir(self) -> None:
+        self.files = MetricFiles(self.run_dir)
         if self.is_main:
-            if self.overwrite and self.run_dir.exists():
+            if self.overwrite and self.run_dir.exists() and self.resume_from is None:
                 shutil.rmtree(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+            if self.resume_from is not None:  # drop what was logged after the checkpoint: no step twice
+                self.files.truncate_after(self.step)
         self.accelerator.wait_for_everyone()
-        self.files = MetricFiles(self.run_dir)
-        self.wandb = WandbRun(self.recipe.wandb, self.run_dir, self.recipe.model_dump(mode="json")) if self.is_main else None
+        self.wandb = (WandbRun(self.recipe.wandb, self.run_dir, self.recipe.model_dump(mode="json"),
+                               run_id=self.wandb_run_id) if self.is_main else None)
 
     # ---------------------------------------------------------------- logging
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -155,20 +205,28 @@ class Trainer:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> Path | None:
+        """All ranks take part (ZeRO-3/FSDP gather the weights; each rank writes its RNG state);
+        the main process writes the rest and commits the folder atomically."""
         r = self.recipe
         unwrapped = self.accelerator.unwrap_model(self.model)
         state_dict = None if r.peft.method == "lora" else self.accelerator.get_state_dict(self.model)
         trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.stream.position,
-                         "wandb_run_id": self.wandb.run_id if self.wandb else None, "last_eval": self.last_eval}
+                         "wandb_run_id": self.wandb.run_id if self.wandb else self.wandb_run_id,
+                         "num_processes": self.accelerator.num_processes, "last_eval": self.last_eval}
+        if self.is_main:
+            tmp = self.store.begin(self.step)
+        self.accelerator.wait_for_everyone()
+        tmp = self.store.tmp_for(self.step)
+        write_json(tmp / f"rng_state_rank{self.accelerator.process_index}.json", rng_state())
         path = None
         if self.is_main:
-            def write(folder: Path) -> None:
-                unwrapped.save_pretrained(folder / "model", state_dict=state_dict)
-                self.tokenizer.save_pretrained(folder / "tokenizer")
-                save_trainer_files(folder, r, trainer_state, self.optimizer, self.scheduler)
-
-            path = self.store.save(self.step, write, keep=r.train.keep_checkpoints,
-                                   meta={"lora": r.peft.method == "lora"})
+            unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
+            maybe_kill_in_save(self.step)
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            save_trainer_files(tmp, r, trainer_state, self.optimizer, self.scheduler)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            path = self.store.commit(self.step, keep=r.train.keep_checkpoints, meta={"lora": r.peft.method == "lora"})
         self.accelerator.wait_for_everyone()
         return path
 
@@ -233,9 +291,29 @@ class Trainer:
                   f"activation={r.relufy.activation}, regularizer={r.regularizer.type}, "
                   f"{len(self.train_data)} train / {len(self.eval_data)} held-out sequences of {r.data.seq_len} "
                   f"tokens, {self.accelerator.num_processes} process(es) on {self.device}", flush=True)
-        self.evaluate()
+        if self.resume_from is None:
+            self.evaluate()
+        elif self.step >= r.train.max_steps:
+            self.notice(f"the run is already complete at step {self.step} (train.max_steps={r.train.max_steps}); "
+                        "raise train.max_steps to continue it")
+            self.wandb.finish() if self.wandb else None
+            return self.last_eval
+        guard = PreemptionGuard().install()
+        try:
+            return self._loop(guard)
+        finally:
+            guard.uninstall()
+
+    def _stop_requested(self, guard: PreemptionGuard) -> bool:
+        flag = torch.tensor(float(guard.should_stop(self.step)), device=self.device)
+        if self.accelerator.num_processes > 1:  # every rank stops at the same step
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def _loop(self, guard: PreemptionGuard) -> dict:
+        r = self.recipe
         bar = tqdm(total=r.train.max_steps, initial=self.step, disable=not self.is_main, desc="train",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         window: list[dict] = []
         t0, tokens0 = time.perf_counter(), self.tokens_seen
         sparsity_text = "-"
@@ -260,6 +338,14 @@ class Trainer:
                 self.evaluate()
             if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
                 self.save_checkpoint()
+            if self.step < r.train.max_steps and self._stop_requested(guard):
+                bar.close()
+                ckpt = self.save_checkpoint()
+                if self.is_main:
+                    self.wandb.finish()
+                    self.notice(f"stopped at step {self.step} ({guard.signal_name}); checkpoint {ckpt}; "
+                                f"resume with: {self.command} --resume")
+                return self.last_eval
         bar.close()
         final = self.evaluate()
         ckpt = self.save_checkpoint()
@@ -285,6 +371,7 @@ class Trainer:
               f"export with: sparsetune export {self.run_dir} --out {self.run_dir}/export", flush=True)
 
 
-def train(recipe: Recipe, overwrite: bool = False) -> dict:
-    """Run a recipe to the end; returns the final held-out evaluation."""
-    return Trainer(recipe, overwrite=overwrite).run()
+def train(recipe: Recipe, overwrite: bool = False, resume: bool | str | None = None,
+          command: str = "sparsetune train RECIPE") -> dict:
+    """Run a recipe to the end (or to a preemption); returns the last held-out evaluation."""
+    return Trainer(recipe, overwrite=overwrite, resume=resume, command=command).run()
