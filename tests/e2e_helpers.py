@@ -22,8 +22,16 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def child_env(**extra: str) -> dict:
+    """Environment for a sparsetune child process. WANDB_SERVICE is dropped: wandb exports it after the
+    first in-process run, and a child attached to the test process's W&B service would leave its run
+    registered there when killed (a real preempted job takes its own service down with it)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(extra)
+    return env
+
+
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The installed console entry point in a fresh process (exit code, stderr as a user sees them)."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
     return subprocess.run([sys.executable, "-m", "sparsetune", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=600)
+                          env=child_env(WANDB_MODE="offline"), timeout=600)

@@ -1,0 +1,160 @@
+"""Exact resume: a run stopped anywhere continues as if it had never stopped."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.cli import main
+from sparsetune.tracking.wandb_offline import read_offline_run
+from tests.e2e_helpers import TINY_TRAIN, child_env, read_metrics, train_tiny
+
+pytestmark = pytest.mark.e2e
+
+# Progressive regularizer schedule + distillation are active, so their state must survive too.
+SCHEDULE = ["regularizer.schedule=prosparse", "regularizer.stages=[{end_step: 2, coef: 0.1}, {end_fraction: 1.0, coef: 1.0}]",
+            "train.log_every=1", "train.eval_every=4", "wandb.mode=offline", "train.lr_warmup_steps=2"]
+
+
+def final_weights(run):
+    ckpt = CheckpointStore(run).latest_complete()
+    tensors = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return ckpt, tensors
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()), f"{k} differs"
+
+
+def train_losses(run):
+    return {m["step"]: m["train/loss"] for m in read_metrics(run) if "train/loss" in m}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, monkeypatch, mode):
+    extra = ["distill.weight=0.5"] if mode == "full" else ["peft.method=lora", "peft.lora.r=4", "peft.lora.dropout=0.1"]
+    args = [*SCHEDULE, "train.max_steps=8", *extra]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
+    monkeypatch.setenv("SPARSETUNE_TEST_PREEMPT_AT_STEP", "3")
+    assert train_tiny(tiny_model_dirs["llama"], stopped, *args) == 0
+    assert CheckpointStore(stopped).latest_complete().name == "step-00000003"
+    monkeypatch.delenv("SPARSETUNE_TEST_PREEMPT_AT_STEP")
+    assert train_tiny(tiny_model_dirs["llama"], stopped, *args, "--resume") == 0
+
+    steps = [m["step"] for m in read_metrics(stopped) if "train/loss" in m]
+    assert steps == list(range(1, 9)), "every step logged exactly once, the first after resume is 4"
+    assert train_losses(stopped) == train_losses(straight)  # exact, not approximate
+    _, a = final_weights(straight)
+    _, b = final_weights(stopped)
+    assert_same_weights(a, b)
+    rows = [ln.split(",")[0] for ln in (stopped / "tradeoff.csv").read_text().splitlines()[1:]]
+    assert rows == ["0", "4", "8"]
+    # one W&B run, continued: the same id in both offline segments, history continuous
+    runs = [read_offline_run(d) for d in sorted((stopped / "wandb").glob("offline-run-*"))]
+    assert len(runs) == 2 and len({rid for r in runs for rid in r["run_ids"]}) == 1
+    logged = [row["_step"] for r in runs for row in r["history"] if "train/loss" in row]
+    assert logged == list(range(1, 9))
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dirs, tmp_path):
+    args = [*SCHEDULE, "train.max_steps=9", "train.save_every=3", "train.keep_checkpoints=5"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
+    env = child_env(SPARSETUNE_TEST_KILL_IN_SAVE="6")
+    cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
+           f"output_dir={killed}", *TINY_TRAIN, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    store = CheckpointStore(killed)
+    assert (store.root / ".tmp-step-00000006").is_dir(), "the kill happened mid-write"
+    assert store.latest_complete().name == "step-00000003"
+    assert (store.root / "latest").read_text().strip() == "step-00000003"
+    assert max(m["step"] for m in read_metrics(killed)) == 6  # steps 4..6 were logged before the kill
+    assert train_tiny(tiny_model_dirs["llama"], killed, *args, "--resume") == 0
+    steps = [m["step"] for m in read_metrics(killed) if "train/loss" in m]
+    assert steps == list(range(1, 10))
+    assert train_losses(killed) == train_losses(straight)
+    assert_same_weights(final_weights(straight)[1], final_weights(killed)[1])
+    assert not (store.root / ".tmp-step-00000006").exists(), "stale partial checkpoint cleaned up"
+
+
+def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_to_the_same_weights(tiny_model_dirs, tmp_path):
+    args = ["train.max_steps=300", "train.log_every=1", "train.eval_every=0", "wandb.mode=disabled",
+            "regularizer.schedule=constant"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
+    cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
+           f"output_dir={stopped}", *TINY_TRAIN, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (stopped / "metrics.jsonl").exists() and len(read_metrics(stopped)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGTERM received" in out and "resume with: sparsetune train quickstart" in out and "--resume" in out
+    stop_step = int(CheckpointStore(stopped).latest_complete().name.split("-")[1])
+    assert 0 < stop_step < 300
+    assert train_tiny(tiny_model_dirs["llama"], stopped, *args, "--resume") == 0
+    assert [m["step"] for m in read_metrics(stopped) if "train/loss" in m] == list(range(1, 301))
+    assert_same_weights(final_weights(straight)[1], final_weights(stopped)[1])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_model_dirs, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    base = ["train.eval_every=0", "wandb.mode=disabled", "train.save_every=2", "train.keep_checkpoints=3"]
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=4", *base) == 0
+    victim = run / "checkpoints" / "step-00000004" / "optimizer.pt"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    else:
+        victim.unlink()
+    capsys.readouterr()
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=6", *base, "--resume") == 0
+    out = capsys.readouterr().out
+    expected = "has 100 bytes, expected" if damage == "truncate" else "optimizer.pt is missing"
+    line = next(ln for ln in out.splitlines() if "skipping incomplete checkpoint" in ln)
+    assert expected in line and "step-00000004" in line
+    assert "resuming from" in out and "step-00000002 at step 2" in out
+    assert "resume: using the new value of train.max_steps: 4 -> 6" in out
+
+
+def test_recipe_changes_on_resume(tiny_model_dirs, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train.eval_every=0", "wandb.mode=disabled", "train.max_steps=2"]
+    assert train_tiny(tiny_model_dirs["llama"], run, *base) == 0
+    assert train_tiny(tiny_model_dirs["llama"], run, *base, "relufy.activation=drelu", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "relufy.activation: 'relu' -> 'drelu'" in err
+    assert train_tiny(tiny_model_dirs["llama"], run, *base, "--resume") == 0
+    assert "already complete at step 2" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    assert train_tiny(tiny_model_dirs["llama"], fresh, *base, "--resume") == 0
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert CheckpointStore(fresh).latest_complete().name == "step-00000002"
+
+
+def test_checkpoint_state_loads_without_executing_code(tiny_model_dirs, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=1", "train.eval_every=0", "wandb.mode=disabled") == 0
+    ckpt = CheckpointStore(run).latest_complete()
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.load(ckpt / name, weights_only=True)  # raises if anything but tensors/containers were pickled
+    for name in ("trainer_state.json", "rng_state_rank0.json", "checkpoint.json"):
+        json.loads((ckpt / name).read_text())
+    assert sorted(p.suffix for p in (ckpt / "model").iterdir()) == [".json", ".json", ".safetensors"]
