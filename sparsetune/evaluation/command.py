@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
-from sparsetune.data.batches import eval_batches
-from sparsetune.data.text_datasets import load_text_splits, pack
-from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.evaluation.perplexity import evaluate_held_out
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.recipe.schema import DataSection, RelufySection
-from sparsetune.sparsity.recorder import ActivationRecorder
 from sparsetune.surgery.relufy import relufy, sparse_mlps
 
 
@@ -58,16 +53,9 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
     if seq_len:
         updates["seq_len"] = seq_len
     data_cfg = data_cfg.model_copy(update=updates)
-    _, held = load_text_splits(data_cfg)
-    packed = pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
-    mlps = sparse_mlps(model)
-    is_silu = mlps[0].activation.name == "silu"
-    recorder = ActivationRecorder(len(mlps), None, near_zero_threshold if is_silu else None)
-    for m in mlps:
-        m.sink = recorder
-    result = evaluate(model, eval_batches(packed, batch_size, batches), recorder, torch.device("cpu"))
-    return {"target": target, "what": what, "activation": mlps[0].activation.spec(), "data": data_cfg.path,
-            "seq_len": data_cfg.seq_len, **result}
+    result = evaluate_held_out(model, tokenizer, data_cfg, batch_size, batches, near_zero_threshold)
+    return {"target": target, "what": what, "activation": sparse_mlps(model)[0].activation.spec(),
+            "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
 
 
 def print_report(result: dict) -> None:

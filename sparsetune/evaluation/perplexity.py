@@ -48,3 +48,21 @@ def evaluate(model, batches: Iterable[dict], recorder: ActivationRecorder | None
     if stats is not None:
         out.update(stats.summary(counts))
     return out
+
+
+def evaluate_held_out(model, tokenizer, data_cfg, batch_size: int, batches: int, near_zero_threshold: float) -> dict:
+    """Load and pack the held-out split of `data_cfg`, then measure `model` (which has SparseMLPs) on it."""
+    from sparsetune.data.batches import eval_batches
+    from sparsetune.data.text_datasets import load_text_splits, pack
+    from sparsetune.sparsity.recorder import attach_recorder
+    from sparsetune.surgery.relufy import sparse_mlps
+
+    _, held = load_text_splits(data_cfg)
+    data = pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
+    mlps = sparse_mlps(model)
+    recorder = attach_recorder(mlps, None, near_zero_threshold)
+    try:
+        return evaluate(model, eval_batches(data, batch_size, batches), recorder, torch.device("cpu"))
+    finally:
+        for mlp in mlps:
+            mlp.sink = None

@@ -11,15 +11,12 @@ import torch
 from torch import nn
 
 from sparsetune.checkpoint.store import resolve_checkpoint
-from sparsetune.data.batches import eval_batches
-from sparsetune.data.text_datasets import load_text_splits, pack
 from sparsetune.errors import SparsetuneError
-from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.evaluation.perplexity import evaluate_held_out
 from sparsetune.export.model_card import model_card
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import SPEC_FILE
 from sparsetune.recipe.loading import recipe_to_yaml
-from sparsetune.sparsity.recorder import ActivationRecorder
 from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.relufy import base_causal_lm, restore_hf_mlps, sparse_mlps
 
@@ -61,22 +58,6 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
         "`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`) to get the trained activation.")
 
 
-def _eval_report(model, tokenizer, recipe, batches: int | None) -> dict:
-    _, held = load_text_splits(recipe.data)
-    data = pack(held, tokenizer, recipe.data.text_field, recipe.data.seq_len, "held-out data")
-    mlps = sparse_mlps(model)
-    near = recipe.sparsity.near_zero_threshold if recipe.relufy.activation == "silu" else None
-    recorder = ActivationRecorder(len(mlps), None, near)
-    for m in mlps:
-        m.sink = recorder
-    try:
-        return evaluate(model, eval_batches(data, recipe.train.micro_batch_size, batches or recipe.train.eval_batches),
-                        recorder, torch.device("cpu"))
-    finally:
-        for m in mlps:
-            m.sink = None
-
-
 def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
            overwrite: bool = False) -> Path:
     out = Path(out)
@@ -87,7 +68,9 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     if recipe.peft.method == "lora":
         model = model.merge_and_unload()
     model.eval()
-    report_eval = _eval_report(model, tokenizer, recipe, eval_batches_n) if measure else state.get("last_eval", {})
+    report_eval = (evaluate_held_out(model, tokenizer, recipe.data, recipe.train.micro_batch_size,
+                                     eval_batches_n or recipe.train.eval_batches, recipe.sparsity.near_zero_threshold)
+                   if measure else state.get("last_eval", {}))
 
     lm = base_causal_lm(model)
     trained_spec = sparse_mlps(lm)[0].activation.spec()

@@ -109,3 +109,13 @@ class ActivationRecorder:
         """Return the stats accumulated so far and start new ones."""
         stats, self.stats = self.stats, SparsityStats(self.num_layers, self.near_zero_threshold)
         return stats
+
+
+def attach_recorder(mlps: list, regularizer: Regularizer | None, near_zero_threshold: float) -> ActivationRecorder:
+    """A recorder fed by every SparseMLP in `mlps`. Near-zero counting is on only for SiLU, the one
+    activation without exact zeros, so the two kinds of sparsity are never mixed."""
+    is_silu = mlps[0].activation.name == "silu"
+    recorder = ActivationRecorder(len(mlps), regularizer, near_zero_threshold if is_silu else None)
+    for mlp in mlps:
+        mlp.sink = recorder
+    return recorder

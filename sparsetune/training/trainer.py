@@ -28,7 +28,7 @@ from sparsetune.models.build import apply_lora
 from sparsetune.models.loading import load_model_and_tokenizer
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.recipe.schema import Recipe
-from sparsetune.sparsity.recorder import ActivationRecorder
+from sparsetune.sparsity.recorder import attach_recorder
 from sparsetune.sparsity.regularizers import REGULARIZERS
 from sparsetune.sparsity.schedules import CoefficientSchedule
 from sparsetune.surgery.relufy import relufy
@@ -118,11 +118,7 @@ class Trainer:
         if r.distill.weight > 0:
             self.teacher = Teacher(model if r.peft.method == "none" else None).to(self.device)
         mlps = relufy(model, r.relufy)
-        regularizer = REGULARIZERS.get(r.regularizer.type)
-        near_zero = r.sparsity.near_zero_threshold if r.relufy.activation == "silu" else None
-        self.recorder = ActivationRecorder(len(mlps), regularizer, near_zero)
-        for mlp in mlps:
-            mlp.sink = self.recorder
+        self.recorder = attach_recorder(mlps, REGULARIZERS.get(r.regularizer.type), r.sparsity.near_zero_threshold)
         if r.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False

@@ -10,7 +10,6 @@ import pytest
 from safetensors.torch import load_file
 
 from sparsetune.checkpoint.store import CheckpointStore
-from sparsetune.cli import main
 from sparsetune.tracking.wandb_offline import read_offline_run
 from tests.e2e_helpers import TINY_TRAIN, child_env, read_metrics, train_tiny
 
