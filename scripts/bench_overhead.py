@@ -4,12 +4,13 @@
     python scripts/bench_overhead.py                      # SmolLM2-135M, seq 256, batch 2
     python scripts/bench_overhead.py --model PATH --steps 20 --seq-len 512
 
-Variants share everything (the real Trainer, data, optimizer, accelerate) and their steps are
-interleaved round-robin, so machine drift affects all of them alike:
+One real Trainer (the code path of `sparsetune train`) is switched between three variants
+from one step to the next, so they share the same weights, optimizer and memory, and their
+steps are interleaved in a rotating order so machine drift and position effects hit all alike:
 
-  plain-silu   the model as shipped (plain transformers MLPs), no capture, no regularizer
-  plain-relu   ReLU-fied, no capture, no regularizer (the same math as the next, without the machinery)
-  capture+l1   ReLU-fied with activation capture (sparsity stats) + L1 regularizer in the loss
+  plain-silu   SiLU MLPs (the model's own math), no capture, no regularizer
+  plain-relu   ReLU MLPs, no capture, no regularizer (the same math as the next, without the machinery)
+  capture+l1   ReLU MLPs with activation capture (sparsity stats) + L1 regularizer in the loss
 
 Prints the median step time of each and the ratio capture+l1 / plain-relu (goal: <= 1.05)
 and capture+l1 / plain-silu.
@@ -26,25 +27,31 @@ import time
 import torch
 
 from sparsetune.recipe.loading import load_recipe
-from sparsetune.surgery.relufy import restore_hf_mlps, sparse_mlps
+from sparsetune.sparsity.regularizers import l1
+from sparsetune.surgery.activations import ReLU, SiLU
+from sparsetune.surgery.relufy import sparse_mlps
 from sparsetune.training.trainer import Trainer
 
 
-def make_trainer(args, out: str, activation: str, machinery: bool) -> Trainer:
+def make_trainer(args, out: str) -> Trainer:
     recipe = load_recipe("quickstart", [
         f"model.path={args.model}", f"output_dir={out}", f"data.seq_len={args.seq_len}",
-        f"train.micro_batch_size={args.batch}", f"relufy.activation={activation}", "distill.weight=0",
-        "regularizer.type=l1" if machinery else "regularizer.type=none", "regularizer.schedule=constant",
-        "regularizer.coef=1.0", f"train.max_steps={10 * args.steps}", "wandb.mode=disabled",
+        f"train.micro_batch_size={args.batch}", "relufy.activation=relu", "distill.weight=0",
+        "regularizer.type=l1", "regularizer.schedule=constant", "regularizer.coef=1.0",
+        f"train.max_steps={10 * args.steps}", "wandb.mode=disabled",
     ])
     trainer = Trainer(recipe)
     trainer.setup()
-    if not machinery:
-        for mlp in sparse_mlps(trainer.model):
-            mlp.sink = None
-        if activation == "silu":  # back to the stock transformers modules
-            restore_hf_mlps(trainer.accelerator.unwrap_model(trainer.model))
     return trainer
+
+
+def set_variant(trainer: Trainer, name: str) -> None:
+    machinery = name == "capture+l1"
+    activation = SiLU() if name == "plain-silu" else ReLU()
+    for mlp in sparse_mlps(trainer.model):
+        mlp.activation = activation
+        mlp.sink = trainer.recorder if machinery else None
+    trainer.recorder.regularizer = l1 if machinery else None
 
 
 def main() -> None:
@@ -60,23 +67,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    names = ["plain-silu", "plain-relu", "capture+l1"]
+    times: dict[str, list[float]] = {k: [] for k in names}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {
-            "plain-silu": make_trainer(args, f"{tmp}/a", "silu", machinery=False),
-            "plain-relu": make_trainer(args, f"{tmp}/b", "relu", machinery=False),
-            "capture+l1": make_trainer(args, f"{tmp}/c", "relu", machinery=True),
-        }
-        times: dict[str, list[float]] = {k: [] for k in variants}
+        trainer = make_trainer(args, f"{tmp}/run")
         for i in range(args.warmup + args.steps):
-            for name, trainer in variants.items():
+            # rotate the order every round: no variant always runs first or after the same neighbour
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                set_variant(trainer, name)
                 t0 = time.perf_counter()
                 metrics = trainer.train_step()
                 dt = time.perf_counter() - t0
                 if i >= args.warmup:
                     times[name].append(dt)
-            if i == args.warmup:
-                reg = metrics.get("reg_loss")
-                assert reg and reg > 0, "the capture+l1 variant must compute its regularizer"
+                assert (metrics["reg_loss"] > 0) == (name == "capture+l1"), "variant switch failed"
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.batch * args.seq_len
     print(f"model={args.model} seq_len={args.seq_len} batch={args.batch} steps={args.steps} "

@@ -129,3 +129,14 @@ def test_gradient_checkpointing_matches_the_plain_run(tiny_model_dirs, tmp_path)
     for plain, ckpt in zip(runs[False], runs[True]):
         for key in ("train/loss", "train/reg_loss", "train/sparsity", "train/sparsity_layer/01"):
             assert ckpt[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
+
+
+def test_eval_of_a_run_measures_its_latest_checkpoint(relu_l1_run, tmp_path):
+    out = tmp_path / "run_eval.json"
+    assert main(["eval", str(relu_l1_run), "--batches", "2", "--batch-size", "8", "--json", str(out)]) == 0
+    measured = json.loads(out.read_text())
+    assert measured["what"] == "checkpoint at step 30" and measured["activation"] == {"activation": "relu"}
+    final_eval = [m for m in read_metrics(relu_l1_run) if "eval/sparsity" in m][-1]
+    # the same held-out batches as the run's own final evaluation (2 batches of 8): the same numbers
+    assert measured["perplexity"] == pytest.approx(final_eval["eval/perplexity"], rel=1e-5)
+    assert measured["sparsity"] == pytest.approx(final_eval["eval/sparsity"], rel=1e-6)
