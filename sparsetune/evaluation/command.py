@@ -15,11 +15,14 @@ from sparsetune.surgery.relufy import relufy, sparse_mlps
 
 
 def _load_target(target: str, activation: str | None):
-    """(model with SparseMLPs, tokenizer, default data section, description)."""
+    """(model with SparseMLPs, tokenizer, default data section, description, predictors folder or None)."""
     path = Path(target)
     is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file())
+    predictors = None
     if is_run:
-        model, tokenizer, recipe, state = model_from_checkpoint(resolve_checkpoint(path))
+        ckpt = resolve_checkpoint(path)
+        predictors = ckpt / "predictors" if (ckpt / "predictors" / "predictors.json").is_file() else None
+        model, tokenizer, recipe, state = model_from_checkpoint(ckpt)
         if recipe.peft.method == "lora":
             model = model.merge_and_unload()
         data, what = recipe.data, f"checkpoint at step {state.get('step')}"
@@ -31,6 +34,8 @@ def _load_target(target: str, activation: str | None):
             model, tokenizer = load_model_and_tokenizer(target)
             spec = activation_for_hf_config(model.config)
         relufy(model, spec)
+        if path.is_dir() and (path / "predictors.json").is_file():
+            predictors = path
         # An export carries its recipe: evaluate on the same held-out data it was trained against.
         recipe_file = path / "recipe.yaml" if path.is_dir() else None
         if recipe_file is not None and recipe_file.is_file():
@@ -41,12 +46,13 @@ def _load_target(target: str, activation: str | None):
             data, what = DataSection(), "model"
     if activation is not None:
         relufy(model, RelufySection(activation=activation))
-    return model, tokenizer, data, what
+    return model, tokenizer, data, what, predictors
 
 
 def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
-             batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3) -> dict:
-    model, tokenizer, data_cfg, what = _load_target(target, activation)
+             batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3,
+             dynamic: bool = False) -> dict:
+    model, tokenizer, data_cfg, what, predictors = _load_target(target, activation)
     updates = {}
     if data_path:
         updates.update(path=data_path, eval_path=None, eval_split=None)
@@ -54,8 +60,27 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
         updates["seq_len"] = seq_len
     data_cfg = data_cfg.model_copy(update=updates)
     result = evaluate_held_out(model, tokenizer, data_cfg, batch_size, batches, near_zero_threshold)
-    return {"target": target, "what": what, "activation": sparse_mlps(model)[0].activation.spec(),
-            "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
+    out = {"target": target, "what": what, "activation": sparse_mlps(model)[0].activation.spec(),
+           "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
+    if dynamic:
+        out["dynamic"] = _dynamic(model, tokenizer, data_cfg, batch_size, batches, predictors)
+    return out
+
+
+def _dynamic(model, tokenizer, data_cfg, batch_size, batches, predictors_dir) -> dict:
+    import torch
+
+    from sparsetune.data.batches import eval_batches
+    from sparsetune.data.text_datasets import load_text_splits, pack
+    from sparsetune.dynamic.evaluate import dynamic_eval
+    from sparsetune.predictors.bank import load_predictors
+
+    bank = load_predictors(predictors_dir) if predictors_dir is not None else None
+    exact = sparse_mlps(model)[0].activation.name != "silu"
+    _, held = load_text_splits(data_cfg)
+    data = pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
+    frac = bank.cfg.silu_active_fraction if bank is not None else 0.3
+    return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), torch.device("cpu"), exact, frac)
 
 
 def print_report(result: dict) -> None:
@@ -83,6 +108,16 @@ def print_report(result: dict) -> None:
             row.append(f"{result['near_zero_per_layer'][i]:.2%}")
         layers.add_row(*row)
     console.print(layers)
+    if "dynamic" in result:
+        dyn = Table(title="dynamic activation: perplexity when skipping for real")
+        for col in ("mode", "perplexity", "skipped (sparsity)"):
+            dyn.add_column(col, justify="right" if col != "mode" else "left")
+        for mode, values in result["dynamic"].items():
+            sp = values.get("sparsity")
+            dyn.add_row(mode, f"{values['perplexity']:.3f}", "-" if sp is None else f"{sp:.2%}")
+        console.print(dyn)
+        if "predicted" not in result["dynamic"]:
+            console.print("no predictors found (train with predictor.enabled=true): dense and oracle modes only")
 
 
 def write_json(result: dict, path: Path) -> None:

@@ -16,6 +16,7 @@ from sparsetune.evaluation.perplexity import evaluate_held_out
 from sparsetune.export.model_card import model_card
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import SPEC_FILE
+from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.relufy import base_causal_lm, restore_hf_mlps, sparse_mlps
@@ -99,6 +100,13 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
         "evaluated_on": "held-out split of the recipe's data" if measure else f"last evaluation (step {report_eval.get('step')})",
         "recipe": recipe.model_dump(mode="json"),
     }
+    predictors = ckpt / "predictors"
+    if (predictors / "predictors.json").is_file():
+        bank = load_predictors(predictors)
+        bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
+        report["predictors"] = {"files": ["predictors.safetensors", "predictors.json"], **{
+            k: v for k, v in bank.spec().items() if k != "config"}, "config": bank.cfg.model_dump(mode="json"),
+            "evaluation": {k: state.get("last_eval", {}).get(k) for k in ("predictor", "dynamic")}}
     (tmp / "sparsity_report.json").write_text(json.dumps(report, indent=1))
     (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     (tmp / "README.md").write_text(model_card(recipe, report, note, exact))

@@ -125,6 +125,29 @@ class SparsitySection(Section):
     )
 
 
+class PredictorSection(Section):
+    enabled: bool = Field(False, description="Co-train one activation predictor per MLP layer in the same run.")
+    rank: int = Field(64, ge=1, description="Low rank r of each neuron predictor: Linear(d -> r) -> Linear(r -> m).")
+    nonlinearity: Literal["none", "relu", "gelu"] = Field(
+        "none", description="Activation between the two predictor layers (none = DejaVu's linear low-rank form).")
+    lr: float = Field(1e-2, gt=0.0, description="Learning rate of the predictors' own AdamW optimizer (constant).")
+    loss: Literal["bce", "focal"] = Field(
+        "bce", description="bce = class-balanced BCE (positives weighted by negatives/positives); focal = focal loss.")
+    focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="A neuron is predicted active when sigmoid(logit) >= this.")
+    silu_active_fraction: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="Labels for silu (no exact zeros): the top fraction of neurons by |a| per token are active.")
+    lookahead: bool = Field(False, description="Layer i's MLP input predicts layer i+1's mask (time to prefetch).")
+    detach_inputs: bool = Field(True, description="Predictor inputs are detached: the predictors do not change the model.")
+    max_param_fraction: float = Field(
+        0.10, gt=0.0, le=1.0, description="Budget: predictor parameters / MLP parameters; larger is an error.")
+    heads: bool = Field(False, description="Also co-train attention-head predictors (per layer).")
+    head_rank: int = Field(32, ge=1, description="Low rank of each head predictor.")
+    head_active_fraction: float = Field(
+        0.5, gt=0.0, le=1.0, description="Head labels: heads whose output norm is in this top fraction per token.")
+
+
 class LoraSection(Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0.0, description="LoRA alpha (scaling = alpha / r).")
@@ -155,6 +178,9 @@ class TrainSection(Section):
         "auto", description="auto = bf16 on a GPU that supports it, otherwise full precision."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    freeze_model: bool = Field(
+        False, description="Train only the predictors (the model is frozen): the inference-engine workflow for an "
+        "already-sparse model. Needs predictor.enabled.")
     log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0 = only before and after training).")
     eval_batches: int = Field(8, ge=1, description="Held-out micro-batches per evaluation.")
@@ -184,11 +210,16 @@ class Recipe(Section):
     distill: DistillSection = Field(default_factory=DistillSection)
     sparsity: SparsitySection = Field(default_factory=SparsitySection)
     peft: PeftSection = Field(default_factory=PeftSection)
+    predictor: PredictorSection = Field(default_factory=PredictorSection)
     train: TrainSection = Field(default_factory=TrainSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
+        if self.train.freeze_model and not self.predictor.enabled:
+            raise ValueError("train.freeze_model=true trains nothing unless predictor.enabled=true")
+        if self.train.freeze_model and self.peft.method != "none":
+            raise ValueError("train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")
         for i, stage in enumerate(self.regularizer.stages):
             if stage.end_step is not None and stage.end_step > self.train.max_steps:
                 raise ValueError(

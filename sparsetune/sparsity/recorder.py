@@ -77,6 +77,7 @@ class ActivationRecorder:
         self.reg_with_grad = True
         self.token_mask: torch.Tensor | None = None
         self.is_open = False
+        self.consumers: list = []  # e.g. the PredictorBank: observe_mlp(layer, a, x, token_mask)
 
     def open(self, attention_mask: torch.Tensor | None, reg_with_grad: bool = True) -> None:
         # An all-ones mask (packed data) needs no masking: skip the per-token multiply.
@@ -98,6 +99,8 @@ class ActivationRecorder:
             else:
                 with torch.no_grad():
                     self.reg_terms.append(self.regularizer(activation.detach(), self.token_mask))
+        for consumer in self.consumers:
+            consumer.observe_mlp(layer, activation, mlp_input, self.token_mask)
 
     def regularizer_loss(self) -> torch.Tensor | None:
         """Mean over layers of this forward's regularizer terms."""

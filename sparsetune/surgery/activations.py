@@ -25,6 +25,11 @@ class MLPActivation(nn.Module):
         """JSON description, stored with exports so sparsetune can rebuild the activation."""
         return {"activation": self.name}
 
+    def elementwise(self) -> "MLPActivation":
+        """The per-neuron function, for computing a chosen subset of neurons (itself unless the
+        activation looks across neurons, as top-k does)."""
+        return self
+
 
 class SiLU(MLPActivation):
     name, hf_hidden_act = "silu", "silu"
@@ -114,6 +119,9 @@ class TopK(MLPActivation):
 
     def spec(self) -> dict:
         return {"activation": self.name, "top_k_fraction": self.fraction}
+
+    def elementwise(self) -> MLPActivation:
+        return SiLU()
 
 
 def build_activation(cfg: RelufySection | dict) -> MLPActivation:

@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
-TRADEOFF_COLUMNS = ["step", "tokens", "perplexity", "eval_loss", "sparsity", "near_zero_sparsity", "reg_coef"]
+TRADEOFF_COLUMNS = ["step", "tokens", "perplexity", "eval_loss", "sparsity", "near_zero_sparsity", "reg_coef",
+                    "predictor_recall", "predictor_precision", "predicted_sparsity", "perplexity_oracle",
+                    "perplexity_predicted"]
 
 
 class MetricFiles:

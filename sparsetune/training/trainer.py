@@ -38,6 +38,7 @@ from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.distill import Teacher, kl_to_teacher
 from sparsetune.training.optim import build_optimizer, build_scheduler
 from sparsetune.training.preemption import PreemptionGuard, maybe_kill_in_save
+from sparsetune.training.predictor_step import PredictorTraining
 
 
 def _mixed_precision(choice: str) -> str:
@@ -122,15 +123,20 @@ class Trainer:
         if r.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        self.predictors = PredictorTraining.build(model, r, self.recorder, self.device) if r.predictor.enabled else None
         if r.peft.method == "lora":
             model = apply_lora(model, r)
         self.schedule = CoefficientSchedule(r.regularizer, r.train.max_steps)
 
-        optimizer = build_optimizer(model.parameters(), r.train)
-        self.scheduler = build_scheduler(optimizer, r.train)
-        # The LR scheduler is stepped by hand once per optimizer step (not prepared), so the LR
-        # at step n is the same whatever the number of processes.
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if r.train.freeze_model:  # predictor-only: the model neither trains nor needs DDP
+            model.requires_grad_(False)
+            self.model, self.optimizer, self.scheduler = model.to(self.device), None, None
+        else:
+            optimizer = build_optimizer(model.parameters(), r.train)
+            self.scheduler = build_scheduler(optimizer, r.train)
+            # The LR scheduler is stepped by hand once per optimizer step (not prepared), so the LR
+            # at step n is the same whatever the number of processes.
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.stream = BatchStream(self.train_data, r.train.micro_batch_size, r.train.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes)
         self.store = CheckpointStore(self.run_dir)
@@ -140,8 +146,11 @@ class Trainer:
     def _restore(self, ckpt: Path) -> None:
         """Everything a checkpoint holds: weights, optimizer, LR scheduler, step, tokens, data position, RNG."""
         load_model_weights(self.accelerator.unwrap_model(self.model), ckpt / "model", is_lora_checkpoint(ckpt))
-        self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt"))
-        self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt"))
+            self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
+        if self.predictors is not None:
+            self.predictors.load(ckpt)
         state = read_trainer_state(ckpt)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.stream.position = state["data_position"]
@@ -185,15 +194,26 @@ class Trainer:
         r = self.recipe
         batches = eval_batches(self.eval_data, r.train.micro_batch_size, r.train.eval_batches,
                                self.accelerator.process_index, self.accelerator.num_processes)
-        result = evaluate(self.model, batches, self.recorder, self.device,
-                          all_reduce=self._reduce_sum if self.accelerator.num_processes > 1 else None)
-        self.last_eval = {"step": self.step, **result}
+        reduce = self._reduce_sum if self.accelerator.num_processes > 1 else None
+        if self.predictors is not None:
+            self.predictors.begin_eval()
+        result = evaluate(self.model, batches, self.recorder, self.device, all_reduce=reduce)
         metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"], **layer_metrics("eval", result)}
+        row_extra = {}
+        if self.predictors is not None:
+            pred = self.predictors.end_eval(reduce)
+            dyn = self.predictors.dynamic_eval(self.model, eval_batches(
+                self.eval_data, r.train.micro_batch_size, r.train.eval_batches,
+                self.accelerator.process_index, self.accelerator.num_processes), self.device)
+            result["predictor"], result["dynamic"] = pred, dyn
+            metrics.update(PredictorTraining.flat_metrics("eval", pred, dyn))
+            row_extra = PredictorTraining.tradeoff_fields(pred, dyn)
+        self.last_eval = {"step": self.step, **result}
         self._log(metrics)
         if self.is_main:
             row = {"step": self.step, "tokens": self.tokens_seen, "perplexity": result["perplexity"],
                    "eval_loss": result["loss"], "sparsity": result.get("sparsity"),
-                   "near_zero_sparsity": result.get("near_zero"), "reg_coef": self.schedule(self.step)}
+                   "near_zero_sparsity": result.get("near_zero"), "reg_coef": self.schedule(self.step), **row_extra}
             self.files.add_tradeoff(row)
             rows = [[row.get(c) for c in TRADEOFF_COLUMNS] for row in self.files.tradeoff_rows()]
             self.wandb.log_table("tradeoff", TRADEOFF_COLUMNS, rows, step=self.step)
@@ -220,6 +240,8 @@ class Trainer:
             maybe_kill_in_save(self.step)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
             save_trainer_files(tmp, r, trainer_state, self.optimizer, self.scheduler)
+            if self.predictors is not None:
+                self.predictors.save(tmp, self.last_eval.get("predictor"))
         self.accelerator.wait_for_everyone()
         if self.is_main:
             path = self.store.commit(self.step, keep=r.train.keep_checkpoints, meta={"lora": r.peft.method == "lora"})
@@ -232,12 +254,15 @@ class Trainer:
         coef = self.schedule(self.step)
         accum = r.train.grad_accum_steps
         sums = {"loss": 0.0, "lm_loss": 0.0, "reg_loss": 0.0, "distill_loss": 0.0}
+        frozen = self.optimizer is None
         for micro in range(accum):
             batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
-            sync = contextlib.nullcontext() if micro == accum - 1 else self.accelerator.no_sync(self.model)
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or frozen else self.accelerator.no_sync(self.model)
             with sync, self.accelerator.autocast():
-                self.recorder.open(None, reg_with_grad=coef > 0)
-                out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
+                self.recorder.open(None, reg_with_grad=coef > 0 and not frozen)
+                with torch.no_grad() if frozen else contextlib.nullcontext():
+                    out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
                 self.recorder.close()
                 loss = out.loss
                 parts = {"lm_loss": out.loss.detach()}
@@ -252,16 +277,24 @@ class Trainer:
                     parts["distill_loss"] = kl.detach()
                     loss = loss + r.distill.weight * kl
                 parts["loss"] = loss.detach()
-                self.accelerator.backward(loss / accum)
+                pred_loss = self.predictors.bank.pop_loss() if self.predictors is not None else None
+                if pred_loss is not None:  # its inputs are detached: it only reaches the predictors
+                    parts["predictor_loss"] = pred_loss.detach()
+                    loss = pred_loss if frozen else loss + pred_loss
+                if loss.requires_grad:
+                    self.accelerator.backward(loss / accum)
             for k, v in parts.items():
-                sums[k] += float(v) / accum
-        grad_norm = None
-        if r.train.max_grad_norm > 0:
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+        grad_norm, lr = None, 0.0
+        if not frozen:
+            if r.train.max_grad_norm > 0:
+                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.predictors is not None:
+            self.predictors.step(self.accelerator)
         self.step += 1
         self.tokens_seen += r.train.micro_batch_size * r.data.seq_len * accum * self.accelerator.num_processes
         out = {**sums, "reg_coef": coef, "lr": lr}
@@ -326,6 +359,9 @@ class Trainer:
                            for k in window[-1]}
                 metrics["train/tokens_per_s"] = tok_s
                 metrics.update(layer_metrics("train", summary))
+                if self.predictors is not None:
+                    pred = self.predictors.pop_counts(self._reduce_sum)
+                    metrics.update(PredictorTraining.flat_metrics("train", pred, None))
                 self._log(metrics)
                 sparsity_text = f"{summary.get('sparsity', 0):.1%}"
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sparsity=sparsity_text, tok_s=f"{tok_s:.0f}")

@@ -1,0 +1,131 @@
+"""Dynamic-activation evaluation: perplexity when neurons and heads are skipped for real.
+
+Modes (the same held-out batches each time):
+  dense       every neuron and head computed
+  oracle      MLPs compute only the truly active neurons (known from the dense activation)
+  predicted   MLPs compute only the neurons the predictor keeps (gathered, not masked after)
+  heads_kv_written / heads_kv_skipped
+              dense MLPs; attention heads the head predictor drops are skipped, with their KV
+              entries still written / not written (see head_skipping.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sparsetune.dynamic.head_skipping import head_skipping
+from sparsetune.dynamic.masked_mlp import gathered_mlp
+from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.predictors.bank import PredictorBank
+from sparsetune.predictors.labels import neuron_labels
+from sparsetune.surgery.relufy import decoder_layers, sparse_mlps
+
+
+class _KeptFraction:
+    def __init__(self):
+        self.kept = 0.0
+        self.total = 0.0
+
+    def add(self, keep: torch.Tensor) -> None:
+        self.kept += float(keep.sum())
+        self.total += keep.numel()
+
+    @property
+    def sparsity(self) -> float | None:
+        return 1.0 - self.kept / self.total if self.total else None
+
+
+@contextlib.contextmanager
+def _mlp_override(model, choose_mask, tally: _KeptFraction):
+    """Every SparseMLP computes only the neurons `choose_mask(mlp, x)` keeps."""
+    mlps = sparse_mlps(model)
+
+    def override(mlp, x):
+        keep = choose_mask(mlp, x)
+        if keep is None:  # no mask for this layer (e.g. layer 0 under lookahead): dense
+            mlp.override = None
+            try:
+                return mlp(x)
+            finally:
+                mlp.override = override
+        tally.add(keep)
+        g, u, d = mlp.projections()
+        return gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise())
+
+    for m in mlps:
+        m.override = override
+    try:
+        yield
+    finally:
+        for m in mlps:
+            m.override = None
+
+
+def oracle_mask(exact_zeros: bool, active_fraction: float):
+    def choose(mlp, x):
+        g, u, _ = mlp.projections()
+        return neuron_labels(mlp.activation(g(x), u(x)), exact_zeros, active_fraction)
+    return choose
+
+
+def predicted_mask(bank: PredictorBank):
+    inputs: dict[int, torch.Tensor] = {}
+
+    def choose(mlp, x):
+        layer = mlp.layer_idx
+        if bank.cfg.lookahead:  # layer i's mask comes from layer i-1's input
+            inputs[layer] = x
+            prev = inputs.pop(layer - 1, None)
+            return None if prev is None else bank.neuron_mask(layer - 1, prev)
+        return bank.neuron_mask(layer, x)
+    return choose
+
+
+@contextlib.contextmanager
+def _head_masks(model, bank: PredictorBank | None, all_heads: bool = False, tally: _KeptFraction | None = None):
+    """Pre-hooks that set each attention module's head mask from its input (predictor or all-on)."""
+    handles = []
+    for idx, layer in enumerate(decoder_layers(model)):
+        def set_mask(module, args, kwargs, idx=idx):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if all_heads:
+                module.sparsetune_head_mask = torch.ones(*hidden.shape[:-1], bank.num_heads if bank else
+                                                         module.config.num_attention_heads, dtype=torch.bool,
+                                                         device=hidden.device)
+            else:
+                module.sparsetune_head_mask = bank.head_mask(idx, hidden)
+            if tally is not None:
+                tally.add(module.sparsetune_head_mask)
+        handles.append(layer.self_attn.register_forward_pre_hook(set_mask, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for layer in decoder_layers(model):
+            layer.self_attn.sparsetune_head_mask = None
+
+
+@torch.no_grad()
+def dynamic_eval(model, bank: PredictorBank | None, batches, device, exact_zeros: bool,
+                 silu_active_fraction: float = 0.3) -> dict:
+    """{mode: {'perplexity', 'sparsity'}} for every mode that applies."""
+    batches = list(batches)
+    out = {"dense": {"perplexity": evaluate(model, batches, None, device)["perplexity"], "sparsity": 0.0}}
+    tally = _KeptFraction()
+    with _mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally):
+        out["oracle"] = {"perplexity": evaluate(model, batches, None, device)["perplexity"], "sparsity": tally.sparsity}
+    if bank is not None:
+        tally = _KeptFraction()
+        with _mlp_override(model, predicted_mask(bank), tally):
+            out["predicted"] = {"perplexity": evaluate(model, batches, None, device)["perplexity"],
+                                "sparsity": tally.sparsity}
+        if bank.heads is not None:
+            for mode in ("kv_written", "kv_skipped"):
+                heads = _KeptFraction()
+                with _head_masks(model, bank, tally=heads), head_skipping(model, mode):
+                    ppl = evaluate(model, batches, None, device)["perplexity"]
+                out[f"heads_{mode}"] = {"perplexity": ppl, "sparsity": heads.sparsity}
+    return out

@@ -1,0 +1,143 @@
+"""The per-layer predictors of a model, trained from the activations captured in the same forward pass.
+
+The recorder hands each layer's MLP input x and activation a to `observe_mlp`; hooks on the
+attention modules hand the attention input and per-head output to `observe_heads`. Each
+call adds one loss term (inputs detached by default, so the model is unaffected) and updates
+the confusion counts; nothing is stored beyond the current layer (one pending input for
+lookahead).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsetune.predictors.labels import balanced_bce, focal, head_norms, neuron_labels, top_fraction
+from sparsetune.predictors.metrics import ConfusionCounts
+from sparsetune.predictors.networks import build_predictors
+from sparsetune.recipe.schema import PredictorSection
+
+
+class PredictorBank(nn.Module):
+    def __init__(self, cfg: PredictorSection, hidden_size: int, intermediate_size: int, num_layers: int,
+                 num_heads: int, exact_zeros: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.exact_zeros = exact_zeros
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        # With lookahead, predictor j reads layer j's input and predicts layer j+1's neurons.
+        self.num_neuron_predictors = num_layers - 1 if cfg.lookahead else num_layers
+        self.neurons = build_predictors(self.num_neuron_predictors, hidden_size, cfg.rank, intermediate_size,
+                                        cfg.nonlinearity)
+        self.heads = (build_predictors(num_layers, hidden_size, cfg.head_rank, num_heads, cfg.nonlinearity)
+                      if cfg.heads else None)
+        self.reset_counts()
+        self.loss_terms: list[torch.Tensor] = []
+        self._pending_input: torch.Tensor | None = None
+        self._attn_inputs: dict[int, torch.Tensor] = {}
+        self.active = False  # set by the recorder while it is open
+
+    # ------------------------------------------------------------------ sizes
+    def neuron_param_fraction(self) -> float:
+        """Neuron-predictor parameters / MLP parameters (3 * d * m per layer)."""
+        mlp = 3 * self.hidden_size * self.intermediate_size * self.num_layers
+        return sum(p.numel() for p in self.neurons.parameters()) / mlp
+
+    # ---------------------------------------------------------------- observe
+    def reset_counts(self) -> None:
+        self.counts = ConfusionCounts(self.num_neuron_predictors)
+        self.head_counts = ConfusionCounts(self.num_layers) if self.cfg.heads else None
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() if self.cfg.detach_inputs else x
+
+    def _add(self, logits: torch.Tensor, labels: torch.Tensor, counts: ConfusionCounts, idx: int,
+             token_mask: torch.Tensor | None) -> None:
+        if token_mask is not None:
+            keep = token_mask.reshape(-1).bool()
+            logits, labels = logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1, labels.shape[-1])[keep]
+        if self.cfg.loss == "bce":
+            loss = balanced_bce(logits, labels)
+        else:
+            loss = focal(logits, labels, self.cfg.focal_gamma)
+        if torch.is_grad_enabled():
+            self.loss_terms.append(loss)
+        with torch.no_grad():
+            counts.add(idx, torch.sigmoid(logits.float()) >= self.cfg.threshold, labels)
+
+    def observe_mlp(self, layer: int, a: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        labels = neuron_labels(a.detach(), self.exact_zeros, self.cfg.silu_active_fraction)
+        if self.cfg.lookahead:
+            source, self._pending_input = self._pending_input, x
+            if layer == 0 or source is None:
+                return
+            idx = layer - 1
+        else:
+            source, idx = x, layer
+        self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask)
+
+    def observe_attention_input(self, layer: int, hidden: torch.Tensor) -> None:
+        self._attn_inputs[layer] = hidden
+
+    def observe_heads(self, layer: int, attn_out: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        hidden = self._attn_inputs.pop(layer, None)
+        if hidden is None or self.heads is None:
+            return
+        labels = top_fraction(head_norms(attn_out.detach(), self.num_heads), self.cfg.head_active_fraction)
+        self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask)
+
+    def pop_loss(self) -> torch.Tensor | None:
+        """Mean of this forward's loss terms (None when none were recorded)."""
+        terms, self.loss_terms = self.loss_terms, []
+        self._pending_input = None
+        self._attn_inputs.clear()
+        return torch.stack(terms).mean() if terms else None
+
+    # ---------------------------------------------------------------- predict
+    @torch.no_grad()
+    def neuron_mask(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """Predicted-active neurons (bool) of predictor `idx` for inputs x."""
+        return torch.sigmoid(self.neurons[idx](x).float()) >= self.cfg.threshold
+
+    @torch.no_grad()
+    def head_mask(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.heads[layer](hidden).float()) >= self.cfg.threshold
+
+    # -------------------------------------------------------------- save/load
+    def spec(self) -> dict:
+        return {"format": "sparsetune.predictors.v1", "config": self.cfg.model_dump(mode="json"),
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_layers": self.num_layers, "num_heads": self.num_heads, "exact_zeros": self.exact_zeros,
+                "neuron_param_fraction": self.neuron_param_fraction()}
+
+    def save(self, folder: Path, metrics: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(folder / "predictors.safetensors"))
+        (folder / "predictors.json").write_text(json.dumps({**self.spec(), "metrics": metrics or {}}, indent=1))
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "PredictorBank":
+        return cls(PredictorSection(**spec["config"]), spec["hidden_size"], spec["intermediate_size"],
+                   spec["num_layers"], spec["num_heads"], spec["exact_zeros"])
+
+
+def load_predictors(folder: str | Path) -> PredictorBank:
+    """Predictors written by `sparsetune export` (or a checkpoint), ready to use (eval mode)."""
+    from safetensors.torch import load_file
+
+    from sparsetune.errors import SparsetuneError
+
+    folder = Path(folder)
+    spec_file = folder / "predictors.json"
+    if not spec_file.is_file():
+        raise SparsetuneError(f"{folder} has no predictors.json (was the run trained with predictor.enabled=true?)")
+    bank = PredictorBank.from_spec(json.loads(spec_file.read_text()))
+    bank.load_state_dict(load_file(str(folder / "predictors.safetensors")))
+    return bank.eval()

@@ -1,0 +1,37 @@
+"""Predictor quality per layer: recall, precision, F1, true and predicted sparsity, from confusion counts."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ConfusionCounts:
+    """Per-layer tp / fp / fn / tn over real tokens, accumulated on the device (no host sync until summary)."""
+
+    def __init__(self, num_layers: int):
+        self.counts: list[torch.Tensor | None] = [None] * num_layers
+
+    def add(self, layer: int, predicted: torch.Tensor, actual: torch.Tensor) -> None:
+        p, a = predicted.reshape(-1, predicted.shape[-1]), actual.reshape(-1, actual.shape[-1])
+        row = torch.stack([(p & a).sum(), (p & ~a).sum(), (~p & a).sum(), (~p & ~a).sum()]).double()
+        self.counts[layer] = row if self.counts[layer] is None else self.counts[layer] + row
+
+    def merge_counts(self) -> torch.Tensor | None:
+        """[layers, 4] tensor for an all-reduce across ranks (None when nothing was counted)."""
+        rows = [c for c in self.counts if c is not None]
+        if len(rows) != len(self.counts):
+            return None
+        return torch.stack(rows)
+
+    @staticmethod
+    def summary(counts: torch.Tensor) -> dict:
+        per_layer = []
+        for tp, fp, fn, tn in counts.cpu().tolist():
+            total = tp + fp + fn + tn
+            recall = tp / (tp + fn) if tp + fn else 1.0
+            precision = tp / (tp + fp) if tp + fp else 1.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            per_layer.append({"recall": recall, "precision": precision, "f1": f1,
+                              "true_sparsity": (fp + tn) / total, "predicted_sparsity": (fn + tn) / total})
+        mean = {k: sum(layer[k] for layer in per_layer) / len(per_layer) for k in per_layer[0]}
+        return {"mean": mean, "per_layer": per_layer}
