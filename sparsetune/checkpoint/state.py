@@ -2,8 +2,10 @@
 
   model/                 full fine-tune: HF folder (config + safetensors); LoRA: the peft adapter folder
   tokenizer/             the tokenizer, so exports need nothing but the checkpoint (and, for LoRA, the base)
-  optimizer.pt           optimizer state (tensors only; loaded with weights_only=True)
+  optimizer.pt           optimizer state (tensors only; loaded with weights_only=True; absent when the model is frozen)
   scheduler.pt           LR scheduler state (loaded with weights_only=True)
+  predictors/            co-trained predictors (predictors.safetensors + predictors.json), when enabled
+  predictor_optimizer.pt their optimizer state
   trainer_state.json     step, tokens seen, data position, W&B run id, last evaluation
   rng_state_rank{r}.json python / numpy / torch RNG states of each rank, as JSON
   recipe.yaml            the resolved recipe
@@ -50,9 +52,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_trainer_files(folder: Path, recipe: Recipe, trainer_state: dict, optimizer, scheduler) -> None:
-    """The main process's share of a checkpoint (each rank writes its own rng_state_rank{r}.json)."""
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    """The main process's share of a checkpoint (each rank writes its own rng_state_rank{r}.json).
+    A frozen model (predictor-only training) has no optimizer or scheduler to save."""
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     write_json(folder / "trainer_state.json", trainer_state)
     (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 

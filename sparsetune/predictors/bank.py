@@ -39,7 +39,6 @@ class PredictorBank(nn.Module):
         self.loss_terms: list[torch.Tensor] = []
         self._pending_input: torch.Tensor | None = None
         self._attn_inputs: dict[int, torch.Tensor] = {}
-        self.active = False  # set by the recorder while it is open
 
     # ------------------------------------------------------------------ sizes
     def neuron_param_fraction(self) -> float:
@@ -60,11 +59,8 @@ class PredictorBank(nn.Module):
         if token_mask is not None:
             keep = token_mask.reshape(-1).bool()
             logits, labels = logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1, labels.shape[-1])[keep]
-        if self.cfg.loss == "bce":
-            loss = balanced_bce(logits, labels)
-        else:
-            loss = focal(logits, labels, self.cfg.focal_gamma)
-        if torch.is_grad_enabled():
+        if self.training:
+            loss = balanced_bce(logits, labels) if self.cfg.loss == "bce" else focal(logits, labels, self.cfg.focal_gamma)
             self.loss_terms.append(loss)
         with torch.no_grad():
             counts.add(idx, torch.sigmoid(logits.float()) >= self.cfg.threshold, labels)
@@ -78,7 +74,9 @@ class PredictorBank(nn.Module):
             idx = layer - 1
         else:
             source, idx = x, layer
-        self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask)
+        # The predictor trains even when the model runs under no_grad (train.freeze_model).
+        with torch.enable_grad() if self.training else torch.no_grad():
+            self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask)
 
     def observe_attention_input(self, layer: int, hidden: torch.Tensor) -> None:
         self._attn_inputs[layer] = hidden
@@ -88,7 +86,8 @@ class PredictorBank(nn.Module):
         if hidden is None or self.heads is None:
             return
         labels = top_fraction(head_norms(attn_out.detach(), self.num_heads), self.cfg.head_active_fraction)
-        self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask)
+        with torch.enable_grad() if self.training else torch.no_grad():
+            self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask)
 
     def pop_loss(self) -> torch.Tensor | None:
         """Mean of this forward's loss terms (None when none were recorded)."""

@@ -70,12 +70,15 @@ class PredictorTraining:
 
     # ------------------------------------------------------------------ eval
     def begin_eval(self) -> None:
+        """Evaluation counts go to fresh counters, and the bank records no loss (eval mode)."""
         self._train_counts = (self.bank.counts, self.bank.head_counts)
         self.bank.reset_counts()
+        self.bank.eval()
 
     def end_eval(self, reduce) -> dict:
         out = self._summaries(reduce)
         self.bank.counts, self.bank.head_counts = self._train_counts
+        self.bank.train()
         return out
 
     def dynamic_eval(self, model, batches, device) -> dict:

@@ -40,7 +40,8 @@ def train_losses(run):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, monkeypatch, mode):
-    extra = ["distill.weight=0.5"] if mode == "full" else ["peft.method=lora", "peft.lora.r=4", "peft.lora.dropout=0.1"]
+    extra = (["distill.weight=0.5", "predictor.enabled=true", "predictor.rank=4", "predictor.heads=true"]
+             if mode == "full" else ["peft.method=lora", "peft.lora.r=4", "peft.lora.dropout=0.1"])
     args = [*SCHEDULE, "train.max_steps=8", *extra]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
@@ -56,6 +57,10 @@ def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, 
     _, a = final_weights(straight)
     _, b = final_weights(stopped)
     assert_same_weights(a, b)
+    if mode == "full":  # co-trained predictors resume exactly too
+        pa = load_file(CheckpointStore(straight).latest_complete() / "predictors" / "predictors.safetensors")
+        pb = load_file(CheckpointStore(stopped).latest_complete() / "predictors" / "predictors.safetensors")
+        assert_same_weights(pa, pb)
     rows = [ln.split(",")[0] for ln in (stopped / "tradeoff.csv").read_text().splitlines()[1:]]
     assert rows == ["0", "4", "8"]
     # one W&B run, continued: the same id in both offline segments, history continuous

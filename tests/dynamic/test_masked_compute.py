@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from sparsetune.dynamic.head_skipping import head_skipping
+from sparsetune.dynamic.masked_mlp import gathered_mlp
+from sparsetune.recipe.schema import RelufySection
+from sparsetune.surgery.activations import build_activation
+from sparsetune.surgery.relufy import decoder_layers, relufy
+from tests.tiny_models import tiny_model
+
+
+def _proj(d_in, d_out, bias):
+    lin = torch.nn.Linear(d_in, d_out, bias=bias)
+    torch.nn.init.normal_(lin.weight, std=0.2)
+    if bias:
+        torch.nn.init.normal_(lin.bias, std=0.2)
+    return lin
+
+
+@pytest.mark.parametrize("activation", ["relu", "drelu", "silu", "fatrelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gathered_mlp_equals_dense_when_nothing_is_dropped_and_oracle_when_masks_are_exact(activation, bias):
+    torch.manual_seed(0)
+    g, u, d = _proj(16, 40, bias), _proj(16, 40, bias), _proj(40, 16, bias)
+    act = build_activation(RelufySection(activation=activation, threshold=0.1))
+    x = torch.randn(3, 7, 16)
+    a = act(g(x), u(x))
+    dense = d(a)
+    keep_all = torch.ones(3, 7, 40, dtype=torch.bool)
+    torch.testing.assert_close(gathered_mlp(x, keep_all, g, u, d, act), dense, rtol=1e-5, atol=1e-5)
+    exact = a != 0  # exact masks: only truly active neurons are computed
+    torch.testing.assert_close(gathered_mlp(x, exact, g, u, d, act, chunk=5), dense, rtol=1e-5, atol=1e-5)
+    # a mask that drops active neurons changes the result exactly by their contribution
+    drop = exact & (torch.rand_like(a) < 0.5)
+    expected = d(a * drop)
+    torch.testing.assert_close(gathered_mlp(x, drop, g, u, d, act), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_gathers_with_its_elementwise_silu():
+    torch.manual_seed(1)
+    g, u, d = _proj(8, 24, False), _proj(8, 24, False), _proj(24, 8, False)
+    act = build_activation(RelufySection(activation="topk", top_k_fraction=0.25))
+    x = torch.randn(5, 8)
+    a = act(g(x), u(x))
+    torch.testing.assert_close(gathered_mlp(x, a != 0, g, u, d, act.elementwise()), d(a), rtol=1e-5, atol=1e-5)
+
+
+def _set_head_masks(model, masks):
+    for layer, mask in zip(decoder_layers(model), masks):
+        layer.self_attn.sparsetune_head_mask = mask
+
+
+def test_head_skipping_kv_written_equals_dense_without_skips_and_kv_skipped_loses_information():
+    model = tiny_model("llama")
+    relufy(model, RelufySection(activation="relu"))
+    ids = torch.randint(0, 512, (2, 12))
+    heads = model.config.num_attention_heads
+    with torch.no_grad():
+        dense = model(ids).logits
+        all_on = [torch.ones(2, 12, heads, dtype=torch.bool)] * model.config.num_hidden_layers
+        for mode in ("kv_written", "kv_skipped"):
+            _set_head_masks(model, all_on)
+            with head_skipping(model, mode):
+                torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+        torch.manual_seed(3)
+        some_off = [torch.rand(2, 12, heads) > 0.4 for _ in range(model.config.num_hidden_layers)]
+        _set_head_masks(model, some_off)
+        with head_skipping(model, "kv_written"):
+            written = model(ids).logits
+        _set_head_masks(model, some_off)
+        with head_skipping(model, "kv_skipped"):
+            skipped = model(ids).logits
+    # the first token has no earlier keys, so both modes agree there; later tokens lose the unwritten KV
+    torch.testing.assert_close(written[:, 0], skipped[:, 0], rtol=1e-5, atol=1e-5)
+    assert (written[:, 1:] - skipped[:, 1:]).abs().max() > 1e-3
+    assert (written - dense).abs().max() > 1e-3

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+
+import sparsetune
+from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.cli import main
+from sparsetune.predictors.labels import balanced_bce, neuron_labels, top_fraction
+from sparsetune.predictors.metrics import ConfusionCounts
+from tests.e2e_helpers import read_metrics, train_tiny
+from tests.tiny_models import save_tiny_model
+
+
+def test_labels_and_balanced_loss():
+    a = torch.tensor([[0.0, 0.5, -0.2, 0.0]])
+    assert neuron_labels(a, exact_zeros=True, active_fraction=0.5).tolist() == [[False, True, True, False]]
+    assert neuron_labels(a, exact_zeros=False, active_fraction=0.25).tolist() == [[False, True, False, False]]
+    assert top_fraction(torch.tensor([[3.0, 1.0, 2.0]]), 0.5).tolist() == [[True, False, True]]
+    logits, labels = torch.zeros(1, 4), torch.tensor([[True, False, False, False]])
+    # positives weighted by negatives/positives = 3: loss = (3 * log 2 + 3 * log 2) / 4
+    assert balanced_bce(logits, labels).item() == pytest.approx(6 * torch.log(torch.tensor(2.0)).item() / 4)
+
+
+def test_confusion_summary():
+    c = ConfusionCounts(1)
+    predicted = torch.tensor([[True, True, False, False]])
+    actual = torch.tensor([[True, False, True, False]])
+    c.add(0, predicted, actual)
+    s = ConfusionCounts.summary(c.merge_counts())["per_layer"][0]
+    assert (s["recall"], s["precision"], s["true_sparsity"], s["predicted_sparsity"]) == (0.5, 0.5, 0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def planted_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny ReLU Llama whose gate projections have rank 4: its activation pattern is learnable by a
+    rank-8 predictor within the 10% budget."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("planted") / "m", "llama", tiny_tokenizer, hidden_act="relu")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    for layer in model.model.layers:
+        w = layer.mlp.gate_proj.weight
+        layer.mlp.gate_proj.weight.data = (torch.randn(w.shape[0], 4) @ torch.randn(4, w.shape[1])) * 0.15
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.e2e
+def test_predictor_learns_a_planted_pattern_and_reproduces_oracle_perplexity(planted_model, tmp_path):
+    run = tmp_path / "pred_only"
+    assert train_tiny(planted_model, run, "train.max_steps=150", "train.freeze_model=true", "regularizer.type=none",
+                      "predictor.enabled=true", "predictor.rank=8", "predictor.lr=0.02", "train.eval_every=0",
+                      "train.log_every=50", "wandb.mode=disabled", "train.eval_batches=4") == 0
+    final = [m for m in read_metrics(run) if "eval/perplexity" in m][-1]
+    assert final["eval/predictor_neurons/recall"] > 0.95
+    assert final["eval/predictor_neurons/predicted_sparsity"] > 0.3
+    oracle, predicted = final["eval/dynamic/oracle/perplexity"], final["eval/dynamic/predicted/perplexity"]
+    assert abs(predicted - oracle) / oracle < 0.02
+    assert final["eval/dynamic/oracle/perplexity"] == pytest.approx(final["eval/dynamic/dense/perplexity"], rel=1e-5)
+    # frozen model: the checkpoint's weights are the original ones
+    from safetensors.torch import load_file
+
+    ckpt = CheckpointStore(run).latest_complete()
+    before, after = load_file(planted_model / "model.safetensors"), load_file(ckpt / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # exported predictors reload and give the same masks
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--no-eval"]) == 0
+    spec = json.loads((out / "predictors.json").read_text())
+    assert spec["config"]["rank"] == 8 and spec["neuron_param_fraction"] < 0.10
+    assert spec["metrics"]["neurons"]["mean"]["recall"] > 0.95
+    loaded = sparsetune.load_predictors(out)
+    original = sparsetune.load_predictors(ckpt / "predictors")
+    x = torch.randn(3, 5, loaded.hidden_size)
+    for i in range(loaded.num_neuron_predictors):
+        assert torch.equal(loaded.neuron_mask(i, x), original.neuron_mask(i, x))
+
+
+@pytest.mark.e2e
+def test_heads_lookahead_and_lora_with_predictors(tiny_model_dirs, tmp_path):
+    run = tmp_path / "lora_heads"
+    assert train_tiny(tiny_model_dirs["qwen3"], run, "train.max_steps=4", "peft.method=lora", "peft.lora.r=4",
+                      "predictor.enabled=true", "predictor.rank=8", "predictor.heads=true", "predictor.lookahead=true",
+                      "train.eval_every=0", "train.log_every=2", "wandb.mode=disabled") == 0
+    logs = [m for m in read_metrics(run) if "train/loss" in m]
+    assert all(m["train/predictor_loss"] > 0 for m in logs)
+    assert "train/predictor_heads/recall" in logs[-1] and "train/predictor_neurons/recall" in logs[-1]
+    final = [m for m in read_metrics(run) if "eval/perplexity" in m][-1]
+    for mode in ("dense", "oracle", "predicted", "heads_kv_written", "heads_kv_skipped"):
+        assert f"eval/dynamic/{mode}/perplexity" in final
+    bank = sparsetune.load_predictors(CheckpointStore(run).latest_complete() / "predictors")
+    assert bank.num_neuron_predictors == 1 and len(bank.heads) == 2  # lookahead: layer 0 predicts layer 1
+    rows = (run / "tradeoff.csv").read_text().splitlines()
+    assert "predictor_recall" in rows[0] and "perplexity_predicted" in rows[0]
+
+
+def test_predictor_budget_is_enforced(tiny_model_dirs, tmp_path, capsys):
+    assert train_tiny(tiny_model_dirs["llama"], tmp_path / "r", "predictor.enabled=true", "predictor.rank=64",
+                      "train.max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert "predictor.rank=64 gives neuron predictors of" in err and "predictor.max_param_fraction=0.1" in err
+    assert not (tmp_path / "r").exists()
