@@ -3,7 +3,7 @@
 Modes (the same held-out batches each time):
   dense       every neuron and head computed
   oracle      MLPs compute only the truly active neurons (known from the dense activation)
-  predicted   MLPs compute only the neurons the predictor keeps (gathered, not masked after)
+  predicted   MLPs compute only the neurons the predictor keeps (sparse products over the kept pairs, not masked after)
   heads_kv_written / heads_kv_skipped
               dense MLPs; attention heads the head predictor drops are skipped, with their KV
               entries still written / not written (see head_skipping.py)

@@ -142,6 +142,9 @@ class PredictorSection(Section):
     detach_inputs: bool = Field(True, description="Predictor inputs are detached: the predictors do not change the model.")
     max_param_fraction: float = Field(
         0.10, gt=0.0, le=1.0, description="Budget: predictor parameters / MLP parameters; larger is an error.")
+    dynamic_eval_batches: int = Field(
+        2, ge=0, description="Held-out micro-batches for the dynamic-activation perplexities at each training eval "
+        "(oracle / predicted masks, head skipping); 0 = skip them during training (`sparsetune eval --dynamic` still works).")
     heads: bool = Field(False, description="Also co-train attention-head predictors (per layer).")
     head_rank: int = Field(32, ge=1, description="Low rank of each head predictor.")
     head_active_fraction: float = Field(

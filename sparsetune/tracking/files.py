@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 TRADEOFF_COLUMNS = ["step", "tokens", "perplexity", "eval_loss", "sparsity", "near_zero_sparsity", "reg_coef",
-                    "predictor_recall", "predictor_precision", "predicted_sparsity", "perplexity_oracle",
-                    "perplexity_predicted"]
+                    "predictor_recall", "predictor_precision", "predicted_sparsity",
+                    # dynamic-activation perplexities, on the first predictor.dynamic_eval_batches held-out batches
+                    "perplexity_dense_subset", "perplexity_oracle", "perplexity_predicted"]
 
 
 class MetricFiles:

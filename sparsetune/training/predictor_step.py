@@ -110,6 +110,7 @@ class PredictorTraining:
         mean = pred.get("neurons", {}).get("mean", {})
         return {"predictor_recall": mean.get("recall"), "predictor_precision": mean.get("precision"),
                 "predicted_sparsity": mean.get("predicted_sparsity"),
+                "perplexity_dense_subset": dyn.get("dense", {}).get("perplexity"),
                 "perplexity_oracle": dyn.get("oracle", {}).get("perplexity"),
                 "perplexity_predicted": dyn.get("predicted", {}).get("perplexity")}
 

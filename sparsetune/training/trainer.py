@@ -202,9 +202,11 @@ class Trainer:
         row_extra = {}
         if self.predictors is not None:
             pred = self.predictors.end_eval(reduce)
-            dyn = self.predictors.dynamic_eval(self.model, eval_batches(
-                self.eval_data, r.train.micro_batch_size, r.train.eval_batches,
-                self.accelerator.process_index, self.accelerator.num_processes), self.device)
+            dyn = {}
+            if r.predictor.dynamic_eval_batches:
+                dyn = self.predictors.dynamic_eval(self.model, eval_batches(
+                    self.eval_data, r.train.micro_batch_size, r.predictor.dynamic_eval_batches,
+                    self.accelerator.process_index, self.accelerator.num_processes), self.device)
             result["predictor"], result["dynamic"] = pred, dyn
             metrics.update(PredictorTraining.flat_metrics("eval", pred, dyn))
             row_extra = PredictorTraining.tradeoff_fields(pred, dyn)
