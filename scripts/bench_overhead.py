@@ -11,9 +11,10 @@ steps are interleaved in a rotating order so machine drift and position effects 
   plain-silu   SiLU MLPs (the model's own math), no capture, no regularizer
   plain-relu   ReLU MLPs, no capture, no regularizer (the same math as the next, without the machinery)
   capture+l1   ReLU MLPs with activation capture (sparsity stats) + L1 regularizer in the loss
+  +predictors  the same plus co-trained neuron predictors (rank --predictor-rank) and their optimizer step
 
-Prints the median step time of each and the ratio capture+l1 / plain-relu (goal: <= 1.05)
-and capture+l1 / plain-silu.
+Prints the median step time of each, the ratio capture+l1 / plain-relu (goal: <= 1.05), the
+ratio +predictors / plain-relu (goal: <= 1.10), and capture+l1 / plain-silu.
 """
 
 from __future__ import annotations
@@ -38,20 +39,25 @@ def make_trainer(args, out: str) -> Trainer:
         f"model.path={args.model}", f"output_dir={out}", f"data.seq_len={args.seq_len}",
         f"train.micro_batch_size={args.batch}", "relufy.activation=relu", "distill.weight=0",
         "regularizer.type=l1", "regularizer.schedule=constant", "regularizer.coef=1.0",
-        f"train.max_steps={10 * args.steps}", "wandb.mode=disabled",
+        f"train.max_steps={10 * args.steps}", "wandb.mode=disabled", "predictor.enabled=true",
+        f"predictor.rank={args.predictor_rank}", "predictor.dynamic_eval_batches=0",
     ])
     trainer = Trainer(recipe)
     trainer.setup()
+    trainer.all_predictors = trainer.predictors
     return trainer
 
 
 def set_variant(trainer: Trainer, name: str) -> None:
-    machinery = name == "capture+l1"
+    machinery = name in ("capture+l1", "+predictors")
     activation = SiLU() if name == "plain-silu" else ReLU()
     for mlp in sparse_mlps(trainer.model):
         mlp.activation = activation
         mlp.sink = trainer.recorder if machinery else None
     trainer.recorder.regularizer = l1 if machinery else None
+    with_predictors = name == "+predictors"
+    trainer.predictors = trainer.all_predictors if with_predictors else None
+    trainer.recorder.consumers = [trainer.all_predictors.bank] if with_predictors else []
 
 
 def main() -> None:
@@ -62,12 +68,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--predictor-rank", type=int, default=64)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    names = ["plain-silu", "plain-relu", "capture+l1"]
+    names = ["plain-silu", "plain-relu", "capture+l1", "+predictors"]
     times: dict[str, list[float]] = {k: [] for k in names}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(args, f"{tmp}/run")
@@ -80,7 +87,8 @@ def main() -> None:
                 dt = time.perf_counter() - t0
                 if i >= args.warmup:
                     times[name].append(dt)
-                assert (metrics["reg_loss"] > 0) == (name == "capture+l1"), "variant switch failed"
+                assert (metrics["reg_loss"] > 0) == (name in ("capture+l1", "+predictors")), "variant switch failed"
+                assert ("predictor_loss" in metrics) == (name == "+predictors"), "variant switch failed"
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.batch * args.seq_len
     print(f"model={args.model} seq_len={args.seq_len} batch={args.batch} steps={args.steps} "
@@ -88,13 +96,16 @@ def main() -> None:
     for name, t in med.items():
         print(f"  {name:<11} median step {t * 1000:8.1f} ms   {tokens / t:8.1f} tok/s")
     ratio = med["capture+l1"] / med["plain-relu"]
+    ratio_pred = med["+predictors"] / med["plain-relu"]
     ratio_silu = med["capture+l1"] / med["plain-silu"]
     print(f"overhead ratio capture+l1 / plain-relu = {ratio:.3f}   (goal <= 1.05)")
+    print(f"overhead ratio +predictors / plain-relu = {ratio_pred:.3f}   (goal <= 1.10; predictors rank "
+          f"{args.predictor_rank}, {trainer.all_predictors.bank.neuron_param_fraction():.1%} of MLP parameters)")
     print(f"overhead ratio capture+l1 / plain-silu = {ratio_silu:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "median_step_s": med, "ratio_vs_plain_relu": ratio,
-                       "ratio_vs_plain_silu": ratio_silu}, f, indent=1)
+                       "ratio_predictors_vs_plain_relu": ratio_pred, "ratio_vs_plain_silu": ratio_silu}, f, indent=1)
 
 
 if __name__ == "__main__":

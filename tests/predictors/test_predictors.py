@@ -71,6 +71,12 @@ def test_predictor_learns_a_planted_pattern_and_reproduces_oracle_perplexity(pla
     spec = json.loads((out / "predictors.json").read_text())
     assert spec["config"]["rank"] == 8 and spec["neuron_param_fraction"] < 0.10
     assert spec["metrics"]["neurons"]["mean"]["recall"] > 0.95
+    assert main(["eval", str(out), "--dynamic", "--batches", "2", "--batch-size", "8",
+                 "--json", str(tmp_path / "dyn.json")]) == 0
+    dyn = json.loads((tmp_path / "dyn.json").read_text())["dynamic"]
+    assert set(dyn) == {"dense", "oracle", "predicted"}  # no head predictors in this run
+    assert dyn["oracle"]["perplexity"] == pytest.approx(dyn["dense"]["perplexity"], rel=1e-5)
+    assert abs(dyn["predicted"]["perplexity"] - dyn["oracle"]["perplexity"]) / dyn["oracle"]["perplexity"] < 0.02
     loaded = sparsetune.load_predictors(out)
     original = sparsetune.load_predictors(ckpt / "predictors")
     x = torch.randn(3, 5, loaded.hidden_size)
