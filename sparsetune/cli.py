@@ -59,7 +59,8 @@ def _cmd_eval(args) -> int:
 
     result = run_eval(args.model, data_path=args.data, seq_len=args.seq_len, batches=args.batches,
                       batch_size=args.batch_size, activation=args.activation,
-                      near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic)
+                      near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
+                      predictor_threshold=args.predictor_threshold)
     print_report(result)
     json_path = Path(args.json) if args.json else None
     if json_path is None and Path(args.model).is_dir():
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="also measure perplexity with neurons/heads skipped for real: dense, oracle masks, predicted "
                         "masks, and heads skipped with / without their KV-cache writes")
+    p.add_argument("--predictor-threshold", type=float, default=None,
+                   help="with --dynamic: keep a neuron/head when sigmoid(logit) >= this (default: the trained "
+                        "predictor.threshold); lower trades skipped work for recall")
     p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
     p.set_defaults(func=_cmd_eval)
     return parser

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
-from sparsetune.evaluation.perplexity import evaluate_held_out
+from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
@@ -51,7 +51,7 @@ def _load_target(target: str, activation: str | None):
 
 def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
              batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3,
-             dynamic: bool = False) -> dict:
+             dynamic: bool = False, predictor_threshold: float | None = None) -> dict:
     model, tokenizer, data_cfg, what, predictors = _load_target(target, activation)
     updates = {}
     if data_path:
@@ -59,26 +59,26 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
     if seq_len:
         updates["seq_len"] = seq_len
     data_cfg = data_cfg.model_copy(update=updates)
-    result = evaluate_held_out(model, tokenizer, data_cfg, batch_size, batches, near_zero_threshold)
+    data = held_out_data(data_cfg, tokenizer)
+    result = evaluate_held_out(model, data, batch_size, batches, near_zero_threshold)
     out = {"target": target, "what": what, "activation": sparse_mlps(model)[0].activation.spec(),
            "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
     if dynamic:
-        out["dynamic"] = _dynamic(model, tokenizer, data_cfg, batch_size, batches, predictors)
+        out["dynamic"] = _dynamic(model, data, batch_size, batches, predictors, predictor_threshold)
     return out
 
 
-def _dynamic(model, tokenizer, data_cfg, batch_size, batches, predictors_dir) -> dict:
+def _dynamic(model, data, batch_size, batches, predictors_dir, threshold: float | None) -> dict:
     import torch
 
     from sparsetune.data.batches import eval_batches
-    from sparsetune.data.text_datasets import load_text_splits, pack
     from sparsetune.dynamic.evaluate import dynamic_eval
     from sparsetune.predictors.bank import load_predictors
 
     bank = load_predictors(predictors_dir) if predictors_dir is not None else None
+    if bank is not None and threshold is not None:  # lower = higher recall, fewer neurons skipped
+        bank.cfg.threshold = threshold
     exact = sparse_mlps(model)[0].activation.name != "silu"
-    _, held = load_text_splits(data_cfg)
-    data = pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
     frac = bank.cfg.silu_active_fraction if bank is not None else 0.3
     return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), torch.device("cpu"), exact, frac)
 

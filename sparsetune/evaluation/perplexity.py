@@ -50,15 +50,20 @@ def evaluate(model, batches: Iterable[dict], recorder: ActivationRecorder | None
     return out
 
 
-def evaluate_held_out(model, tokenizer, data_cfg, batch_size: int, batches: int, near_zero_threshold: float) -> dict:
-    """Load and pack the held-out split of `data_cfg`, then measure `model` (which has SparseMLPs) on it."""
-    from sparsetune.data.batches import eval_batches
+def held_out_data(data_cfg, tokenizer):
+    """The held-out split of `data_cfg`, tokenized and packed."""
     from sparsetune.data.text_datasets import load_text_splits, pack
+
+    _, held = load_text_splits(data_cfg)
+    return pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
+
+
+def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_threshold: float) -> dict:
+    """Measure `model` (which has SparseMLPs) on packed held-out `data`."""
+    from sparsetune.data.batches import eval_batches
     from sparsetune.sparsity.recorder import attach_recorder
     from sparsetune.surgery.relufy import sparse_mlps
 
-    _, held = load_text_splits(data_cfg)
-    data = pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
     mlps = sparse_mlps(model)
     recorder = attach_recorder(mlps, None, near_zero_threshold)
     try:

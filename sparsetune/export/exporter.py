@@ -12,7 +12,7 @@ from torch import nn
 
 from sparsetune.checkpoint.store import resolve_checkpoint
 from sparsetune.errors import SparsetuneError
-from sparsetune.evaluation.perplexity import evaluate_held_out
+from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.export.model_card import model_card
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import SPEC_FILE
@@ -69,7 +69,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     if recipe.peft.method == "lora":
         model = model.merge_and_unload()
     model.eval()
-    report_eval = (evaluate_held_out(model, tokenizer, recipe.data, recipe.train.micro_batch_size,
+    report_eval = (evaluate_held_out(model, held_out_data(recipe.data, tokenizer), recipe.train.micro_batch_size,
                                      eval_batches_n or recipe.train.eval_batches, recipe.sparsity.near_zero_threshold)
                    if measure else state.get("last_eval", {}))
 

@@ -10,6 +10,7 @@ lookahead).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ class PredictorBank(nn.Module):
             loss = balanced_bce(logits, labels) if self.cfg.loss == "bce" else focal(logits, labels, self.cfg.focal_gamma)
             self.loss_terms.append(loss)
         with torch.no_grad():
-            counts.add(idx, torch.sigmoid(logits.float()) >= self.cfg.threshold, labels)
+            counts.add(idx, logits >= self.logit_threshold, labels)
 
     def observe_mlp(self, layer: int, a: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         labels = neuron_labels(a.detach(), self.exact_zeros, self.cfg.silu_active_fraction)
@@ -97,14 +98,20 @@ class PredictorBank(nn.Module):
         return torch.stack(terms).mean() if terms else None
 
     # ---------------------------------------------------------------- predict
+    @property
+    def logit_threshold(self) -> float:
+        """sigmoid(logit) >= threshold  <=>  logit >= log(t / (1 - t)): no sigmoid over every logit."""
+        t = self.cfg.threshold
+        return math.log(t / (1.0 - t))
+
     @torch.no_grad()
     def neuron_mask(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         """Predicted-active neurons (bool) of predictor `idx` for inputs x."""
-        return torch.sigmoid(self.neurons[idx](x).float()) >= self.cfg.threshold
+        return self.neurons[idx](x) >= self.logit_threshold
 
     @torch.no_grad()
     def head_mask(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.heads[layer](hidden).float()) >= self.cfg.threshold
+        return self.heads[layer](hidden) >= self.logit_threshold
 
     # -------------------------------------------------------------- save/load
     def spec(self) -> dict:

@@ -12,8 +12,11 @@ class ConfusionCounts:
         self.counts: list[torch.Tensor | None] = [None] * num_layers
 
     def add(self, layer: int, predicted: torch.Tensor, actual: torch.Tensor) -> None:
-        p, a = predicted.reshape(-1, predicted.shape[-1]), actual.reshape(-1, actual.shape[-1])
-        row = torch.stack([(p & a).sum(), (p & ~a).sum(), (~p & a).sum(), (~p & ~a).sum()]).double()
+        # three reductions; fp, fn and tn follow from them
+        tp, n_pred, n_true = (predicted & actual).sum(), predicted.sum(), actual.sum()
+        total = torch.tensor(predicted.numel(), device=predicted.device)
+        fp, fn = n_pred - tp, n_true - tp
+        row = torch.stack([tp, fp, fn, total - tp - fp - fn]).double()
         self.counts[layer] = row if self.counts[layer] is None else self.counts[layer] + row
 
     def merge_counts(self) -> torch.Tensor | None:
