@@ -40,6 +40,8 @@ class PredictorBank(nn.Module):
         self.loss_terms: list[torch.Tensor] = []
         self._pending_input: torch.Tensor | None = None
         self._attn_inputs: dict[int, torch.Tensor] = {}
+        self._stride = max(1, round(1.0 / cfg.train_token_fraction))
+        self._offset = 0  # set from the global micro-batch index (set_position), so resume samples the same tokens
 
     # ------------------------------------------------------------------ sizes
     def neuron_param_fraction(self) -> float:
@@ -54,6 +56,17 @@ class PredictorBank(nn.Module):
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x.detach() if self.cfg.detach_inputs else x
+
+    def set_position(self, micro_batch_index: int) -> None:
+        """Token sampling offset for this forward: a function of training progress only."""
+        self._offset = micro_batch_index % self._stride
+
+    def _sample(self, *tensors: torch.Tensor | None) -> list:
+        """While training: every `stride`-th token (flattened), starting at this forward's offset."""
+        if not self.training or self._stride == 1:
+            return list(tensors)
+        return [None if t is None else t.reshape(-1, *t.shape[2:])[self._offset::self._stride] if t.dim() > 2
+                else t.reshape(-1)[self._offset::self._stride] for t in tensors]
 
     def _add(self, logits: torch.Tensor, labels: torch.Tensor, counts: ConfusionCounts, idx: int,
              token_mask: torch.Tensor | None) -> None:
@@ -75,6 +88,7 @@ class PredictorBank(nn.Module):
             idx = layer - 1
         else:
             source, idx = x, layer
+        source, labels, token_mask = self._sample(source, labels, token_mask)
         # The predictor trains even when the model runs under no_grad (train.freeze_model).
         with torch.enable_grad() if self.training else torch.no_grad():
             self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask)
@@ -87,6 +101,7 @@ class PredictorBank(nn.Module):
         if hidden is None or self.heads is None:
             return
         labels = top_fraction(head_norms(attn_out.detach(), self.num_heads), self.cfg.head_active_fraction)
+        hidden, labels, token_mask = self._sample(hidden, labels, token_mask)
         with torch.enable_grad() if self.training else torch.no_grad():
             self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask)
 

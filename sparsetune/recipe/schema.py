@@ -140,6 +140,10 @@ class PredictorSection(Section):
         description="Labels for silu (no exact zeros): the top fraction of neurons by |a| per token are active.")
     lookahead: bool = Field(False, description="Layer i's MLP input predicts layer i+1's mask (time to prefetch).")
     detach_inputs: bool = Field(True, description="Predictor inputs are detached: the predictors do not change the model.")
+    train_token_fraction: float = Field(
+        0.25, gt=0.0, le=1.0,
+        description="Fraction of each step's tokens the predictors train on (every k-th token, offset cycling "
+        "per step); evaluation always uses all tokens. Keeps the co-training overhead low.")
     max_param_fraction: float = Field(
         0.10, gt=0.0, le=1.0, description="Budget: predictor parameters / MLP parameters; larger is an error.")
     dynamic_eval_batches: int = Field(

@@ -261,6 +261,8 @@ class Trainer:
             batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or frozen else self.accelerator.no_sync(self.model)
+            if self.predictors is not None:
+                self.predictors.bank.set_position(self.step * accum + micro)
             with sync, self.accelerator.autocast():
                 self.recorder.open(None, reg_with_grad=coef > 0 and not frozen)
                 with torch.no_grad() if frozen else contextlib.nullcontext():
