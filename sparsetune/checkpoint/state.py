@@ -65,6 +65,12 @@ def read_recipe(folder: Path) -> Recipe:
     return validate_recipe(read_yaml(folder / "recipe.yaml"), source=str(folder / "recipe.yaml"))
 
 
+def read_rng_state(folder: Path, rank: int) -> dict | None:
+    """This rank's RNG states, or None when the checkpoint was written by fewer processes."""
+    path = folder / f"rng_state_rank{rank}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_trainer_state(folder: Path) -> dict:
     return json.loads((folder / "trainer_state.json").read_text())
 

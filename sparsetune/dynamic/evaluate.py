@@ -84,18 +84,13 @@ def predicted_mask(bank: PredictorBank):
 
 
 @contextlib.contextmanager
-def _head_masks(model, bank: PredictorBank | None, all_heads: bool = False, tally: _KeptFraction | None = None):
-    """Pre-hooks that set each attention module's head mask from its input (predictor or all-on)."""
+def _head_masks(model, bank: PredictorBank, tally: _KeptFraction | None = None):
+    """Pre-hooks that set each attention module's head mask from its input with the head predictors."""
     handles = []
     for idx, layer in enumerate(decoder_layers(model)):
         def set_mask(module, args, kwargs, idx=idx):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if all_heads:
-                module.sparsetune_head_mask = torch.ones(*hidden.shape[:-1], bank.num_heads if bank else
-                                                         module.config.num_attention_heads, dtype=torch.bool,
-                                                         device=hidden.device)
-            else:
-                module.sparsetune_head_mask = bank.head_mask(idx, hidden)
+            module.sparsetune_head_mask = bank.head_mask(idx, hidden)
             if tally is not None:
                 tally.add(module.sparsetune_head_mask)
         handles.append(layer.self_attn.register_forward_pre_hook(set_mask, with_kwargs=True))

@@ -61,12 +61,9 @@ class PredictorTraining:
         return out
 
     def pop_counts(self, reduce) -> dict:
-        out = self._summaries(reduce if self._multi() else None)
+        out = self._summaries(reduce)
         self.bank.reset_counts()
         return out
-
-    def _multi(self) -> bool:
-        return torch.distributed.is_available() and torch.distributed.is_initialized()
 
     # ------------------------------------------------------------------ eval
     def begin_eval(self) -> None:

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from sparsetune.checkpoint.resume import check_recipe, find_resume_checkpoint, load_model_weights
-from sparsetune.checkpoint.state import (is_lora_checkpoint, load_torch_state, read_trainer_state, rng_state,
+from sparsetune.checkpoint.state import (is_lora_checkpoint, load_torch_state, read_rng_state, read_trainer_state, rng_state,
                                          save_trainer_files, set_rng_state, write_json)
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.data.batches import BatchStream, eval_batches
@@ -156,14 +156,12 @@ class Trainer:
         self.stream.position = state["data_position"]
         self.last_eval = state.get("last_eval", {})
         self.wandb_run_id = state.get("wandb_run_id")
-        rank_file = ckpt / f"rng_state_rank{self.accelerator.process_index}.json"
-        if rank_file.is_file():
-            import json
-
-            set_rng_state(json.loads(rank_file.read_text()))
+        rng = read_rng_state(ckpt, self.accelerator.process_index)
+        if rng is not None:
+            set_rng_state(rng)
         else:
-            self.notice(f"resume: {rank_file.name} not in the checkpoint (different number of processes); "
-                        "this rank's RNG starts from the seed")
+            self.notice(f"resume: rng_state_rank{self.accelerator.process_index}.json not in the checkpoint "
+                        "(different number of processes); this rank's RNG starts from the seed")
         self.notice(f"resuming from {ckpt} at step {self.step} ({self.tokens_seen} tokens seen)")
 
     def _open_run_dir(self) -> None:
