@@ -60,7 +60,8 @@ def _cmd_eval(args) -> int:
     result = run_eval(args.model, data_path=args.data, seq_len=args.seq_len, batches=args.batches,
                       batch_size=args.batch_size, activation=args.activation,
                       near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
-                      predictor_threshold=args.predictor_threshold)
+                      predictor_threshold=args.predictor_threshold, target_sparsity=args.target_sparsity,
+                      calibration_batches=args.calibration_batches)
     print_report(result)
     json_path = Path(args.json) if args.json else None
     if json_path is None and Path(args.model).is_dir():
@@ -111,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--activation", default=None,
-                   choices=["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk"],
-                   help="swap the MLP activation before measuring (e.g. relu: the untrained ReLU baseline)")
+                   choices=["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"],
+                   help="swap the MLP activation before measuring (relu: the untrained ReLU baseline; cats: "
+                        "training-free thresholds calibrated to --target-sparsity)")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="with --activation cats: fraction of |SiLU(gate)| to zero per layer (default 0.5)")
+    p.add_argument("--calibration-batches", type=int, default=8,
+                   help="with --activation cats: training-split batches used to calibrate the thresholds")
     p.add_argument("--near-zero-threshold", type=float, default=1e-3)
     p.add_argument("--dynamic", action="store_true",
                    help="also measure perplexity with neurons/heads skipped for real: dense, oracle masks, predicted "

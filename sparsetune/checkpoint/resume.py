@@ -59,7 +59,10 @@ def find_resume_checkpoint(run_dir: Path, explicit: str | None, report) -> Path 
 
 
 def check_recipe(ckpt: Path, current: Recipe, report) -> None:
-    errors, notices = recipe_changes(read_recipe(ckpt), current)
+    saved = read_recipe(ckpt)
+    if current.relufy.activation == "cats" and current.relufy.thresholds is None:
+        current.relufy.thresholds = saved.relufy.thresholds  # calibrated at the run's start: reuse them
+    errors, notices = recipe_changes(saved, current)
     if errors:
         raise SparsetuneError(
             f"cannot resume from {ckpt}: the recipe changed where the checkpoint cannot follow ({'; '.join(errors)}); "

@@ -11,10 +11,11 @@ from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.recipe.schema import DataSection, RelufySection
-from sparsetune.surgery.relufy import relufy, sparse_mlps
+from sparsetune.surgery.calibration import needs_calibration
+from sparsetune.surgery.relufy import activation_spec, relufy, sparse_mlps
 
 
-def _load_target(target: str, activation: str | None):
+def _load_target(target: str, activation: str | None, target_sparsity: float | None = None):
     """(model with SparseMLPs, tokenizer, default data section, description, predictors folder or None)."""
     path = Path(target)
     is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file())
@@ -45,27 +46,51 @@ def _load_target(target: str, activation: str | None):
         else:
             data, what = DataSection(), "model"
     if activation is not None:
-        relufy(model, RelufySection(activation=activation))
+        extra = {"target_sparsity": target_sparsity} if target_sparsity is not None else {}
+        relufy(model, RelufySection(activation=activation, **extra))
     return model, tokenizer, data, what, predictors
 
 
 def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
              batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3,
-             dynamic: bool = False, predictor_threshold: float | None = None) -> dict:
-    model, tokenizer, data_cfg, what, predictors = _load_target(target, activation)
-    updates = {}
-    if data_path:
-        updates.update(path=data_path, eval_path=None, eval_split=None)
+             dynamic: bool = False, predictor_threshold: float | None = None, target_sparsity: float | None = None,
+             calibration_batches: int = 8) -> dict:
+    model, tokenizer, data_cfg, what, predictors = _load_target(target, activation, target_sparsity)
     if seq_len:
-        updates["seq_len"] = seq_len
-    data_cfg = data_cfg.model_copy(update=updates)
+        data_cfg = data_cfg.model_copy(update={"seq_len": seq_len})
+    calibration = None
+    if needs_calibration(model):  # on the model's own training data, also when --data names other held-out text
+        calibration = _calibrate(model, data_cfg, tokenizer, batch_size, calibration_batches)
+    if data_path:  # a local file is held out whole; a hub dataset gives its validation/test split
+        from sparsetune.data.text_datasets import _looks_local
+
+        update = ({"eval_path": data_path, "eval_split": None} if _looks_local(data_path)
+                  else {"path": data_path, "eval_path": None, "eval_split": None})
+        data_cfg = data_cfg.model_copy(update=update)
     data = held_out_data(data_cfg, tokenizer)
     result = evaluate_held_out(model, data, batch_size, batches, near_zero_threshold)
-    out = {"target": target, "what": what, "activation": sparse_mlps(model)[0].activation.spec(),
+    out = {"target": target, "what": what, "activation": activation_spec(model),
            "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
+    if calibration is not None:
+        out["calibration"] = calibration
     if dynamic:
         out["dynamic"] = _dynamic(model, data, batch_size, batches, predictors, predictor_threshold)
     return out
+
+
+def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int) -> dict:
+    """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
+    import torch
+
+    from sparsetune.data.batches import eval_batches
+    from sparsetune.data.text_datasets import load_text_splits, pack
+    from sparsetune.surgery.calibration import calibrate_cats
+
+    train_text, _ = load_text_splits(data_cfg)
+    data = pack(train_text, tokenizer, data_cfg.text_field, data_cfg.seq_len, "calibration data")
+    thresholds = calibrate_cats(model, eval_batches(data, batch_size, n), torch.device("cpu"), total=n)
+    return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
+            "thresholds": thresholds}
 
 
 def _dynamic(model, data, batch_size, batches, predictors_dir, threshold: float | None) -> dict:

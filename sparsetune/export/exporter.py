@@ -19,7 +19,7 @@ from sparsetune.models.exported import SPEC_FILE
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.surgery.architectures import layout_for
-from sparsetune.surgery.relufy import base_causal_lm, restore_hf_mlps, sparse_mlps
+from sparsetune.surgery.relufy import activation_spec, base_causal_lm, restore_hf_mlps, sparse_mlps
 
 
 def _fold_shift_into_gate_bias(lm, shift: float) -> None:
@@ -51,7 +51,7 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
         return True, {"activation": "relu"}, (
             f"shifted ReLU max(gate - {spec['shift']:g}, 0) is folded into a gate bias of -{spec['shift']:g} "
             "(`mlp_bias: true`, `hidden_act: relu`): plain transformers computes it exactly.")
-    closest = {"shifted_relu": "relu", "fatrelu": "relu", "drelu": "relu", "topk": "silu"}[name]
+    closest = {"shifted_relu": "relu", "fatrelu": "relu", "drelu": "relu", "topk": "silu", "cats": "silu"}[name]
     lm.config.hidden_act = closest
     return False, spec, (
         f"**Plain transformers cannot express `{name}`** for model type `{lm.config.model_type}`: loaded with "
@@ -74,7 +74,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
                    if measure else state.get("last_eval", {}))
 
     lm = base_causal_lm(model)
-    trained_spec = sparse_mlps(lm)[0].activation.spec()
+    trained_spec = activation_spec(lm)
     exact, load_spec, note = configure_plain_activation(lm, trained_spec)
     restore_hf_mlps(lm)
     for attr in ("quantization_config",):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ACTIVATIONS = ("silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk")
+ACTIVATIONS = ("silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats")
 
 
 class Section(BaseModel):
@@ -58,17 +58,33 @@ class DataSection(Section):
 
 
 class RelufySection(Section):
-    activation: Literal["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk"] = Field(
+    activation: Literal["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"] = Field(
         "relu",
         description="MLP activation after surgery. silu: unchanged; relu: ReLU(gate)*up; shifted_relu: "
         "ReLU(gate-shift)*up; fatrelu: gate*[gate>=threshold]*up; drelu: ReLU(gate)*ReLU(up); relu2: "
-        "ReLU(gate)^2*up; topk: keep the top_k_fraction largest |SiLU(gate)*up| per token (straight-through).",
+        "ReLU(gate)^2*up; topk: keep the top_k_fraction largest |SiLU(gate)*up| per token (straight-through); "
+        "cats: SiLU(gate) zeroed where |SiLU(gate)| is below a per-layer threshold calibrated on training data "
+        "to target_sparsity (CATS, training-free).",
     )
     shift: float = Field(1.0, description="b in shifted_relu: max(gate - b, 0).")
     threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
     top_k_fraction: float = Field(
         0.1, gt=0.0, le=1.0, description="Fraction of MLP neurons kept per token by topk (0.1 = 90% sparsity)."
     )
+    target_sparsity: float = Field(
+        0.5, gt=0.0, lt=1.0, description="cats: fraction of |SiLU(gate)| values each layer's threshold zeroes "
+        "on the calibration data.")
+    thresholds: list[float] | None = Field(
+        None, description="cats: per-layer thresholds on |SiLU(gate)|. Empty = calibrate at start (written back "
+        "into the run's recipe, so resume and export reuse them).")
+    calibration_batches: int = Field(
+        8, ge=1, description="cats: training micro-batches whose activations set the thresholds.")
+
+    @model_validator(mode="after")
+    def _thresholds_valid(self) -> "RelufySection":
+        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
+            raise ValueError("relufy.thresholds must be >= 0")
+        return self
 
 
 class Stage(Section):

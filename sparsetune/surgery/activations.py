@@ -124,10 +124,44 @@ class TopK(MLPActivation):
         return SiLU()
 
 
-def build_activation(cfg: RelufySection | dict) -> MLPActivation:
-    """Activation module from the recipe's `relufy` section (or an export's stored spec)."""
+class CATS(MLPActivation):
+    """Training-free thresholding (CATS, Lee et al. 2024): SiLU(gate) where |SiLU(gate)| >= t, else 0; times up.
+
+    `threshold` is per layer and comes from calibration (`sparsetune.surgery.calibration`); NaN means
+    not yet calibrated, which computes plain SiLU. While `collector` is set, every forward hands
+    |SiLU(gate)| to it (calibration)."""
+
+    name = "cats"
+
+    def __init__(self, threshold: float, target_sparsity: float):
+        super().__init__()
+        self.threshold = float(threshold)
+        self.target_sparsity = float(target_sparsity)
+        self.collector = None
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        act = F.silu(gate)
+        if self.collector is not None:
+            self.collector(self, act.detach().abs())
+        if math.isnan(self.threshold):
+            return act * up
+        return torch.where(act.abs() >= self.threshold, act, torch.zeros_like(act)) * up
+
+    def spec(self) -> dict:
+        return {"activation": self.name, "target_sparsity": self.target_sparsity, "thresholds": [self.threshold]}
+
+
+def build_activation(cfg: RelufySection | dict, layer: int = 0) -> MLPActivation:
+    """Activation module from the recipe's `relufy` section (or an export's stored spec) for decoder layer `layer`."""
     if isinstance(cfg, dict):
         cfg = RelufySection(**cfg)
+    if cfg.activation == "cats":
+        thresholds = cfg.thresholds or []
+        if thresholds and len(thresholds) <= layer:
+            from sparsetune.errors import SparsetuneError
+
+            raise SparsetuneError(f"relufy.thresholds has {len(thresholds)} values but the model has more layers")
+        return CATS(thresholds[layer] if thresholds else float("nan"), cfg.target_sparsity)
     builders = {
         "silu": SiLU,
         "relu": ReLU,

@@ -86,10 +86,10 @@ def relufy(model: nn.Module, cfg: RelufySection | dict) -> list[SparseMLP]:
     for idx, layer in enumerate(_get(lm, layout.layers)):
         current = getattr(layer, layout.mlp)
         if isinstance(current, SparseMLP):
-            current.activation = build_activation(cfg)
+            current.activation = build_activation(cfg, idx)
             mlps.append(current)
             continue
-        sparse = SparseMLP(current, layout, build_activation(cfg), idx)
+        sparse = SparseMLP(current, layout, build_activation(cfg, idx), idx)
         setattr(layer, layout.mlp, sparse)
         mlps.append(sparse)
     return mlps
@@ -97,6 +97,15 @@ def relufy(model: nn.Module, cfg: RelufySection | dict) -> list[SparseMLP]:
 
 def sparse_mlps(model: nn.Module) -> list[SparseMLP]:
     return [m for m in model.modules() if isinstance(m, SparseMLP)]
+
+
+def activation_spec(model: nn.Module) -> dict:
+    """The model's activation as a `relufy` section dict (per-layer thresholds for cats)."""
+    mlps = sparse_mlps(model)
+    spec = mlps[0].activation.spec()
+    if spec["activation"] == "cats":
+        spec["thresholds"] = [m.activation.threshold for m in mlps]
+    return spec
 
 
 def restore_hf_mlps(model: nn.Module) -> None:

@@ -31,6 +31,7 @@ from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.recorder import attach_recorder
 from sparsetune.sparsity.regularizers import REGULARIZERS
 from sparsetune.sparsity.schedules import CoefficientSchedule
+from sparsetune.surgery.calibration import calibrate_cats, needs_calibration
 from sparsetune.surgery.relufy import relufy
 from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
 from sparsetune.tracking.plots import plot_tradeoff
@@ -119,6 +120,8 @@ class Trainer:
         if r.distill.weight > 0:
             self.teacher = Teacher(model if r.peft.method == "none" else None).to(self.device)
         mlps = relufy(model, r.relufy)
+        if needs_calibration(model):
+            self._calibrate(model)
         self.recorder = attach_recorder(mlps, REGULARIZERS.get(r.regularizer.type), r.sparsity.near_zero_threshold)
         if r.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -142,6 +145,18 @@ class Trainer:
         self.store = CheckpointStore(self.run_dir)
         if self.resume_from is not None:
             self._restore(self.resume_from)
+
+    def _calibrate(self, model) -> None:
+        """CATS thresholds from the first training micro-batches (the same on every rank); they are
+        written into the run's recipe, so checkpoints, resume and export carry them."""
+        r = self.recipe
+        n = r.relufy.calibration_batches
+        model.to(self.device)
+        thresholds = calibrate_cats(model, eval_batches(self.train_data, r.train.micro_batch_size, n), self.device,
+                                    total=n, seed=r.train.seed, progress=self.is_main)
+        self.recipe.relufy.thresholds = thresholds
+        self.notice(f"cats: calibrated {len(thresholds)} layer thresholds to {r.relufy.target_sparsity:.0%} sparsity "
+                    f"on {n} training micro-batches (range {min(thresholds):.4g}..{max(thresholds):.4g})")
 
     def _restore(self, ckpt: Path) -> None:
         """Everything a checkpoint holds: weights, optimizer, LR scheduler, step, tokens, data position, RNG."""

@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""The sparsity/quality frontier on SmolLM2-135M: training-free baselines vs trained variants.
+
+    python scripts/bench_tradeoff.py                       # everything, ~1 h on 2 CPU cores
+    python scripts/bench_tradeoff.py --steps 40 --only relu_l1,cats70 --out runs/bench_small
+
+Every trained variant starts from the embedded SmolLM2-135M-Instruct and gets the same token budget
+(--steps x micro-batch 2 x 256 tokens, lr 3e-4, 10 warmup steps, cosine), trained by `sparsetune train`
+in its own process. Runs already finished in --out are reused, so an interrupted benchmark continues.
+Each model is measured on two held-out texts:
+
+  code-docs   the stdlib-docs eval split (modules never trained on; the training domain)
+  legal       the licence texts in /usr/share/common-licenses (GPL, Apache, MPL, ...: another domain)
+
+Writes docs/tradeoff.md (table), docs/tradeoff.json (all numbers) and docs/tradeoff.png (the frontier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LICENSES = Path("/usr/share/common-licenses")
+
+# Progressive L1 (ProSparse-style sine stages): recover first, then push.
+PROSPARSE = ("regularizer.type=l1", "regularizer.schedule=prosparse",
+             "regularizer.stages=[{end_fraction: 0.1, coef: 0.0}, {end_fraction: 0.4, coef: 20.0}, "
+             "{end_fraction: 0.7, coef: 50.0}, {end_fraction: 1.0, coef: 80.0}]")
+
+# name -> (label, how): how = ("eval", activation, target_sparsity) or ("train", overrides)
+VARIANTS = {
+    "dense": ("dense SiLU, as shipped", ("eval", None, None)),
+    "relu_swap": ("ReLU swap, untrained", ("eval", "relu", None)),
+    "cats50": ("CATS 50% (training-free)", ("eval", "cats", 0.5)),
+    "cats70": ("CATS 70% (training-free)", ("eval", "cats", 0.7)),
+    "cats90": ("CATS 90% (training-free)", ("eval", "cats", 0.9)),
+    "dense_ft": ("dense SiLU, fine-tuned", ("train", ["relufy.activation=silu", "regularizer.type=none"])),
+    "relu_l1": ("ReLU + progressive L1", ("train", ["relufy.activation=relu", *PROSPARSE])),
+    "relu_l1_distill": ("ReLU + progressive L1 + distillation",
+                        ("train", ["relufy.activation=relu", *PROSPARSE, "distill.weight=1.0"])),
+    "drelu_l1": ("dReLU + progressive L1", ("train", ["relufy.activation=drelu", *PROSPARSE])),
+    "topk10": ("top-k 10% (straight-through)", ("train", ["relufy.activation=topk", "relufy.top_k_fraction=0.1",
+                                                          "regularizer.type=none"])),
+}
+
+
+def legal_text(out: Path) -> Path:
+    """One JSONL document per licence file (the other-domain held-out text)."""
+    if not LICENSES.is_dir():
+        sys.exit(f"error: {LICENSES} not found (Debian/Ubuntu base-files); the other-domain text comes from there")
+    path = out / "legal.jsonl"
+    with path.open("w") as f:
+        for file in sorted(p for p in LICENSES.iterdir() if p.is_file()):
+            f.write(json.dumps({"text": file.read_text(errors="replace")}) + "\n")
+    return path
+
+
+def train(name: str, overrides: list[str], args) -> tuple[Path, float]:
+    run = args.out / name
+    done = run / "bench_done.json"
+    if done.is_file() and json.loads(done.read_text()).get("steps") == args.steps:
+        return run, json.loads(done.read_text())["train_seconds"]
+    cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"output_dir={run}", f"model.path={args.model}",
+           f"train.max_steps={args.steps}", "train.lr=3e-4", "train.lr_warmup_steps=10", "train.eval_every=0",
+           "train.save_every=0", f"train.eval_batches={args.batches}", "wandb.mode=disabled", *overrides, "--overwrite"]
+    print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    seconds = time.time() - start
+    done.write_text(json.dumps({"train_seconds": seconds, "steps": args.steps, "command": cmd[1:]}))
+    return run, seconds
+
+
+def measure(target: str, activation, target_sparsity, data_path) -> dict:
+    from sparsetune.evaluation.command import run_eval
+
+    r = run_eval(target, data_path=data_path, seq_len=256, batches=args.batches, batch_size=2,
+                 activation=activation, target_sparsity=target_sparsity)
+    keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer")
+    return {k: r[k] for k in keep if k in r}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for ax, domain in zip(axes, ("code-docs", "legal")):
+        for name, res in results.items():
+            m = res["eval"][domain]
+            trained = res["kind"] == "train"
+            marker = "o" if trained else ("s" if name.startswith("cats") else "^")
+            ax.scatter(100 * m.get("sparsity", 0.0), m["perplexity"], marker=marker, s=60,
+                       color="tab:green" if trained else "tab:gray")
+            ax.annotate(res["label"], (100 * m.get("sparsity", 0.0), m["perplexity"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        dense_ft = results.get("dense_ft", {}).get("eval", {}).get(domain)
+        if dense_ft:
+            ax.axhline(dense_ft["perplexity"] * 1.1, color="tab:red", lw=0.8, ls="--",
+                       label="dense fine-tuned + 10%")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlim(-3, 100)
+        ax.set_xlabel("MLP activation sparsity (exact zeros, %)")
+        ax.set_ylabel("held-out perplexity (log)")
+        ax.set_title(f"SmolLM2-135M, held-out {domain}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Sparsity vs quality: training-free (grey) vs trained with {results_budget(results)} (green)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def results_budget(results: dict) -> str:
+    tokens = {r["train_tokens"] for r in results.values() if r["kind"] == "train"}
+    return f"{tokens.pop():,} tokens each" if len(tokens) == 1 else "training"
+
+
+def table(results: dict) -> str:
+    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | legal perplexity | legal sparsity |"
+             " train time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for res in results.values():
+        c, l = res["eval"]["code-docs"], res["eval"]["legal"]
+        def sp(m):
+            s = f"{100 * m.get('sparsity', 0.0):.1f}%"
+            return s + (f" (near-zero {100 * m['near_zero']:.1f}%)" if "near_zero" in m else "")
+        t = f"{res['train_seconds'] / 60:.1f} min" if res["kind"] == "train" else "-"
+        lines.append(f"| {res['label']} | {res.get('train_tokens', 0):,} | {c['perplexity']:.2f} | {sp(c)} | "
+                     f"{l['perplexity']:.2f} | {sp(l)} | {t} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    global args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=160, help="optimizer steps per trained variant (512 tokens each)")
+    p.add_argument("--batches", type=int, default=8, help="held-out batches of 2 x 256 tokens per measurement")
+    p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_tradeoff")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    args = p.parse_args()
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"error: --only: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    legal = str(legal_text(args.out))
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    start = time.time()
+    for name in names:
+        label, how = VARIANTS[name]
+        if how[0] == "train":
+            run, seconds = train(name, how[1], args)
+            entry = {"label": label, "kind": "train", "overrides": how[1], "train_seconds": seconds,
+                     "train_tokens": args.steps * 2 * 256, "steps": args.steps}
+            target, activation, ts = str(run), None, None
+        else:
+            entry = {"label": label, "kind": "eval", "activation": how[1], "target_sparsity": how[2]}
+            target, activation, ts = args.model, how[1], how[2]
+        entry["eval"] = {"code-docs": measure(target, activation, ts, None), "legal": measure(target, activation, ts, legal)}
+        results[name] = entry
+        c = entry["eval"]["code-docs"]
+        print(f"[{name}] code-docs perplexity {c['perplexity']:.2f}, sparsity {100 * c.get('sparsity', 0):.1f}%  "
+              f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
+        results_file.write_text(json.dumps(results, indent=1))
+    ordered = {n: results[n] for n in VARIANTS if n in results}
+    args.docs.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "steps": args.steps, "tokens_per_step": 512, "held_out_batches": args.batches,
+            "held_out": {"code-docs": "stdlib-docs eval split", "legal": str(LICENSES)},
+            "command": "python scripts/bench_tradeoff.py " + " ".join(sys.argv[1:]), "torch_threads": os.cpu_count()}
+    (args.docs / "tradeoff.json").write_text(json.dumps({"meta": meta, "results": ordered}, indent=1))
+    (args.docs / "tradeoff.md").write_text(table(ordered))
+    plot(ordered, args.docs / "tradeoff.png")
+    print(table(ordered))
+    print(f"wrote {args.docs / 'tradeoff.md'}, tradeoff.json, tradeoff.png ({(time.time() - start) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
