@@ -17,6 +17,15 @@ def _cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.resume and args.overwrite:
         raise SparsetuneError("--resume and --overwrite exclude each other")
+    if args.launch:
+        from sparsetune.launch.launcher import launch
+
+        train_args = [args.recipe, *args.overrides] + (["--overwrite"] if args.overwrite else [])
+        if args.resume:
+            train_args += ["--resume"] + ([args.resume] if isinstance(args.resume, str) else [])
+        return launch(recipe, args.launch, train_args, args.num_processes, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
+                      main_process_port=args.main_process_port)
     command = " ".join(["sparsetune train", args.recipe, *args.overrides])
     train(recipe, overwrite=args.overwrite, resume=args.resume, command=command)
     return 0
@@ -86,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run in output_dir from its newest complete checkpoint (a new run when it has "
                         "none), or from the given checkpoint folder")
+    launch = p.add_argument_group("multi-process launch (runs the same command under `accelerate launch`)")
+    launch.add_argument("--launch", metavar="PRESET", choices=["ddp", "fsdp", "zero2", "zero3", "zero3_offload"],
+                        help="ddp | fsdp | zero2 | zero3 | zero3_offload (sparsetune/launch/presets/)")
+    launch.add_argument("--num-processes", type=int, default=None,
+                        help="processes per machine (default: the number of GPUs, else 2 on CPU)")
+    launch.add_argument("--num-machines", type=int, default=1)
+    launch.add_argument("--machine-rank", type=int, default=0)
+    launch.add_argument("--main-process-ip", default=None, help="address of machine rank 0 (multi-node)")
+    launch.add_argument("--main-process-port", type=int, default=None)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("validate", help="check a recipe without running it")

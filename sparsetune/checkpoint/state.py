@@ -53,9 +53,11 @@ def write_json(path: Path, obj) -> None:
 
 def save_trainer_files(folder: Path, recipe: Recipe, trainer_state: dict, optimizer, scheduler) -> None:
     """The main process's share of a checkpoint (each rank writes its own rng_state_rank{r}.json).
-    A frozen model (predictor-only training) has no optimizer or scheduler to save."""
+    A frozen model (predictor-only training) has no optimizer or scheduler to save; optimizer=None with a
+    scheduler: a sharded engine saved the optimizer itself."""
     if optimizer is not None:
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    if scheduler is not None:
         torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     write_json(folder / "trainer_state.json", trainer_state)
     (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))

@@ -1,0 +1,1 @@
+"""Starting runs on several processes: named accelerate presets (DDP, FSDP, DeepSpeed ZeRO) and `--launch`."""

@@ -37,6 +37,8 @@ from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
 from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.distill import Teacher, kl_to_teacher
+from sparsetune.launch.compatibility import check_launch
+from sparsetune.training.engines import Engine
 from sparsetune.training.optim import build_optimizer, build_scheduler
 from sparsetune.training.preemption import PreemptionGuard, maybe_kill_in_save
 from sparsetune.training.predictor_step import PredictorTraining
@@ -105,8 +107,11 @@ class Trainer:
         r = self.recipe
         self._check_output_dir()
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(r.train.mixed_precision))
+        self.engine = Engine.create(self.accelerator, r)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        check_launch(r, self.engine.name, self.engine.shards_parameters, self.accelerator.num_processes,
+                     self.engine.name)
         set_seed(r.train.seed)
 
         model, self.tokenizer = load_model_and_tokenizer(r.model.path, r.model.dtype, r.model.revision,
@@ -135,11 +140,12 @@ class Trainer:
             model.requires_grad_(False)
             self.model, self.optimizer, self.scheduler = model.to(self.device), None, None
         else:
-            optimizer = build_optimizer(model.parameters(), r.train)
-            self.scheduler = build_scheduler(optimizer, r.train)
+            built = []
             # The LR scheduler is stepped by hand once per optimizer step (not prepared), so the LR
             # at step n is the same whatever the number of processes.
-            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            self.model, self.optimizer = self.engine.prepare(
+                model, lambda params: built.append(build_optimizer(params, r.train)) or built[0])
+            self.scheduler = build_scheduler(built[0], r.train)
         self.stream = BatchStream(self.train_data, r.train.micro_batch_size, r.train.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes)
         self.store = CheckpointStore(self.run_dir)
@@ -160,9 +166,13 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         """Everything a checkpoint holds: weights, optimizer, LR scheduler, step, tokens, data position, RNG."""
-        load_model_weights(self.accelerator.unwrap_model(self.model), ckpt / "model", is_lora_checkpoint(ckpt))
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt"))
+        if self.optimizer is not None and self.engine.saves_optimizer_itself():
+            self.engine.load(self.model, self.optimizer, ckpt)  # weights and the sharded optimizer state
+        else:
+            load_model_weights(self.accelerator.unwrap_model(self.model), ckpt / "model", is_lora_checkpoint(ckpt))
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(load_torch_state(ckpt / "optimizer.pt"))
+        if self.scheduler is not None:
             self.scheduler.load_state_dict(load_torch_state(ckpt / "scheduler.pt"))
         if self.predictors is not None:
             self.predictors.load(ckpt)
@@ -240,7 +250,7 @@ class Trainer:
         the main process writes the rest and commits the folder atomically."""
         r = self.recipe
         unwrapped = self.accelerator.unwrap_model(self.model)
-        state_dict = None if r.peft.method == "lora" else self.accelerator.get_state_dict(self.model)
+        state_dict = None if r.peft.method == "lora" else self.engine.full_state_dict(self.model)
         trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.stream.position,
                          "wandb_run_id": self.wandb.run_id if self.wandb else self.wandb_run_id,
                          "num_processes": self.accelerator.num_processes, "last_eval": self.last_eval}
@@ -249,12 +259,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         tmp = self.store.tmp_for(self.step)
         write_json(tmp / f"rng_state_rank{self.accelerator.process_index}.json", rng_state())
+        engine_saves = self.optimizer is not None and self.engine.saves_optimizer_itself()
+        if engine_saves:
+            self.engine.save(self.model, self.optimizer, tmp)
         path = None
         if self.is_main:
             unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
             maybe_kill_in_save(self.step)
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-            save_trainer_files(tmp, r, trainer_state, self.optimizer, self.scheduler)
+            save_trainer_files(tmp, r, trainer_state, None if engine_saves else self.optimizer, self.scheduler)
             if self.predictors is not None:
                 self.predictors.save(tmp, self.last_eval.get("predictor"))
         self.accelerator.wait_for_everyone()
@@ -273,7 +286,7 @@ class Trainer:
         for micro in range(accum):
             batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or frozen else self.accelerator.no_sync(self.model)
+            sync = contextlib.nullcontext() if frozen else self.engine.sync_context(self.model, last)
             if self.predictors is not None:
                 self.predictors.bank.set_position(self.step * accum + micro)
             with sync, self.accelerator.autocast():
@@ -299,13 +312,16 @@ class Trainer:
                     parts["predictor_loss"] = pred_loss.detach()
                     loss = pred_loss if frozen else loss + pred_loss
                 if loss.requires_grad:
-                    self.accelerator.backward(loss / accum)
+                    if frozen:
+                        self.accelerator.backward(loss / accum)
+                    else:
+                        self.engine.backward(loss, accum, last)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
         grad_norm, lr = None, 0.0
         if not frozen:
             if r.train.max_grad_norm > 0:
-                grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
+                grad_norm = self.engine.clip(self.model, r.train.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -330,13 +346,18 @@ class Trainer:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
         r = self.recipe
+        local, total = self.engine.local_parameter_count(self.model)
+        if self.engine.shards_parameters:
+            print(f"sparsetune: rank {self.accelerator.process_index} holds {local:,} of {total:,} parameters "
+                  f"({self.engine.describe()})", flush=True)
         if self.is_main:
-            n_params = sum(p.numel() for p in self.model.parameters())
-            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            n_params = total
+            n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
             print(f"sparsetune: {r.model.path} ({n_params / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable), "
                   f"activation={r.relufy.activation}, regularizer={r.regularizer.type}, "
                   f"{len(self.train_data)} train / {len(self.eval_data)} held-out sequences of {r.data.seq_len} "
-                  f"tokens, {self.accelerator.num_processes} process(es) on {self.device}", flush=True)
+                  f"tokens, {self.accelerator.num_processes} process(es) on {self.device} "
+                  f"({self.engine.describe()})", flush=True)
         if self.resume_from is None:
             self.evaluate()
         elif self.step >= r.train.max_steps:

@@ -1,0 +1,211 @@
+"""How the model is distributed: plain/DDP (accelerate), DeepSpeed ZeRO (accelerate), FSDP2 (torch `fully_shard`).
+
+The trainer asks its engine to wrap the model and optimizer, run backward, clip, step, and save/restore what
+only the engine knows (DeepSpeed's partitioned optimizer, FSDP's sharded optimizer). Full weights for
+checkpoints and exports are always gathered (`full_state_dict`), so an export never holds empty tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from sparsetune.recipe.schema import Recipe
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config sets this (also on CPU, where accelerate itself would fall back to DDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fix_cpu_deepspeed_state(accelerator: Accelerator) -> None:
+    """On a machine without GPUs, accelerate starts DeepSpeed's gloo process group but records a single
+    process (rank 0 everywhere). Put the real rank and world size into accelerate's shared state so that
+    is_main_process, reduce() and the data sharding are right."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    state = accelerator.state
+    if state.num_processes == dist.get_world_size():
+        return
+    from accelerate.state import PartialState
+
+    shared = PartialState._shared_state
+    shared["num_processes"] = dist.get_world_size()
+    shared["process_index"] = dist.get_rank()
+    shared["local_process_index"] = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+class Engine:
+    """Single process or DDP through accelerate."""
+
+    name = "ddp"
+    shards_parameters = False
+
+    def __init__(self, accelerator: Accelerator, recipe: Recipe):
+        self.accelerator = accelerator
+        self.recipe = recipe
+
+    @staticmethod
+    def create(accelerator: Accelerator, recipe: Recipe) -> "Engine":
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return DeepSpeedZero(accelerator, recipe)
+        if fsdp_requested() and accelerator.num_processes > 1:
+            return FSDP2(accelerator, recipe)
+        return Engine(accelerator, recipe)
+
+    def describe(self) -> str:
+        return "DDP" if self.accelerator.num_processes > 1 else "single process"
+
+    def prepare(self, model, build_optimizer):
+        """(wrapped model, optimizer); build_optimizer(params) makes the torch optimizer."""
+        return self.accelerator.prepare(model, build_optimizer(model.parameters()))
+
+    def sync_context(self, model, last: bool):
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        self.accelerator.backward(loss / accum)
+
+    def clip(self, model, max_norm: float):
+        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+    def full_state_dict(self, model) -> dict | None:
+        """Full (gathered) weights on the main process; every rank must call it."""
+        return self.accelerator.get_state_dict(model)
+
+    def saves_optimizer_itself(self) -> bool:
+        return False
+
+    def save(self, model, optimizer, folder: Path) -> None:
+        """Engine-owned state (all ranks call it)."""
+
+    def load(self, model, optimizer, folder: Path) -> None:
+        """Restore what save() wrote (all ranks)."""
+
+    def local_parameter_count(self, model) -> tuple[int, int]:
+        """(parameters held by this rank, parameters of the model)."""
+        n = sum(p.numel() for p in model.parameters())
+        return n, n
+
+
+class DeepSpeedZero(Engine):
+    """DeepSpeed ZeRO 1/2/3 through accelerate. Batch size, accumulation and clipping come from the recipe.
+    Checkpoints use DeepSpeed's own save/load (each rank's optimizer partition and fp32 master weights)."""
+
+    name = "deepspeed"
+
+    def __init__(self, accelerator: Accelerator, recipe: Recipe):
+        super().__init__(accelerator, recipe)
+        _fix_cpu_deepspeed_state(accelerator)
+        plugin = accelerator.state.deepspeed_plugin
+        t = recipe.train
+        cfg = plugin.deepspeed_config
+        cfg["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+        cfg["gradient_accumulation_steps"] = t.grad_accum_steps
+        cfg["gradient_clipping"] = t.max_grad_norm
+        cfg["train_batch_size"] = t.micro_batch_size * t.grad_accum_steps * accelerator.num_processes
+        self.stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+        self.shards_parameters = self.stage >= 3
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage}"
+
+    def sync_context(self, model, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        # DeepSpeed divides by its gradient_accumulation_steps and steps at the boundary itself.
+        self.accelerator.gradient_state._set_sync_gradients(last)
+        self.accelerator.backward(loss)
+
+    def clip(self, model, max_norm: float):
+        norm = model.get_global_grad_norm()  # DeepSpeed clipped inside its step
+        return None if norm is None else float(norm)
+
+    def saves_optimizer_itself(self) -> bool:
+        return True
+
+    def save(self, model, optimizer, folder: Path) -> None:
+        model.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False)
+
+    def load(self, model, optimizer, folder: Path) -> None:
+        model.load_checkpoint(str(folder / "deepspeed"), tag="engine", load_optimizer_states=True,
+                              load_lr_scheduler_states=False, load_module_strict=False)
+
+    def local_parameter_count(self, model) -> tuple[int, int]:
+        local = sum(p.numel() for p in model.parameters())
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        return local, total
+
+
+class FSDP2(Engine):
+    """torch FSDP2: `fully_shard` on every decoder layer and on the root. Runs over NCCL or gloo, so the
+    same code path is tested on CPU. Optimizer state is saved sharded with torch.distributed.checkpoint."""
+
+    name = "fsdp"
+    shards_parameters = True
+
+    def describe(self) -> str:
+        return "FSDP2 (fully_shard per decoder layer)"
+
+    def prepare(self, model, build_optimizer):
+        from torch.distributed.fsdp import fully_shard
+
+        from sparsetune.surgery.relufy import decoder_layers
+
+        model.to(self.accelerator.device)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model, build_optimizer(model.parameters())
+
+    def sync_context(self, model, last: bool):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def clip(self, model, max_norm: float):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def full_state_dict(self, model) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full if self.accelerator.is_main_process else None
+
+    def saves_optimizer_itself(self) -> bool:
+        return True
+
+    def save(self, model, optimizer, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "fsdp_optimizer"))
+
+    def load(self, model, optimizer, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+        from safetensors.torch import load_file
+
+        full = {}
+        for shard in sorted((folder / "model").glob("*.safetensors")):
+            full.update(load_file(str(shard)))
+        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in full:
+            full["lm_head.weight"] = full["model.embed_tokens.weight"]
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(folder / "fsdp_optimizer"))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+    def local_parameter_count(self, model) -> tuple[int, int]:
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        return local, total
