@@ -206,6 +206,14 @@ class Trainer:
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t.to(self.device), reduction="sum") if self.accelerator.num_processes > 1 else t
 
+    def _window_means(self, window: list[dict]) -> dict:
+        """Mean of each step metric over the logging window and over all ranks (each rank saw its own batches)."""
+        keys = list(window[-1])
+        local = torch.tensor([sum(w.get(k, 0.0) for w in window) / len(window) for k in keys], dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            local = self._reduce_sum(local).cpu() / self.accelerator.num_processes
+        return {f"train/{k}": float(v) for k, v in zip(keys, local)}
+
     def _log(self, metrics: dict) -> None:
         if not self.is_main:
             return
@@ -393,8 +401,7 @@ class Trainer:
                 stats = self.recorder.reset_stats()
                 counts = self._reduce_sum(stats.merge_counts())
                 summary = stats.summary(counts)
-                metrics = {f"train/{k}": sum(w[k] for w in window if k in w) / len(window)
-                           for k in window[-1]}
+                metrics = self._window_means(window)
                 metrics["train/tokens_per_s"] = tok_s
                 metrics.update(layer_metrics("train", summary))
                 if self.predictors is not None:
