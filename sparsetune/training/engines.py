@@ -34,12 +34,12 @@ def _fix_cpu_deepspeed_state(accelerator: Accelerator) -> None:
     state = accelerator.state
     if state.num_processes == dist.get_world_size():
         return
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
-    shared = PartialState._shared_state
-    shared["num_processes"] = dist.get_world_size()
-    shared["process_index"] = dist.get_rank()
-    shared["local_process_index"] = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["num_processes"] = dist.get_world_size()
+        shared["process_index"] = dist.get_rank()
+        shared["local_process_index"] = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
 
 
 class Engine:
@@ -140,7 +140,8 @@ class DeepSpeedZero(Engine):
                               load_lr_scheduler_states=False, load_module_strict=False)
 
     def local_parameter_count(self, model) -> tuple[int, int]:
-        local = sum(p.numel() for p in model.parameters())
+        # ZeRO-3: each parameter's own partition is ds_tensor; ZeRO-1/2 keep full parameters on every rank.
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         return local, total
 

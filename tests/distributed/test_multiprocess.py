@@ -62,6 +62,19 @@ def assert_weights_close(a: dict, b: dict, atol: float) -> None:
         assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max().item())
 
 
+def assert_same_training(a: dict, b: dict, init_dir: Path) -> None:
+    """Another engine's result equals the reference up to float reduction order: the difference is under 1%
+    of how far training moved the weights (a lost optimizer state or a skipped step is ~100%)."""
+    init = {}
+    for shard in init_dir.glob("*.safetensors"):
+        init.update(load_file(str(shard)))
+    assert a.keys() == b.keys()
+    diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a)
+    moved = sum(float((b[k] - init[k]).double().pow(2).sum()) for k in b if k in init)
+    assert all(a[k].shape == b[k].shape and a[k].numel() > 0 for k in a)
+    assert moved > 0 and (diff / moved) ** 0.5 < 0.01, (diff, moved)
+
+
 def stop_and_resume(model: Path, run: Path, preset: str) -> str:
     first = launched(model, run, preset, env={"SPARSETUNE_TEST_PREEMPT_AT_STEP": "2"})
     assert "stopped at step 2" in first.stdout
@@ -142,7 +155,7 @@ def test_deepspeed_zero_trains_resumes_and_exports(tiny_model_dirs, tmp_path, dd
         assert held and all(h < 0.6 * t for h, t in held), held
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert list((ckpt / "deepspeed" / "engine").glob("*optim_states.pt"))  # each rank's optimizer partition
-    assert_weights_close(final_weights(run), final_weights(ddp_reference[0]), atol=1e-5)
+    assert_same_training(final_weights(run), final_weights(ddp_reference[0]), tiny_model_dirs["llama"])
     _export_matches_checkpoint(run, tmp_path / "export", tiny_model_dirs["llama"])
 
 
@@ -154,7 +167,7 @@ def test_fsdp2_shards_parameters_resumes_and_exports(tiny_model_dirs, tmp_path, 
     assert len(held) == 4 and all(abs(h - t / 2) <= 0.05 * t for h, t in held), held  # 2 ranks x 2 launches
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert (ckpt / "fsdp_optimizer").is_dir() and not (ckpt / "optimizer.pt").exists()
-    assert_weights_close(final_weights(run), final_weights(ddp_reference[0]), atol=1e-5)
+    assert_same_training(final_weights(run), final_weights(ddp_reference[0]), tiny_model_dirs["llama"])
     _export_matches_checkpoint(run, tmp_path / "export", tiny_model_dirs["llama"])
 
 
