@@ -70,7 +70,7 @@ def _cmd_eval(args) -> int:
                       batch_size=args.batch_size, activation=args.activation,
                       near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
                       predictor_threshold=args.predictor_threshold, target_sparsity=args.target_sparsity,
-                      calibration_batches=args.calibration_batches)
+                      calibration_batches=args.calibration_batches, generate=args.generate)
     print_report(result)
     json_path = Path(args.json) if args.json else None
     if json_path is None and Path(args.model).is_dir():
@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-threshold", type=float, default=None,
                    help="with --dynamic: keep a neuron/head when sigmoid(logit) >= this (default: the trained "
                         "predictor.threshold); lower trades skipped work for recall")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
+                        "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")
     p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
     p.set_defaults(func=_cmd_eval)
     return parser

@@ -85,8 +85,7 @@ torch::Tensor sparse_mlp_decode(torch::Tensor x, torch::Tensor w_gate, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sparse_mlp_decode", &sparse_mlp_decode); }
 """
 
-ACT_CODES = {"relu": 0, "silu": 1, "drelu": 2, "relu2": 3, "fatrelu": None, "shifted_relu": None, "cats": None,
-             "topk": 1}
+ACT_CODES = {"relu": 0, "silu": 1, "drelu": 2, "relu2": 3}  # others run in the gather kernel
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,19 +113,25 @@ def _act(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeWeights:
-    """One MLP's weights laid out for the kernels: gate and up [m, d], down transposed to [m, d]."""
+    """One MLP's weights laid out for the kernels: gate and up [m, d], down transposed to [m, d].
 
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str):
+    `activation` names the elementwise function for the fused kernel (relu, silu, drelu, relu2); `act_fn(gate, up)`
+    computes it in torch (default: the named one), e.g. a sparsetune MLPActivation for fatrelu / cats, which
+    the fused kernel does not implement and the gather kernel then handles."""
+
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str,
+                 act_fn=None):
         self.w_gate = w_gate.detach().contiguous()
         self.w_up = w_up.detach().contiguous()
         self.w_down_t = w_down.detach().t().contiguous()
         self.activation = activation
+        self.act_fn = act_fn or functools.partial(_act, activation)
 
     @torch.no_grad()
     def gather(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         g = torch.mv(self.w_gate.index_select(0, idx), x)
         u = torch.mv(self.w_up.index_select(0, idx), x)
-        a = _act(self.activation, g, u)
+        a = self.act_fn(g, u)
         return F.embedding_bag(idx.view(1, -1), self.w_down_t, per_sample_weights=a.view(1, -1), mode="sum")[0]
 
     @torch.no_grad()
@@ -139,5 +144,5 @@ class DecodeWeights:
 
     @torch.no_grad()
     def dense(self, x: torch.Tensor) -> torch.Tensor:
-        a = _act(self.activation, F.linear(x, self.w_gate), F.linear(x, self.w_up))
+        a = self.act_fn(F.linear(x, self.w_gate), F.linear(x, self.w_up))
         return F.linear(a, self.w_down_t.t())

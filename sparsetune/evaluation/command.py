@@ -54,7 +54,7 @@ def _load_target(target: str, activation: str | None, target_sparsity: float | N
 def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
              batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3,
              dynamic: bool = False, predictor_threshold: float | None = None, target_sparsity: float | None = None,
-             calibration_batches: int = 8) -> dict:
+             calibration_batches: int = 8, generate: int = 0, prompt_tokens: int = 32) -> dict:
     model, tokenizer, data_cfg, what, predictors = _load_target(target, activation, target_sparsity)
     if seq_len:
         data_cfg = data_cfg.model_copy(update={"seq_len": seq_len})
@@ -73,9 +73,27 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
            "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
     if calibration is not None:
         out["calibration"] = calibration
-    if dynamic:
+    if dynamic or generate:
         out["dynamic"] = _dynamic(model, data, batch_size, batches, predictors, predictor_threshold)
+    if generate:
+        out["decode"] = _decode(model, data, predictors, predictor_threshold, generate, prompt_tokens)
     return out
+
+
+def _decode(model, data, predictors_dir, threshold, new_tokens: int, prompt_tokens: int) -> dict:
+    import torch
+
+    from sparsetune.dynamic.sparse_decode import decode_benchmark
+    from sparsetune.errors import SparsetuneError
+    from sparsetune.predictors.bank import load_predictors
+
+    if predictors_dir is None:
+        raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with predictor.enabled=true")
+    bank = load_predictors(predictors_dir)
+    if threshold is not None:
+        bank.cfg.threshold = threshold
+    prompt = torch.from_numpy(data.ids[0, :prompt_tokens].astype("int64")).view(1, -1)
+    return decode_benchmark(model, bank, prompt, new_tokens)
 
 
 def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int) -> dict:
@@ -141,6 +159,22 @@ def print_report(result: dict) -> None:
             sp = values.get("sparsity")
             dyn.add_row(mode, f"{values['perplexity']:.3f}", "-" if sp is None else f"{sp:.2%}")
         console.print(dyn)
+        if "decode" in result:
+            d = result["decode"]
+            dec = Table(title=f"sparse decode: {d['new_tokens']} greedy tokens after a {d['prompt_tokens']}-token "
+                              f"prompt, batch 1, {d['threads']} threads")
+            for col in ("MLPs", "tokens/s", "MLP ms/token", "MLP share of time", "neurons computed"):
+                dec.add_column(col, justify="right" if col != "MLPs" else "left")
+            for mode in ("dense", "sparse"):
+                m = d[mode]
+                kept = f"{m['neurons_kept']:.1%}" if "neurons_kept" in m else "100%"
+                dec.add_row(mode if mode == "dense" else "predicted (sparse kernel)", f"{m['tokens_per_s']:.2f}",
+                            f"{m['mlp_ms_per_token']:.2f}", f"{m['mlp_share']:.0%}", kept)
+            console.print(dec)
+            console.print(f"speedup {d['speedup']:.2f}x end to end, {d['mlp_speedup']:.2f}x on the MLPs; "
+                          f"{d['greedy_tokens_matching_dense']:.0%} of greedy tokens equal to dense; perplexity "
+                          f"{result['dynamic']['dense']['perplexity']:.2f} dense -> "
+                          f"{result['dynamic'].get('predicted', {}).get('perplexity', float('nan')):.2f} predicted")
         if "predicted" not in result["dynamic"]:
             console.print("no predictors found (train with predictor.enabled=true): dense and oracle modes only")
 

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.e2e
         ("llama", ["relufy.activation=drelu"], False, "relu"),
         ("qwen3", ["relufy.activation=topk", "relufy.top_k_fraction=0.25"], False, "silu"),
         ("qwen2", ["relufy.activation=fatrelu", "relufy.threshold=0.02"], False, "relu"),
+        ("llama", ["relufy.activation=cats", "relufy.target_sparsity=0.6", "relufy.calibration_batches=2"], False,
+         "silu"),
     ],
 )
 def test_activation_export(tiny_model_dirs, tmp_path, family, overrides, exact, hidden_act):

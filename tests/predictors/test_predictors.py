@@ -77,6 +77,12 @@ def test_predictor_learns_a_planted_pattern_and_reproduces_oracle_perplexity(pla
     assert set(dyn) == {"dense", "oracle", "predicted"}  # no head predictors in this run
     assert dyn["oracle"]["perplexity"] == pytest.approx(dyn["dense"]["perplexity"], rel=1e-5)
     assert abs(dyn["predicted"]["perplexity"] - dyn["oracle"]["perplexity"]) / dyn["oracle"]["perplexity"] < 0.02
+    # end-to-end sparse decoding from the export: only predicted neurons computed, same greedy text
+    assert main(["eval", str(out), "--generate", "16", "--batches", "2", "--batch-size", "8",
+                 "--json", str(tmp_path / "gen.json")]) == 0
+    decode = json.loads((tmp_path / "gen.json").read_text())["decode"]
+    assert decode["new_tokens"] == 16 and decode["sparse"]["neurons_kept"] < 0.7
+    assert decode["greedy_tokens_matching_dense"] >= 0.9
     loaded = sparsetune.load_predictors(out)
     original = sparsetune.load_predictors(ckpt / "predictors")
     x = torch.randn(3, 5, loaded.hidden_size)

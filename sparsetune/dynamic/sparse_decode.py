@@ -1,0 +1,102 @@
+"""End-to-end sparse decoding: generate with each MLP computing only the neurons its predictor keeps.
+
+Prefill (many tokens) runs dense; every decoded token (batch 1, one position) asks the layer's predictor for
+its active neurons and runs the batch-1 kernel (`kernels.py`) on those rows alone. Timing wraps the MLP calls
+too, so the report separates the MLP's share from the rest of the step (attention, norms, LM head, Python).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from sparsetune.dynamic.kernels import ACT_CODES, DecodeWeights, fused_module
+from sparsetune.errors import SparsetuneError
+from sparsetune.predictors.bank import PredictorBank
+from sparsetune.surgery.relufy import sparse_mlps
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds, self.calls, self.kept, self.total = 0.0, 0, 0, 0
+
+
+def _dense(mlp, x):
+    gate, up, down = mlp.projections()
+    return down(mlp.activation(gate(x), up(x)))
+
+
+@contextlib.contextmanager
+def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fused"):
+    """Within: MLPs are timed; with a bank, single-token MLP calls compute only the predicted neurons."""
+    mlps = sparse_mlps(model)
+    if bank is not None and bank.cfg.lookahead:
+        raise SparsetuneError("--generate: lookahead predictors are not supported for sparse decoding yet")
+    if bank is not None and any(p.bias is not None for m in mlps for p in m.projections()):
+        raise SparsetuneError("--generate: MLPs with biases are not supported by the sparse decode kernels yet")
+    weights = {}
+    if bank is not None:
+        for m in mlps:
+            gate, up, down = m.projections()
+            act = m.activation.elementwise()
+            name = act.name if act.name in ACT_CODES else "custom"
+            weights[m.layer_idx] = DecodeWeights(gate.weight, up.weight, down.weight, name, act_fn=act)
+    threshold = bank.logit_threshold if bank is not None else 0.0
+
+    def override(mlp, x):
+        t0 = time.perf_counter()
+        if bank is None or x.shape[0] * x.shape[1] != 1:
+            out = _dense(mlp, x)
+        else:
+            flat = x.reshape(-1)
+            idx = (bank.neurons[mlp.layer_idx](flat) >= threshold).nonzero().squeeze(1)
+            w = weights[mlp.layer_idx]
+            out = getattr(w, kernel)(flat, idx).view_as(x)
+            timer.kept += idx.numel()
+            timer.total += w.w_gate.shape[0]
+        timer.seconds += time.perf_counter() - t0
+        timer.calls += 1
+        return out
+
+    for m in mlps:
+        m.override = override
+    try:
+        yield
+    finally:
+        for m in mlps:
+            m.override = None
+
+
+@torch.no_grad()
+def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=model.config.eos_token_id)
+    return out[0, prompt.shape[1]:], time.perf_counter() - t0
+
+
+def decode_benchmark(model, bank: PredictorBank, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy decoding of `new_tokens` after `prompt` ([1, T]): dense vs predicted-sparse MLPs."""
+    model.eval()
+    if fused_module() is None:
+        print("sparsetune: the C++ decode kernel could not be built; timing the torch gather kernel")
+    results = {}
+    for mode, b in (("dense", None), ("sparse", bank)):
+        timer = _Timer()
+        with mlp_mode(model, b, timer):
+            _generate(model, prompt, 4)  # warm-up (kernel load, allocator)
+            timer.__init__()
+            tokens, seconds = _generate(model, prompt, new_tokens)
+        results[mode] = {"tokens_per_s": new_tokens / seconds, "seconds": seconds,
+                         "mlp_ms_per_token": 1e3 * timer.seconds / new_tokens,
+                         "mlp_share": timer.seconds / seconds, "tokens": tokens.tolist()}
+        if b is not None:
+            results[mode]["neurons_kept"] = timer.kept / max(1, timer.total)
+    dense, sparse = results["dense"], results["sparse"]
+    same = sum(int(a == b) for a, b in zip(dense["tokens"], sparse["tokens"]))
+    return {"prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+            "dense": dense, "sparse": sparse, "speedup": sparse["tokens_per_s"] / dense["tokens_per_s"],
+            "mlp_speedup": dense["mlp_ms_per_token"] / max(sparse["mlp_ms_per_token"], 1e-9),
+            "greedy_tokens_matching_dense": same / new_tokens}
