@@ -90,18 +90,23 @@ def ddp_reference(tiny_model_dirs, tmp_path_factory):
     return run, proc
 
 
-def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tiny_model_dirs, tmp_path, ddp_reference):
-    ddp_run, proc = ddp_reference
-    assert "2 process(es)" in proc.stdout and "DDP" in proc.stdout
-    single = tmp_path / "single"
+@pytest.fixture(scope="module")
+def single_reference(tiny_model_dirs, tmp_path_factory):
+    single = tmp_path_factory.mktemp("single") / "run"
     out = sparsetune("train", "quickstart", f"model.path={tiny_model_dirs['llama']}", f"output_dir={single}",
                      *COMMON, "train.micro_batch_size=8")
     assert out.returncode == 0, out.stderr[-3000:]
+    return single
 
-    def per_step(run):
-        rows = [r for r in read_metrics(run) if "train/loss" in r]
-        return {r["step"]: r for r in rows}
 
+def per_step(run):
+    return {r["step"]: r for r in read_metrics(run) if "train/loss" in r}
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_batch(ddp_reference, single_reference):
+    ddp_run, proc = ddp_reference
+    single = single_reference
+    assert "2 process(es)" in proc.stdout and "DDP" in proc.stdout
     d, s = per_step(ddp_run), per_step(single)
     assert sorted(d) == list(range(1, STEPS + 1))  # logged once per step: only the main process writes
     for step in d:
@@ -114,6 +119,16 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tiny_model_dir
     ckpt = ddp_run / "checkpoints" / (ddp_run / "checkpoints" / "latest").read_text().strip()
     assert (ckpt / "rng_state_rank0.json").is_file() and (ckpt / "rng_state_rank1.json").is_file()
     assert_weights_close(final_weights(ddp_run), final_weights(single), atol=1e-5)  # same 16 held-out sequences
+
+
+def test_ddp_with_gradient_accumulation_equals_the_same_global_batch(tiny_model_dirs, tmp_path, single_reference):
+    run = tmp_path / "accum"
+    launched(tiny_model_dirs["llama"], run, "ddp", "train.micro_batch_size=2", "train.grad_accum_steps=2")
+    d, s = per_step(run), per_step(single_reference)
+    for step in s:
+        for key in ("train/loss", "train/lm_loss", "train/sparsity"):
+            assert d[step][key] == pytest.approx(s[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert_weights_close(final_weights(run), final_weights(single_reference), atol=1e-5)
 
 
 def test_ddp_stop_at_step_2_and_resume_ends_at_the_uninterrupted_weights(tiny_model_dirs, tmp_path, ddp_reference):
