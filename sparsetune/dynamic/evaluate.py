@@ -20,7 +20,7 @@ from sparsetune.dynamic.masked_mlp import gathered_mlp
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
-from sparsetune.surgery.relufy import decoder_layers, sparse_mlps
+from sparsetune.surgery.relufy import decoder_layers, overriding_mlps
 
 
 class _KeptFraction:
@@ -40,7 +40,6 @@ class _KeptFraction:
 @contextlib.contextmanager
 def _mlp_override(model, choose_mask, tally: _KeptFraction):
     """Every SparseMLP computes only the neurons `choose_mask(mlp, x)` keeps."""
-    mlps = sparse_mlps(model)
 
     def override(mlp, x):
         keep = choose_mask(mlp, x)
@@ -54,13 +53,8 @@ def _mlp_override(model, choose_mask, tally: _KeptFraction):
         g, u, d = mlp.projections()
         return gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise())
 
-    for m in mlps:
-        m.override = override
-    try:
+    with overriding_mlps(model, override):
         yield
-    finally:
-        for m in mlps:
-            m.override = None
 
 
 def oracle_mask(exact_zeros: bool, active_fraction: float):

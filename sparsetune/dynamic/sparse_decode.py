@@ -15,7 +15,7 @@ import torch
 from sparsetune.dynamic.kernels import ACT_CODES, DecodeWeights, fused_module
 from sparsetune.errors import SparsetuneError
 from sparsetune.predictors.bank import PredictorBank
-from sparsetune.surgery.relufy import sparse_mlps
+from sparsetune.surgery.relufy import overriding_mlps, sparse_mlps
 
 
 class _Timer:
@@ -60,13 +60,8 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
         timer.calls += 1
         return out
 
-    for m in mlps:
-        m.override = override
-    try:
+    with overriding_mlps(model, override):
         yield
-    finally:
-        for m in mlps:
-            m.override = None
 
 
 @torch.no_grad()

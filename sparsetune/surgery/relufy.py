@@ -6,6 +6,7 @@ model's state dict (and LoRA target names) are exactly those of the Hugging Face
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -97,6 +98,19 @@ def relufy(model: nn.Module, cfg: RelufySection | dict) -> list[SparseMLP]:
 
 def sparse_mlps(model: nn.Module) -> list[SparseMLP]:
     return [m for m in model.modules() if isinstance(m, SparseMLP)]
+
+
+@contextlib.contextmanager
+def overriding_mlps(model: nn.Module, override):
+    """Within: every SparseMLP's forward is `override(mlp, x)` (dynamic-activation evaluation, sparse decoding)."""
+    mlps = sparse_mlps(model)
+    for m in mlps:
+        m.override = override
+    try:
+        yield mlps
+    finally:
+        for m in mlps:
+            m.override = None
 
 
 def activation_spec(model: nn.Module) -> dict:
