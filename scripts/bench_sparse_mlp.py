@@ -9,9 +9,11 @@ mask for every call, as for every decoded token; gate rows are sign-flipped so t
 test input, so every mask is exact) is computed by:
   gather  torch: index_select of the active gate/up rows + matvec, embedding_bag for down (any device)
   fused   sparsetune's C++/OpenMP kernel: one pass over the active rows, no copies (CPU)
-and compared with the dense MLP (three F.linear matvecs). Weights are float32 and, as in a real decode, every
+and compared with the dense MLP (three F.linear matvecs) and with the same kernel computing all m neurons. Weights are float32 and, as in a real decode, every
 call uses the next layer's weights (as many distinct layers as fit in --max-gib), so caches do not flatter
-small models. Prints time per call, speedup over dense, and the fraction of the ideal speedup 1/(1-s).
+small models. Prints time per call, speedup over dense F.linear, speedup over the same kernel on all neurons,
+and that speedup as a fraction of the ideal 1/(1-s) (the fair measure: a kernel that merely reads memory faster
+than F.linear would otherwise look better than ideal).
 Goal: >= 0.5 of ideal at 90% sparsity. --json writes every number.
 """
 
@@ -75,10 +77,16 @@ def main() -> None:
             w.w_gate *= torch.where(w.w_gate @ x >= 0, 1.0, -1.0)[:, None]
         dense = timed(lambda r, i: weights[i].dense(x), layers, args.reps, device)
         row = {"hidden": d, "intermediate": m, "layers_cycled": layers, "dense_us": dense * 1e6, "sparse": []}
+        everything = torch.arange(m, device=device)
+        base = {}
+        for kern in kernels:  # the same kernel computing all m neurons: the fair denominator for its speedup
+            base[kern] = timed(lambda r, i: getattr(weights[i], kern)(x, everything), layers, args.reps, device)
+            row[f"{kern}_all_neurons_us"] = base[kern] * 1e6
         print(f"\n{shape}: d={d}, m={m}, {layers} distinct layers ({layers * per_layer / 2**20:.0f} MiB); "
-              f"dense {dense * 1e6:.1f} us/call")
+              f"dense (F.linear) {dense * 1e6:.1f} us/call; all neurons through " +
+              ", ".join(f"{k} {base[k] * 1e6:.1f} us" for k in kernels))
         print(f"{'sparsity':>8} {'active':>7} {'ideal':>6} " + " ".join(
-            f"{k + ' us':>10} {k + ' x':>9} {'of ideal':>8}" for k in kernels))
+            f"{k + ' us':>10} {'vs dense':>9} {'vs all':>7} {'of ideal':>8}" for k in kernels))
         for s in (float(v) for v in args.sparsity.split(",")):
             k = max(1, round((1 - s) * m))
             # A fresh mask per call (as per token in a decode), so no round re-reads rows a cache still holds.
@@ -89,8 +97,10 @@ def main() -> None:
             cells = []
             for kern in kernels:
                 t = timed(lambda r, i: getattr(weights[i], kern)(x, idx[r][i]), layers, args.reps, device)
-                entry[kern] = {"us": t * 1e6, "speedup": dense / t, "fraction_of_ideal": dense / t / ideal}
-                cells.append(f"{t * 1e6:>10.1f} {dense / t:>8.2f}x {dense / t / ideal:>8.2f}")
+                own = base[kern] / t  # speedup over the same kernel on all neurons: what the sparsity buys
+                entry[kern] = {"us": t * 1e6, "speedup_vs_dense": dense / t, "speedup_vs_all_neurons": own,
+                               "fraction_of_ideal": own / ideal}
+                cells.append(f"{t * 1e6:>10.1f} {dense / t:>8.2f}x {own:>6.2f}x {own / ideal:>8.2f}")
             row["sparse"].append(entry)
             print(f"{s:>8.0%} {k:>7} {ideal:>5.1f}x " + " ".join(cells))
         results["shapes"][shape] = row
