@@ -27,6 +27,8 @@ import time
 import torch
 
 from sparsetune.dynamic.kernels import DecodeWeights, fused_module
+from sparsetune.recipe.schema import RelufySection
+from sparsetune.surgery.activations import build_activation
 
 SHAPES = {"smollm2-135m": (576, 1536, 30), "llama2-7b": (4096, 11008, 32)}  # hidden, intermediate, layers
 
@@ -67,11 +69,12 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads, activation {args.activation}, float32, batch 1")
     for shape in args.shapes.split(","):
         d, m, n_layers = SHAPES[shape]
+        activation = build_activation(RelufySection(activation=args.activation))
         per_layer = 3 * d * m * 4
         layers = max(1, min(n_layers, int(args.max_gib * 2**30 // per_layer)))
         gen = torch.Generator().manual_seed(0)
         weights = [DecodeWeights(*(torch.randn(*s, generator=gen).div_(d ** 0.5).to(device)
-                                   for s in ((m, d), (m, d), (d, m))), args.activation) for _ in range(layers)]
+                                   for s in ((m, d), (m, d), (d, m))), activation) for _ in range(layers)]
         x = torch.randn(d, generator=gen).to(device)
         for w in weights:  # every neuron fires for this x (gate > 0), so any mask below is exact
             w.w_gate *= torch.where(w.w_gate @ x >= 0, 1.0, -1.0)[:, None]

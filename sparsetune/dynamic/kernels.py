@@ -10,7 +10,7 @@ Memory traffic is 3 * len(idx) * d values instead of 3 * m * d: at sparsity s th
 memory-bound step is 1/(1-s). Two implementations:
 
   fused   a C++/OpenMP kernel compiled on first use (torch.utils.cpp_extension): one pass over the active rows,
-          no copies (CPU, float32/bfloat16 weights).
+          no copies (CPU, float32 weights).
   gather  plain torch: index_select of the gate/up rows, matvec, and embedding_bag (a weighted row sum without
           copying) for the down projection. Works on any device.
 """
@@ -21,6 +21,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from sparsetune.surgery.activations import MLPActivation
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -102,30 +104,16 @@ def fused_module():
         return None
 
 
-def _act(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if name == "relu":
-        return F.relu(gate) * up
-    if name == "drelu":
-        return F.relu(gate) * F.relu(up)
-    if name == "relu2":
-        return F.relu(gate).square() * up
-    return F.silu(gate) * up
-
-
 class DecodeWeights:
-    """One MLP's weights laid out for the kernels: gate and up [m, d], down transposed to [m, d].
+    """One MLP's weights laid out for the kernels: gate and up [m, d], down transposed to [m, d], and its
+    elementwise activation (a sparsetune MLPActivation). The fused kernel implements relu, silu, drelu and relu2;
+    other activations (fatrelu, cats, ...) run in the gather kernel."""
 
-    `activation` names the elementwise function for the fused kernel (relu, silu, drelu, relu2); `act_fn(gate, up)`
-    computes it in torch (default: the named one), e.g. a sparsetune MLPActivation for fatrelu / cats, which
-    the fused kernel does not implement and the gather kernel then handles."""
-
-    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: str,
-                 act_fn=None):
+    def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, activation: MLPActivation):
         self.w_gate = w_gate.detach().contiguous()
         self.w_up = w_up.detach().contiguous()
         self.w_down_t = w_down.detach().t().contiguous()
-        self.activation = activation
-        self.act_fn = act_fn or functools.partial(_act, activation)
+        self.act_fn = activation
 
     @torch.no_grad()
     def gather(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -137,7 +125,7 @@ class DecodeWeights:
     @torch.no_grad()
     def fused(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         module = fused_module() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-        code = ACT_CODES.get(self.activation)
+        code = ACT_CODES.get(self.act_fn.name)
         if module is None or code is None:
             return self.gather(x, idx)
         return module.sparse_mlp_decode(x, self.w_gate, self.w_up, self.w_down_t, idx, code)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sparsetune.dynamic.kernels import ACT_CODES, DecodeWeights, fused_module
+from sparsetune.dynamic.kernels import DecodeWeights, fused_module
 from sparsetune.errors import SparsetuneError
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.surgery.relufy import overriding_mlps, sparse_mlps
@@ -40,9 +40,7 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
     if bank is not None:
         for m in mlps:
             gate, up, down = m.projections()
-            act = m.activation.elementwise()
-            name = act.name if act.name in ACT_CODES else "custom"
-            weights[m.layer_idx] = DecodeWeights(gate.weight, up.weight, down.weight, name, act_fn=act)
+            weights[m.layer_idx] = DecodeWeights(gate.weight, up.weight, down.weight, m.activation.elementwise())
     threshold = bank.logit_threshold if bank is not None else 0.0
 
     def override(mlp, x):

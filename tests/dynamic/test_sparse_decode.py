@@ -28,7 +28,7 @@ def test_decode_kernels_compute_exactly_the_kept_neurons(activation, kernel):
     d, m = 48, 160
     act = build_activation(RelufySection(activation=activation, threshold=0.1)).elementwise()
     w = DecodeWeights(torch.randn(m, d, generator=gen), torch.randn(m, d, generator=gen),
-                      torch.randn(d, m, generator=gen), act.name, act_fn=act)
+                      torch.randn(d, m, generator=gen), act)
     x = torch.randn(d, generator=gen)
     for keep in (m, 40, 1):
         idx = torch.randperm(m, generator=gen)[:keep].sort().values
