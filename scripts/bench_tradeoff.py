@@ -77,10 +77,10 @@ def train(name: str, overrides: list[str], args) -> tuple[Path, float]:
     return run, seconds
 
 
-def measure(target: str, activation, target_sparsity, data_path) -> dict:
+def measure(target: str, activation, target_sparsity, data_path, batches: int) -> dict:
     from sparsetune.evaluation.command import run_eval
 
-    r = run_eval(target, data_path=data_path, seq_len=256, batches=args.batches, batch_size=2,
+    r = run_eval(target, data_path=data_path, seq_len=256, batches=batches, batch_size=2,
                  activation=activation, target_sparsity=target_sparsity)
     keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer")
     return {k: r[k] for k in keep if k in r}
@@ -139,7 +139,6 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    global args
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=160, help="optimizer steps per trained variant (512 tokens each)")
@@ -167,7 +166,8 @@ def main() -> None:
         else:
             entry = {"label": label, "kind": "eval", "activation": how[1], "target_sparsity": how[2]}
             target, activation, ts = args.model, how[1], how[2]
-        entry["eval"] = {"code-docs": measure(target, activation, ts, None), "legal": measure(target, activation, ts, legal)}
+        entry["eval"] = {"code-docs": measure(target, activation, ts, None, args.batches),
+                         "legal": measure(target, activation, ts, legal, args.batches)}
         results[name] = entry
         c = entry["eval"]["code-docs"]
         print(f"[{name}] code-docs perplexity {c['perplexity']:.2f}, sparsity {100 * c.get('sparsity', 0):.1f}%  "

@@ -73,6 +73,14 @@ def check_recipe(ckpt: Path, current: Recipe, report) -> None:
         report(f"resume: using the new value of {change}{extra}")
 
 
+def read_weights(folder: Path) -> dict:
+    """Every tensor of a folder's safetensors shards (a checkpoint's full, gathered weights)."""
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    return state
+
+
 def load_model_weights(model, folder: Path, lora: bool) -> None:
     """Put a checkpoint's weights into the (surgery'd, possibly LoRA-wrapped) model in place."""
     if lora:
@@ -80,9 +88,7 @@ def load_model_weights(model, folder: Path, lora: bool) -> None:
 
         set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         return
-    state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(shard)))
+    state = read_weights(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # save_pretrained stores a tied output embedding once (as the input embedding)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()

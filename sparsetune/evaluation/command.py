@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
+from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
@@ -56,6 +57,9 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
              dynamic: bool = False, predictor_threshold: float | None = None, target_sparsity: float | None = None,
              calibration_batches: int = 8, generate: int = 0, prompt_tokens: int = 32) -> dict:
     model, tokenizer, data_cfg, what, predictors = _load_target(target, activation, target_sparsity)
+    if generate and predictors is None:
+        raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with predictor.enabled=true")
+    bank = _predictors(predictors, predictor_threshold) if dynamic or generate else None
     if seq_len:
         data_cfg = data_cfg.model_copy(update={"seq_len": seq_len})
     calibration = None
@@ -74,24 +78,27 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
     if calibration is not None:
         out["calibration"] = calibration
     if dynamic or generate:
-        out["dynamic"] = _dynamic(model, data, batch_size, batches, predictors, predictor_threshold)
+        out["dynamic"] = _dynamic(model, data, batch_size, batches, bank)
     if generate:
-        out["decode"] = _decode(model, data, predictors, predictor_threshold, generate, prompt_tokens)
+        out["decode"] = _decode(model, data, bank, generate, prompt_tokens)
     return out
 
 
-def _decode(model, data, predictors_dir, threshold, new_tokens: int, prompt_tokens: int) -> dict:
+def _predictors(folder, threshold: float | None):
+    """The run's / export's predictors (None when it has none), with the --predictor-threshold applied."""
+    from sparsetune.predictors.bank import load_predictors
+
+    bank = load_predictors(folder) if folder is not None else None
+    if bank is not None and threshold is not None:  # lower = higher recall, fewer neurons skipped
+        bank.cfg.threshold = threshold
+    return bank
+
+
+def _decode(model, data, bank, new_tokens: int, prompt_tokens: int) -> dict:
     import torch
 
     from sparsetune.dynamic.sparse_decode import decode_benchmark
-    from sparsetune.errors import SparsetuneError
-    from sparsetune.predictors.bank import load_predictors
 
-    if predictors_dir is None:
-        raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with predictor.enabled=true")
-    bank = load_predictors(predictors_dir)
-    if threshold is not None:
-        bank.cfg.threshold = threshold
     prompt = torch.from_numpy(data.ids[0, :prompt_tokens].astype("int64")).view(1, -1)
     return decode_benchmark(model, bank, prompt, new_tokens)
 
@@ -111,16 +118,11 @@ def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int) -> dict:
             "thresholds": thresholds}
 
 
-def _dynamic(model, data, batch_size, batches, predictors_dir, threshold: float | None) -> dict:
+def _dynamic(model, data, batch_size, batches, bank) -> dict:
     import torch
 
     from sparsetune.data.batches import eval_batches
     from sparsetune.dynamic.evaluate import dynamic_eval
-    from sparsetune.predictors.bank import load_predictors
-
-    bank = load_predictors(predictors_dir) if predictors_dir is not None else None
-    if bank is not None and threshold is not None:  # lower = higher recall, fewer neurons skipped
-        bank.cfg.threshold = threshold
     exact = sparse_mlps(model)[0].activation.name != "silu"
     frac = bank.cfg.silu_active_fraction if bank is not None else 0.3
     return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), torch.device("cpu"), exact, frac)

@@ -194,11 +194,9 @@ class FSDP2(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                              set_model_state_dict, set_optimizer_state_dict)
-        from safetensors.torch import load_file
+        from sparsetune.checkpoint.resume import read_weights
 
-        full = {}
-        for shard in sorted((folder / "model").glob("*.safetensors")):
-            full.update(load_file(str(shard)))
+        full = read_weights(folder / "model")
         if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in full:
             full["lm_head.weight"] = full["model.embed_tokens.weight"]
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))

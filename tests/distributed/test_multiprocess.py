@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from sparsetune.checkpoint.resume import read_weights
 from tests.e2e_helpers import TINY_TRAIN, child_env, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -48,11 +48,7 @@ def launched(model: Path, out: Path, preset: str, *extra: str, env: dict | None 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     latest = (run / "checkpoints" / "latest").read_text().strip()
-    folder = run / "checkpoints" / latest / "model"
-    out = {}
-    for shard in folder.glob("*.safetensors"):
-        out.update(load_file(str(shard)))
-    return out
+    return read_weights(run / "checkpoints" / latest / "model")
 
 
 def assert_weights_close(a: dict, b: dict, atol: float) -> None:
@@ -65,9 +61,7 @@ def assert_weights_close(a: dict, b: dict, atol: float) -> None:
 def assert_same_training(a: dict, b: dict, init_dir: Path) -> None:
     """Another engine's result equals the reference up to float reduction order: the difference is under 1%
     of how far training moved the weights (a lost optimizer state or a skipped step is ~100%)."""
-    init = {}
-    for shard in init_dir.glob("*.safetensors"):
-        init.update(load_file(str(shard)))
+    init = read_weights(init_dir)
     assert a.keys() == b.keys()
     diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a)
     moved = sum(float((b[k] - init[k]).double().pow(2).sum()) for k in b if k in init)
