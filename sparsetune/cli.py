@@ -58,7 +58,7 @@ def _cmd_export(args) -> int:
     from sparsetune.export.exporter import export
 
     out = export(args.run, args.out, measure=not args.no_eval, eval_batches_n=args.eval_batches,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, device=args.device, trust_remote_code=args.trust_remote_code)
     print(f"sparsetune: exported to {out}")
     return 0
 
@@ -70,7 +70,8 @@ def _cmd_eval(args) -> int:
                       batch_size=args.batch_size, activation=args.activation,
                       near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
                       predictor_threshold=args.predictor_threshold, target_sparsity=args.target_sparsity,
-                      calibration_batches=args.calibration_batches, generate=args.generate)
+                      calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
+                      trust_remote_code=args.trust_remote_code)
     print_report(result)
     json_path = Path(args.json) if args.json else None
     if json_path is None and Path(args.model).is_dir():
@@ -79,6 +80,13 @@ def _cmd_eval(args) -> int:
         write_json(result, json_path)
         print(f"sparsetune: wrote {json_path}")
     return 0
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (the GPU when present, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a hub model's own Python code to run on load; model.trust_remote_code in a checkpoint's "
+                        "or export's recipe.yaml is ignored without this flag")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a recipe: sparsetune train RECIPE.yaml [KEY=VALUE ...]")
     p.add_argument("recipe", help="recipe file, or the name of a built-in recipe (see `sparsetune recipes`)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=20")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a sparsetune run already in output_dir (only what the run wrote is removed; a folder "
+                        "sparsetune did not create is refused)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue the run in output_dir from its newest complete checkpoint (a new run when it has "
-                        "none), or from the given checkpoint folder")
+                   help="continue the run in output_dir from its newest usable checkpoint (a new run when output_dir "
+                        "is new or empty), or from the given checkpoint folder; never deletes anything")
     launch = p.add_argument_group("multi-process launch (runs the same command under `accelerate launch`)")
     launch.add_argument("--launch", metavar="PRESET", choices=["ddp", "fsdp", "zero2", "zero3", "zero3_offload"],
                         help="ddp | fsdp | zero2 | zero3 | zero3_offload (sparsetune/launch/presets/)")
@@ -120,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches for the report")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier sparsetune export in --out (a folder sparsetune did not write is refused)")
+    _add_load_options(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="perplexity and activation sparsity of a model, run or export")
@@ -148,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
                         "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")
     p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
+    _add_load_options(p)
     p.set_defaults(func=_cmd_eval)
     return parser
 

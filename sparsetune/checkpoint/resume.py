@@ -6,16 +6,21 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from sparsetune.checkpoint.state import read_recipe
+from dataclasses import dataclass
+
+from sparsetune.checkpoint.folders import RunFolder, foreign_error, inspect_run_folder
+from sparsetune.checkpoint.state import read_recipe, read_trainer_state
 from sparsetune.checkpoint.store import CheckpointStore, checkpoint_problem
 from sparsetune.errors import SparsetuneError
 from sparsetune.recipe.schema import Recipe
 
-# Keys whose change would make the saved state meaningless (other weights, other data order).
+# Keys whose change would make the saved state meaningless: other weights, other training rows or data order
+# (every data key decides which rows are trained on: the held-out split is cut out of the same documents), or
+# predictors of another shape than the saved ones.
 FIXED_KEYS = (
-    "model.path", "model.dtype", "model.revision", "relufy", "peft", "data.path", "data.name", "data.split",
-    "data.text_field", "data.seq_len", "data.max_documents", "train.seed", "train.micro_batch_size",
-    "train.grad_accum_steps", "output_dir",
+    "model.path", "model.dtype", "model.revision", "relufy", "peft", "data", "train.seed", "train.micro_batch_size",
+    "train.grad_accum_steps", "output_dir", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
+    "predictor.lookahead", "predictor.heads", "predictor.head_rank",
 )
 
 
@@ -46,7 +51,8 @@ def recipe_changes(saved: Recipe, current: Recipe) -> tuple[list[str], list[str]
 
 
 def find_resume_checkpoint(run_dir: Path, explicit: str | None, report) -> Path | None:
-    """The checkpoint to resume from: `explicit` (a checkpoint folder) or the newest complete one in run_dir."""
+    """The checkpoint to resume from: `explicit` (a checkpoint folder) or the newest usable one of run_dir's
+    lineage (damaged ones are reported and skipped)."""
     if explicit:
         path = Path(explicit)
         if not path.is_dir():
@@ -56,6 +62,64 @@ def find_resume_checkpoint(run_dir: Path, explicit: str | None, report) -> Path 
             raise SparsetuneError(f"--resume {explicit}: checkpoint is not usable: {problem}")
         return path
     return CheckpointStore(run_dir).latest_complete(report=report)
+
+
+@dataclass
+class RunPlan:
+    """What the run does with its output_dir: resume from a checkpoint, clear an earlier run, or start fresh."""
+
+    resume_from: Path | None = None
+    clear: bool = False
+
+
+def plan_output_dir(run_dir: Path, resume: bool | str | None, overwrite: bool, report) -> RunPlan:
+    """Decide, before anything is written, how a run uses `run_dir`. Nothing here deletes or moves files.
+
+    --resume never deletes: with no usable checkpoint in a folder that holds a run it stops with one line.
+    --overwrite clears only a folder marked as a sparsetune run. A folder sparsetune did not make is refused."""
+    state = inspect_run_folder(run_dir)
+    if resume:
+        explicit = resume if isinstance(resume, str) else None
+        skipped: list[str] = []
+
+        def note(message: str) -> None:
+            skipped.append(message)
+            report(message)
+
+        found = find_resume_checkpoint(run_dir, explicit, report=note)
+        if found is not None:
+            if state is RunFolder.FOREIGN:
+                raise foreign_error(run_dir, "cannot take a resumed run")
+            return RunPlan(resume_from=found)
+        if state in (RunFolder.ABSENT, RunFolder.EMPTY):
+            report(f"--resume: {run_dir} holds no run yet, starting a new one")
+            return RunPlan()
+        if state is RunFolder.FOREIGN:
+            raise foreign_error(run_dir, "holds no sparsetune run to resume")
+        damaged = "; ".join(s.removeprefix("skipping damaged checkpoint ") for s in skipped) or "none were written"
+        raise SparsetuneError(
+            f"--resume: no usable checkpoint in {run_dir}/checkpoints ({damaged}); nothing was deleted: repair or "
+            f"remove the damaged checkpoint, resume from another with --resume CHECKPOINT, or start over with "
+            f"--overwrite")
+    if state in (RunFolder.RUN, RunFolder.UNMARKED_RUN) and not overwrite:
+        raise SparsetuneError(f"output_dir {run_dir} already holds a run; choose another output_dir, continue it "
+                              "with --resume, or pass --overwrite")
+    if state is RunFolder.UNMARKED_RUN:
+        raise SparsetuneError(f"--overwrite: output_dir {run_dir} holds a run without sparsetune-run.json (written "
+                              "by an older sparsetune or by hand); refusing to delete it; remove it yourself or "
+                              "choose another output_dir")
+    if state is RunFolder.FOREIGN:
+        raise foreign_error(run_dir, "refusing to " + ("delete it" if overwrite else "write into it"))
+    return RunPlan(clear=state is RunFolder.RUN)
+
+
+def check_process_count(ckpt: Path, num_processes: int, sharded_optimizer: bool) -> None:
+    """A sharded optimizer state (DeepSpeed ZeRO, FSDP2) can only be loaded by as many processes as saved it."""
+    saved = read_trainer_state(ckpt).get("num_processes")
+    if sharded_optimizer and saved is not None and saved != num_processes:
+        raise SparsetuneError(
+            f"cannot resume from {ckpt}: its optimizer state is sharded over {saved} processes and this run has "
+            f"{num_processes}; relaunch with --num-processes {saved}")
 
 
 def check_recipe(ckpt: Path, current: Recipe, report) -> None:

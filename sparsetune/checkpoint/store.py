@@ -1,16 +1,20 @@
-"""Checkpoint folders in a run: atomic writes, a completeness marker, a `latest` pointer, pruning.
+"""Checkpoint folders in a run: atomic writes, a verified completeness marker, a `latest` pointer, lineage, pruning.
 
 Layout:  <output_dir>/checkpoints/step-00000120/{...files..., checkpoint.json}
-         <output_dir>/checkpoints/latest   (text: the newest complete folder's name)
+         <output_dir>/checkpoints/latest      (text: the newest checkpoint of the run's lineage)
+         <output_dir>/checkpoints/abandoned/  (checkpoints set aside by a resume from an older one; never deleted)
 
-A checkpoint is written into a hidden temporary folder, every file is flushed to disk,
-the marker `checkpoint.json` (with each file's size) is written last, the folder is
-renamed into place, and only then does `latest` move. A folder without a valid marker,
-or whose files do not match it, is incomplete and never used.
+A checkpoint is written into a hidden temporary folder, every file is flushed to disk and hashed, the marker
+`checkpoint.json` (each file's size and sha256) is written last, the folder is renamed into place, and only then
+does `latest` move. A folder without a valid marker, or whose files do not match it, is never used.
+
+`latest` is the truth for "newest": step folders newer than it are not part of the run (a resume from an older
+checkpoint, or a crash between the rename and the pointer update) and are moved aside, never deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,45 +23,75 @@ from pathlib import Path
 from typing import Callable
 
 MARKER = "checkpoint.json"
+LATEST = "latest"
+ABANDONED = "abandoned"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
-def _fsync_tree(root: Path) -> None:
+def step_of(folder: Path) -> int:
+    return int(_NAME.match(folder.name).group(1))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_and_hash(root: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Flush every file of `root` to disk; (sizes, sha256) by relative path."""
+    sizes, hashes = {}, {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
+            rel = path.relative_to(root).as_posix()
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+                hashes[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+            sizes[rel] = path.stat().st_size
     fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return sizes, hashes
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole: a reader sees the old content or the new, never a torn file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why `folder` is not a usable checkpoint, or None when it is complete."""
+def checkpoint_problem(folder: Path, verify: bool = True) -> str | None:
+    """Why `folder` is not a usable checkpoint, or None when it is complete.
+
+    Sizes are always checked; with `verify`, every file's sha256 too (checkpoints written before hashes were
+    recorded are checked by size only)."""
     marker = folder / MARKER
     if not marker.is_file():
         return f"{folder}: no {MARKER} (the checkpoint was not finished)"
     try:
         meta = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+        files, hashes = dict(meta.get("files", {})), dict(meta.get("sha256", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
         return f"{folder}: {MARKER} is unreadable"
-    for rel, size in meta.get("files", {}).items():
+    for rel, size in files.items():
         file = folder / rel
         if not file.is_file():
             return f"{folder}: {rel} is missing"
         if file.stat().st_size != size:
             return f"{folder}: {rel} has {file.stat().st_size} bytes, expected {size}"
+    if verify:
+        for rel, digest in hashes.items():
+            if _sha256(folder / rel) != digest:
+                return f"{folder}: {rel} does not match the sha256 recorded when it was written (the file changed)"
     return None
 
 
@@ -70,20 +104,56 @@ class CheckpointStore:
         return f"step-{step:08d}"
 
     def folders(self) -> list[Path]:
-        """All step folders, oldest first (complete or not)."""
+        """All step folders directly under checkpoints/, oldest first (complete or not, in the lineage or not)."""
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
-    def latest_complete(self, report: Callable[[str], None] | None = None) -> Path | None:
-        """Newest complete checkpoint; incomplete newer ones are reported (one line each) and skipped."""
-        for folder in reversed(self.folders()):
-            problem = checkpoint_problem(folder)
+    def latest_name(self) -> str | None:
+        """The folder `latest` names, when it holds a well-formed name."""
+        try:
+            name = (self.root / LATEST).read_text().strip()
+        except OSError:
+            return None
+        return name if _NAME.match(name) else None
+
+    def lineage(self) -> list[Path]:
+        """Step folders up to and including `latest` (all of them when there is no pointer), oldest first."""
+        latest = self.latest_name()
+        folders = self.folders()
+        return folders if latest is None else [f for f in folders if f.name <= latest]
+
+    def latest_complete(self, report: Callable[[str], None] | None = None, verify: bool = True) -> Path | None:
+        """Newest usable checkpoint of the lineage; damaged ones are reported (one line each) and skipped."""
+        for folder in reversed(self.lineage()):
+            problem = checkpoint_problem(folder, verify=verify)
             if problem is None:
                 return folder
             if report is not None:
-                report(f"skipping incomplete checkpoint {problem}")
+                report(f"skipping damaged checkpoint {problem}")
         return None
+
+    def set_aside_after(self, step: int, report: Callable[[str], None]) -> list[Path]:
+        """Move every step folder newer than `step` into checkpoints/abandoned/ (a resume from `step` starts a new
+        lineage there); nothing is deleted. Returns the new locations."""
+        newer = [f for f in self.folders() if step_of(f) > step]
+        if not newer:
+            return []
+        aside = self.root / ABANDONED
+        aside.mkdir(exist_ok=True)
+        moved = []
+        for folder in newer:
+            target, n = aside / folder.name, 1
+            while target.exists():
+                target, n = aside / f"{folder.name}.{n}", n + 1
+            os.replace(folder, target)
+            moved.append(target)
+        report(f"resume from step {step}: moved {len(moved)} newer checkpoint(s) aside, not deleted: "
+               f"{', '.join(str(m) for m in moved)}")
+        return moved
+
+    def point_latest_at(self, folder: Path) -> None:
+        write_atomic(self.root / LATEST, folder.name + "\n")
 
     def begin(self, step: int) -> Path:
         """Create (empty) the temporary folder checkpoint `step` is written into. Main process only;
@@ -97,12 +167,16 @@ class CheckpointStore:
     def tmp_for(self, step: int) -> Path:
         return self.root / f".tmp-{self.name_for(step)}"
 
+    def discard(self, step: int) -> None:
+        """Remove the unfinished temporary folder of `step` (after a failed write, to give the space back)."""
+        shutil.rmtree(self.tmp_for(step), ignore_errors=True)
+
     def commit(self, step: int, keep: int, meta: dict | None = None) -> Path:
-        """Flush, write the marker last, rename into place, move `latest`, prune. Main process only."""
+        """Flush and hash, write the marker last, rename into place, move `latest`, prune. Main process only."""
         tmp, final = self.tmp_for(step), self.root / self.name_for(step)
-        files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        _fsync_tree(tmp)
-        _write_atomic(tmp / MARKER, json.dumps({"step": step, "complete": True, "files": files, **(meta or {})}, indent=1))
+        sizes, hashes = _fsync_and_hash(tmp)
+        write_atomic(tmp / MARKER, json.dumps({"step": step, "complete": True, "files": sizes, "sha256": hashes,
+                                               **(meta or {})}, indent=1))
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
             old = self.root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -111,17 +185,13 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _write_atomic(self.root / "latest", final.name + "\n")
+        self.point_latest_at(final)
         self.prune(keep)
         return final
 
-    def save(self, step: int, write: Callable[[Path], None], keep: int, meta: dict | None = None) -> Path:
-        """Single-process convenience: begin, `write(tmp_folder)`, commit."""
-        write(self.begin(step))
-        return self.commit(step, keep, meta)
-
     def prune(self, keep: int) -> None:
-        complete = [f for f in self.folders() if checkpoint_problem(f) is None]
+        """Keep the newest `keep` complete checkpoints of the lineage; abandoned/ and damaged folders stay."""
+        complete = [f for f in self.lineage() if checkpoint_problem(f, verify=False) is None]
         for folder in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(folder, ignore_errors=True)
         for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
@@ -129,7 +199,7 @@ class CheckpointStore:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A run's output_dir (-> its newest complete checkpoint) or one checkpoint folder."""
+    """A run's output_dir (-> its newest usable checkpoint) or one checkpoint folder, verified."""
     from sparsetune.errors import SparsetuneError
 
     path = Path(path)
@@ -142,5 +212,5 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     found = CheckpointStore(path).latest_complete(report=lambda m: print(f"sparsetune: {m}", flush=True))
     if found is None:
-        raise SparsetuneError(f"{path} holds no complete checkpoint (expected {path}/checkpoints/step-*/{MARKER})")
+        raise SparsetuneError(f"{path} holds no usable checkpoint (expected {path}/checkpoints/step-*/{MARKER})")
     return found

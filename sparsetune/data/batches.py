@@ -47,9 +47,19 @@ class BatchStream:
         return {"input_ids": ids, "labels": ids.clone()}
 
 
+def _eval_starts(rows: int, micro_batch_size: int, max_batches: int, rank: int, world_size: int) -> range:
+    n = min(rows, micro_batch_size * max_batches)
+    return range(rank * micro_batch_size, n, micro_batch_size * world_size)
+
+
+def eval_batch_counts(rows: int, micro_batch_size: int, max_batches: int, world_size: int) -> list[int]:
+    """How many held-out batches each rank runs (they differ when the held-out set is short)."""
+    return [len(_eval_starts(rows, micro_batch_size, max_batches, r, world_size)) for r in range(world_size)]
+
+
 def eval_batches(data: PackedData, micro_batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1):
     """The first max_batches held-out micro-batches, in order (the same every evaluation)."""
     n = min(len(data), micro_batch_size * max_batches)
-    for start in range(rank * micro_batch_size, n, micro_batch_size * world_size):
+    for start in _eval_starts(len(data), micro_batch_size, max_batches, rank, world_size):
         ids = torch.from_numpy(data.ids[start : min(start + micro_batch_size, n)].astype(np.int64))
         yield {"input_ids": ids, "labels": ids.clone()}

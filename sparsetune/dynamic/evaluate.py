@@ -32,9 +32,12 @@ class _KeptFraction:
         self.kept += float(keep.sum())
         self.total += keep.numel()
 
-    @property
-    def sparsity(self) -> float | None:
-        return 1.0 - self.kept / self.total if self.total else None
+    def sparsity(self, all_reduce=None) -> float | None:
+        """Skipped fraction over every rank's tokens when `all_reduce` (a sum over ranks) is given."""
+        kept, total = self.kept, self.total
+        if all_reduce is not None:
+            kept, total = (float(v) for v in all_reduce(torch.tensor([kept, total], dtype=torch.float64)))
+        return 1.0 - kept / total if total else None
 
 
 @contextlib.contextmanager
@@ -99,22 +102,25 @@ def _head_masks(model, bank: PredictorBank, tally: _KeptFraction | None = None):
 
 @torch.no_grad()
 def dynamic_eval(model, bank: PredictorBank | None, batches, device, exact_zeros: bool,
-                 silu_active_fraction: float = 0.3) -> dict:
-    """{mode: {'perplexity', 'sparsity'}} for every mode that applies."""
+                 silu_active_fraction: float = 0.3, all_reduce=None) -> dict:
+    """{mode: {'perplexity', 'sparsity'}} for every mode that applies. With several processes, `all_reduce`
+    (a sum over ranks) makes every figure one over all ranks' batches, not this rank's."""
     batches = list(batches)
-    out = {"dense": {"perplexity": evaluate(model, batches, None, device)["perplexity"], "sparsity": 0.0}}
+
+    def perplexity() -> float:
+        return evaluate(model, batches, None, device, all_reduce=all_reduce)["perplexity"]
+
+    out = {"dense": {"perplexity": perplexity(), "sparsity": 0.0}}
     tally = _KeptFraction()
     with _mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally):
-        out["oracle"] = {"perplexity": evaluate(model, batches, None, device)["perplexity"], "sparsity": tally.sparsity}
+        out["oracle"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
     if bank is not None:
         tally = _KeptFraction()
         with _mlp_override(model, predicted_mask(bank), tally):
-            out["predicted"] = {"perplexity": evaluate(model, batches, None, device)["perplexity"],
-                                "sparsity": tally.sparsity}
+            out["predicted"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
         if bank.heads is not None:
             for mode in ("kv_written", "kv_skipped"):
                 heads = _KeptFraction()
                 with _head_masks(model, bank, tally=heads), head_skipping(model, mode):
-                    ppl = evaluate(model, batches, None, device)["perplexity"]
-                out[f"heads_{mode}"] = {"perplexity": ppl, "sparsity": heads.sparsity}
+                    out[f"heads_{mode}"] = {"perplexity": perplexity(), "sparsity": heads.sparsity(all_reduce)}
     return out

@@ -9,6 +9,7 @@ from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.models.build import model_from_checkpoint
+from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.recipe.schema import DataSection, RelufySection
@@ -16,24 +17,28 @@ from sparsetune.surgery.calibration import needs_calibration
 from sparsetune.surgery.relufy import activation_spec, relufy, sparse_mlps
 
 
-def _load_target(target: str, activation: str | None, target_sparsity: float | None = None):
-    """(model with SparseMLPs, tokenizer, default data section, description, predictors folder or None)."""
+def _load_target(target: str, activation: str | None, target_sparsity: float | None = None,
+                 trust_remote_code: bool = False):
+    """(model with SparseMLPs, tokenizer, default data section, description, predictors folder or None).
+    Remote code runs only when the caller passes `trust_remote_code` (the command line), never because a
+    checkpoint's or export's own recipe asks for it."""
     path = Path(target)
     is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file())
     predictors = None
     if is_run:
         ckpt = resolve_checkpoint(path)
         predictors = ckpt / "predictors" if (ckpt / "predictors" / "predictors.json").is_file() else None
-        model, tokenizer, recipe, state = model_from_checkpoint(ckpt)
+        model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust_remote_code)
         if recipe.peft.method == "lora":
             model = model.merge_and_unload()
         data, what = recipe.data, f"checkpoint at step {state.get('step')}"
     else:
         if path.is_dir() and (path / "config.json").is_file():
-            model, tokenizer = load_model(str(path)), load_tokenizer(str(path))
+            model = load_model(str(path), trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
             spec = load_activation_spec(path, model.config)
         else:
-            model, tokenizer = load_model_and_tokenizer(target)
+            model, tokenizer = load_model_and_tokenizer(target, trust_remote_code=trust_remote_code)
             spec = activation_for_hf_config(model.config)
         relufy(model, spec)
         if path.is_dir() and (path / "predictors.json").is_file():
@@ -55,16 +60,22 @@ def _load_target(target: str, activation: str | None, target_sparsity: float | N
 def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
              batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3,
              dynamic: bool = False, predictor_threshold: float | None = None, target_sparsity: float | None = None,
-             calibration_batches: int = 8, generate: int = 0, prompt_tokens: int = 32) -> dict:
-    model, tokenizer, data_cfg, what, predictors = _load_target(target, activation, target_sparsity)
+             calibration_batches: int = 8, generate: int = 0, prompt_tokens: int = 32, device: str = "auto",
+             trust_remote_code: bool = False) -> dict:
+    dev = resolve_device(device)
+    model, tokenizer, data_cfg, what, predictors = _load_target(target, activation, target_sparsity,
+                                                                trust_remote_code)
+    model.to(dev)
     if generate and predictors is None:
         raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with predictor.enabled=true")
     bank = _predictors(predictors, predictor_threshold) if dynamic or generate else None
+    if bank is not None:
+        bank.to(dev)
     if seq_len:
         data_cfg = data_cfg.model_copy(update={"seq_len": seq_len})
     calibration = None
     if needs_calibration(model):  # on the model's own training data, also when --data names other held-out text
-        calibration = _calibrate(model, data_cfg, tokenizer, batch_size, calibration_batches)
+        calibration = _calibrate(model, data_cfg, tokenizer, batch_size, calibration_batches, dev)
     if data_path:  # a local file is held out whole; a hub dataset gives its validation/test split
         from sparsetune.data.text_datasets import _looks_local
 
@@ -72,15 +83,15 @@ def run_eval(target: str, data_path: str | None = None, seq_len: int | None = No
                   else {"path": data_path, "eval_path": None, "eval_split": None})
         data_cfg = data_cfg.model_copy(update=update)
     data = held_out_data(data_cfg, tokenizer)
-    result = evaluate_held_out(model, data, batch_size, batches, near_zero_threshold)
-    out = {"target": target, "what": what, "activation": activation_spec(model),
+    result = evaluate_held_out(model, data, batch_size, batches, near_zero_threshold, device=dev)
+    out = {"target": target, "what": what, "activation": activation_spec(model), "device": str(dev),
            "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
     if calibration is not None:
         out["calibration"] = calibration
     if dynamic or generate:
-        out["dynamic"] = _dynamic(model, data, batch_size, batches, bank)
-    if generate:
-        out["decode"] = _decode(model, data, bank, generate, prompt_tokens)
+        out["dynamic"] = _dynamic(model, data, batch_size, batches, bank, dev)
+    if generate:  # batch-1 decode kernels are measured on the CPU (the fused kernel is CPU code)
+        out["decode"] = _decode(model.to("cpu"), data, bank.to("cpu"), generate, prompt_tokens)
     return out
 
 
@@ -103,29 +114,25 @@ def _decode(model, data, bank, new_tokens: int, prompt_tokens: int) -> dict:
     return decode_benchmark(model, bank, prompt, new_tokens)
 
 
-def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int) -> dict:
+def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> dict:
     """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
-    import torch
-
     from sparsetune.data.batches import eval_batches
     from sparsetune.data.text_datasets import load_text_splits, pack
     from sparsetune.surgery.calibration import calibrate_cats
 
     train_text, _ = load_text_splits(data_cfg)
     data = pack(train_text, tokenizer, data_cfg.text_field, data_cfg.seq_len, "calibration data")
-    thresholds = calibrate_cats(model, eval_batches(data, batch_size, n), torch.device("cpu"), total=n)
+    thresholds = calibrate_cats(model, eval_batches(data, batch_size, n), device, total=n)
     return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
             "thresholds": thresholds}
 
 
-def _dynamic(model, data, batch_size, batches, bank) -> dict:
-    import torch
-
+def _dynamic(model, data, batch_size, batches, bank, device) -> dict:
     from sparsetune.data.batches import eval_batches
     from sparsetune.dynamic.evaluate import dynamic_eval
     exact = sparse_mlps(model)[0].activation.name != "silu"
     frac = bank.cfg.silu_active_fraction if bank is not None else 0.3
-    return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), torch.device("cpu"), exact, frac)
+    return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), device, exact, frac)
 
 
 def print_report(result: dict) -> None:

@@ -58,8 +58,9 @@ def held_out_data(data_cfg, tokenizer):
     return pack(held, tokenizer, data_cfg.text_field, data_cfg.seq_len, "held-out data")
 
 
-def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_threshold: float) -> dict:
-    """Measure `model` (which has SparseMLPs) on packed held-out `data`."""
+def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_threshold: float,
+                      device: torch.device | None = None) -> dict:
+    """Measure `model` (which has SparseMLPs, already on `device`; default CPU) on packed held-out `data`."""
     from sparsetune.data.batches import eval_batches
     from sparsetune.sparsity.recorder import attach_recorder
     from sparsetune.surgery.relufy import sparse_mlps
@@ -67,7 +68,7 @@ def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_thre
     mlps = sparse_mlps(model)
     recorder = attach_recorder(mlps, None, near_zero_threshold)
     try:
-        return evaluate(model, eval_batches(data, batch_size, batches), recorder, torch.device("cpu"))
+        return evaluate(model, eval_batches(data, batch_size, batches), recorder, device or torch.device("cpu"))
     finally:
         for mlp in mlps:
             mlp.sink = None

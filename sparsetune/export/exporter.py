@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsetune.checkpoint.folders import check_export_target, replace_folder
 from sparsetune.checkpoint.store import resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.export.model_card import model_card
 from sparsetune.models.build import model_from_checkpoint
+from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import SPEC_FILE
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
@@ -60,18 +62,23 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, device: str = "auto", trust_remote_code: bool = False) -> Path:
+    """Write the newest usable checkpoint of a run (or one checkpoint folder) as a plain HF folder at `out`.
+    `out` is written into a temporary folder and moved into place whole; an existing `out` is replaced only
+    when it is a sparsetune export holding nothing the export did not write."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SparsetuneError(f"export folder {out} exists and is not empty; pass --overwrite to replace it")
     ckpt = resolve_checkpoint(Path(run_or_checkpoint))
-    model, tokenizer, recipe, state = model_from_checkpoint(ckpt)
+    check_export_target(out, ckpt, overwrite)
+    dev = resolve_device(device)
+    model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     if recipe.peft.method == "lora":
         model = model.merge_and_unload()
     model.eval()
-    report_eval = (evaluate_held_out(model, held_out_data(recipe.data, tokenizer), recipe.train.micro_batch_size,
-                                     eval_batches_n or recipe.train.eval_batches, recipe.sparsity.near_zero_threshold)
+    report_eval = (evaluate_held_out(model.to(dev), held_out_data(recipe.data, tokenizer),
+                                     recipe.train.micro_batch_size, eval_batches_n or recipe.train.eval_batches,
+                                     recipe.sparsity.near_zero_threshold, device=dev)
                    if measure else state.get("last_eval", {}))
+    model.to("cpu")
 
     lm = base_causal_lm(model)
     trained_spec = activation_spec(lm)
@@ -81,37 +88,45 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
         if hasattr(lm.config, attr):
             delattr(lm.config, attr)
 
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lm.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if lm.generation_config is not None:
-        lm.generation_config.save_pretrained(tmp)
-    spec = {"activation": trained_spec, "load_activation": load_spec, "plain_transformers_exact": exact,
-            "source_checkpoint": str(ckpt.resolve()), "step": state.get("step"), "model_type": lm.config.model_type}
-    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     report = {
         "activation": trained_spec, "plain_transformers_exact": exact, "step": state.get("step"),
         "tokens_seen": state.get("tokens_seen"),
         "evaluation": {k: report_eval.get(k) for k in ("perplexity", "loss", "tokens", "sparsity", "per_layer",
                                                         "near_zero", "near_zero_per_layer", "near_zero_threshold")
                        if k in report_eval},
-        "evaluated_on": "held-out split of the recipe's data" if measure else f"last evaluation (step {report_eval.get('step')})",
+        "evaluated_on": ("held-out split of the recipe's data" if measure
+                         else f"last evaluation (step {report_eval.get('step')})"),
         "recipe": recipe.model_dump(mode="json"),
     }
-    predictors = ckpt / "predictors"
-    if (predictors / "predictors.json").is_file():
-        bank = load_predictors(predictors)
-        bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
+    bank = None
+    if (ckpt / "predictors" / "predictors.json").is_file():
+        bank = load_predictors(ckpt / "predictors")
         report["predictors"] = {"files": ["predictors.safetensors", "predictors.json"], **{
             k: v for k, v in bank.spec().items() if k != "config"}, "config": bank.cfg.model_dump(mode="json"),
             "evaluation": {k: state.get("last_eval", {}).get(k) for k in ("predictor", "dynamic")}}
-    (tmp / "sparsity_report.json").write_text(json.dumps(report, indent=1))
-    (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    (tmp / "README.md").write_text(model_card(recipe, report, note, exact))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    texts = {"sparsity_report.json": json.dumps(report, indent=1), "recipe.yaml": recipe_to_yaml(recipe),
+             "README.md": model_card(recipe, report, note, exact)}
+    spec = {"activation": trained_spec, "load_activation": load_spec, "plain_transformers_exact": exact,
+            "source_checkpoint": str(ckpt.resolve()), "step": state.get("step"), "model_type": lm.config.model_type}
+
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if lm.generation_config is not None:
+            lm.generation_config.save_pretrained(tmp)
+        if bank is not None:
+            bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        # Written last: the marker of a finished export, listing what it wrote (what --overwrite may replace later).
+        spec["files"] = sorted(p.name for p in tmp.iterdir())
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
+        replace_folder(tmp, out)
+    except OSError as exc:  # disk full, permissions: the previous export (if any) is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SparsetuneError(f"could not write the export {out}: {exc.strerror or exc} "
+                              f"({exc.filename or tmp}); nothing was replaced") from None
     return out

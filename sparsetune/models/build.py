@@ -24,18 +24,25 @@ def apply_lora(model, recipe: Recipe):
         raise SparsetuneError(f"peft.lora.target_modules: {str(exc).splitlines()[0]}") from None
 
 
-def model_from_checkpoint(folder: Path):
-    """(model with SparseMLPs (LoRA not merged), tokenizer, recipe, trainer_state) from a checkpoint folder."""
+def model_from_checkpoint(folder: Path, trust_remote_code: bool = False):
+    """(model with SparseMLPs (LoRA not merged), tokenizer, recipe, trainer_state) from a checkpoint folder.
+
+    Trust comes from the caller's command line only: `model.trust_remote_code` in the checkpoint's own
+    recipe.yaml is ignored (with a notice) unless `trust_remote_code` is given, so loading a checkpoint someone
+    sent you never runs code from the hub."""
     recipe = read_recipe(folder)
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        print(f"sparsetune: {folder}/recipe.yaml sets model.trust_remote_code=true; ignored (pass "
+              "--trust-remote-code to allow the model's own code to run)", flush=True)
     if is_lora_checkpoint(folder):
         from peft import PeftModel
 
         base, tokenizer = load_model_and_tokenizer(recipe.model.path, recipe.model.dtype, recipe.model.revision,
-                                                   recipe.model.trust_remote_code)
+                                                   trust_remote_code)
         relufy(base, recipe.relufy)
         model = PeftModel.from_pretrained(base, str(folder / "model"))
     else:
-        model = load_model(str(folder / "model"), recipe.model.dtype)
-        tokenizer = load_tokenizer(str(folder / "tokenizer"))
+        model = load_model(str(folder / "model"), recipe.model.dtype, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(str(folder / "tokenizer"), trust_remote_code=trust_remote_code)
         relufy(model, recipe.relufy)
     return model, tokenizer, recipe, read_trainer_state(folder)

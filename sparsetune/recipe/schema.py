@@ -209,6 +209,9 @@ class TrainSection(Section):
     eval_batches: int = Field(8, ge=1, description="Held-out micro-batches per evaluation.")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the newest N checkpoints.")
+    max_bad_steps: int = Field(
+        5, ge=1, description="Steps with a non-finite loss or gradient norm are skipped (no weight changes); after "
+        "this many in a row the run stops with the last good checkpoint intact.")
 
 
 class WandbSection(Section):

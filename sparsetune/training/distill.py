@@ -36,9 +36,10 @@ class Teacher:
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 
-    def to(self, device):
+    def place(self, engine) -> "Teacher":
+        """Put the frozen copy where the engine keeps models (sharded under ZeRO-3 and FSDP2)."""
         if self.copy is not None:
-            self.copy.to(device)
+            self.copy = engine.prepare_frozen(self.copy)
         return self
 
     @torch.no_grad()

@@ -67,6 +67,11 @@ class Engine:
         """(wrapped model, optimizer); build_optimizer(params) makes the torch optimizer."""
         return self.accelerator.prepare(model, build_optimizer(model.parameters()))
 
+    def prepare_frozen(self, model):
+        """A frozen model used only for forward passes (the distillation teacher), placed like the student:
+        a full copy per rank here; sharded by the engines that shard parameters."""
+        return model.to(self.accelerator.device)
+
     def sync_context(self, model, last: bool):
         return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
 
@@ -117,6 +122,23 @@ class DeepSpeedZero(Engine):
     def describe(self) -> str:
         return f"DeepSpeed ZeRO-{self.stage}"
 
+    def prepare_frozen(self, model):
+        """ZeRO-3: the frozen model gets its own inference engine with partitioned parameters (as TRL prepares its
+        reference models); ZeRO-1/2 replicate parameters anyway, so a plain copy is what they would hold."""
+        if self.stage < 3:
+            return super().prepare_frozen(model)
+        import copy
+
+        import deepspeed
+
+        cfg = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            cfg.pop(key, None)
+        cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items()
+                                    if not k.startswith("offload_optimizer")}
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        return engine.eval()
+
     def sync_context(self, model, last: bool):
         return contextlib.nullcontext()
 
@@ -166,6 +188,16 @@ class FSDP2(Engine):
             fully_shard(layer)
         fully_shard(model)
         return model, build_optimizer(model.parameters())
+
+    def prepare_frozen(self, model):
+        from torch.distributed.fsdp import fully_shard
+
+        from sparsetune.surgery.relufy import decoder_layers
+
+        model.to(self.accelerator.device)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        return fully_shard(model)
 
     def sync_context(self, model, last: bool):
         model.set_requires_gradient_sync(last)

@@ -52,6 +52,10 @@ class PredictorTraining:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def skip_step(self) -> None:
+        """A step the trainer skipped as non-finite: drop its gradients, change no predictor."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _summaries(self, reduce) -> dict:
         out = {}
         for name, counts in (("neurons", self.bank.counts), ("heads", self.bank.head_counts)):
@@ -78,12 +82,13 @@ class PredictorTraining:
         self.bank.train()
         return out
 
-    def dynamic_eval(self, model, batches, device) -> dict:
+    def dynamic_eval(self, model, batches, device, all_reduce=None) -> dict:
         was = self.bank.training
         self.bank.eval()
         try:
             return dynamic_eval(model, self.bank, batches, device, exact_zeros=self.bank.exact_zeros,
-                                silu_active_fraction=self.recipe.predictor.silu_active_fraction)
+                                silu_active_fraction=self.recipe.predictor.silu_active_fraction,
+                                all_reduce=all_reduce)
         finally:
             self.bank.train(was)
 

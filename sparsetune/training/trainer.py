@@ -6,6 +6,7 @@ Read top to bottom: `Trainer.run()` is the whole program.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import sys
 import time
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from sparsetune.checkpoint.resume import check_recipe, find_resume_checkpoint, load_model_weights
+from sparsetune.checkpoint.folders import clear_run, inspect_run_folder, mark_run
+from sparsetune.checkpoint.resume import check_process_count, check_recipe, load_model_weights, plan_output_dir
 from sparsetune.checkpoint.state import (is_lora_checkpoint, load_torch_state, read_rng_state, read_trainer_state, rng_state,
                                          save_trainer_files, set_rng_state, write_json)
-from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.checkpoint.store import CheckpointStore, write_atomic
 from sparsetune.data.batches import BatchStream, eval_batches
 from sparsetune.data.text_datasets import load_text_splits, pack
 from sparsetune.errors import SparsetuneError
@@ -37,7 +39,7 @@ from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
 from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.distill import Teacher, kl_to_teacher
-from sparsetune.launch.compatibility import check_launch
+from sparsetune.launch.compatibility import check_launch, check_sharded_eval
 from sparsetune.training.engines import Engine
 from sparsetune.training.optim import build_optimizer, build_scheduler
 from sparsetune.training.preemption import PreemptionGuard, maybe_kill_in_save
@@ -79,37 +81,46 @@ class Trainer:
         self.tokens_seen = 0
         self.last_eval: dict = {}
         self.wandb_run_id: str | None = None
+        self.bad_steps = 0  # steps skipped for a non-finite loss or gradient norm (all of them, and the current run)
+        self.bad_steps_in_a_row = 0
 
     @staticmethod
     def notice(message: str) -> None:
         print(f"sparsetune: {message}", flush=True)
 
     # ------------------------------------------------------------------ setup
-    def _check_output_dir(self) -> None:
-        holds_run = (self.run_dir / "checkpoints").exists() or (self.run_dir / "metrics.jsonl").exists()
-        if self.resume:
-            explicit = self.resume if isinstance(self.resume, str) else None
-            self.resume_from = find_resume_checkpoint(self.run_dir, explicit, report=self.notice)
-            if self.resume_from is None:
-                self.notice(f"--resume: no complete checkpoint in {self.run_dir}, starting a new run")
-                self.overwrite = holds_run
-            else:
-                check_recipe(self.resume_from, self.recipe, report=self.notice)
-                return
-        if holds_run and not self.overwrite:
-            raise SparsetuneError(
-                f"output_dir {self.run_dir} already holds a run; choose another output_dir or pass --overwrite"
-            )
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise SparsetuneError(f"output_dir {self.run_dir} exists and is not a folder")
+    def _plan_output_dir(self) -> None:
+        """The main process decides how output_dir is used (and verifies the checkpoint it resumes from, once);
+        every rank gets the same decision, or the same one-line error."""
+        r = self.recipe
+        decision: list = [None]
+        if self.is_main:
+            try:
+                plan = plan_output_dir(self.run_dir, self.resume, self.overwrite, report=self.notice)
+                if plan.resume_from is not None:
+                    check_recipe(plan.resume_from, r, report=self.notice)
+                    check_process_count(plan.resume_from, self.accelerator.num_processes,
+                                        self.engine.saves_optimizer_itself() and not r.train.freeze_model)
+                decision[0] = ("ok", plan, r.relufy.thresholds)
+            except SparsetuneError as exc:
+                decision[0] = ("error", str(exc), None)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(decision)
+        status, plan, thresholds = decision[0]
+        if status == "error":
+            raise SparsetuneError(plan)
+        self.plan, self.resume_from = plan, plan.resume_from
+        if thresholds is not None:  # CATS thresholds reused from the checkpoint (check_recipe ran on main)
+            r.relufy.thresholds = thresholds
 
     def setup(self) -> None:
         r = self.recipe
-        self._check_output_dir()
+        inspect_run_folder(self.run_dir)  # a file where the folder should be: one line before any process group
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(r.train.mixed_precision))
         self.engine = Engine.create(self.accelerator, r)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        self._plan_output_dir()
         check_launch(r, self.engine.name, self.engine.shards_parameters, self.accelerator.num_processes,
                      self.engine.name)
         set_seed(r.train.seed)
@@ -120,10 +131,13 @@ class Trainer:
         with self.accelerator.main_process_first():
             self.train_data = pack(train_text, self.tokenizer, r.data.text_field, r.data.seq_len, "data.path")
             self.eval_data = pack(eval_text, self.tokenizer, r.data.text_field, r.data.seq_len, "held-out data")
+        if self.engine.shards_parameters:
+            check_sharded_eval(len(self.eval_data), r.train.micro_batch_size, r.train.eval_batches,
+                               self.accelerator.num_processes)
 
         self.teacher = None
         if r.distill.weight > 0:
-            self.teacher = Teacher(model if r.peft.method == "none" else None).to(self.device)
+            self.teacher = Teacher(model if r.peft.method == "none" else None)
         mlps = relufy(model, r.relufy)
         if needs_calibration(model):
             self._calibrate(model)
@@ -146,6 +160,8 @@ class Trainer:
             self.model, self.optimizer = self.engine.prepare(
                 model, lambda params: built.append(build_optimizer(params, r.train)) or built[0])
             self.scheduler = build_scheduler(built[0], r.train)
+        if self.teacher is not None:
+            self.teacher.place(self.engine)
         self.stream = BatchStream(self.train_data, r.train.micro_batch_size, r.train.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes)
         self.store = CheckpointStore(self.run_dir)
@@ -165,7 +181,18 @@ class Trainer:
                     f"on {n} training micro-batches (range {min(thresholds):.4g}..{max(thresholds):.4g})")
 
     def _restore(self, ckpt: Path) -> None:
-        """Everything a checkpoint holds: weights, optimizer, LR scheduler, step, tokens, data position, RNG."""
+        """Everything a checkpoint holds: weights, optimizer, LR scheduler, step, tokens, data position, RNG.
+        A file that cannot be read (damaged in a way its marker could not tell) stops with one line."""
+        try:
+            self._restore_state(ckpt)
+        except SparsetuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the library raised, the cause is the file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise SparsetuneError(f"checkpoint {ckpt} could not be read ({type(exc).__name__}: {first}); nothing was "
+                                  "changed; resume from an earlier checkpoint with --resume CHECKPOINT") from None
+
+    def _restore_state(self, ckpt: Path) -> None:
         if self.optimizer is not None and self.engine.saves_optimizer_itself():
             self.engine.load(self.model, self.optimizer, ckpt)  # weights and the sharded optimizer state
         else:
@@ -181,6 +208,7 @@ class Trainer:
         self.stream.position = state["data_position"]
         self.last_eval = state.get("last_eval", {})
         self.wandb_run_id = state.get("wandb_run_id")
+        self.bad_steps, self.bad_steps_in_a_row = state.get("bad_steps", 0), state.get("bad_steps_in_a_row", 0)
         rng = read_rng_state(ckpt, self.accelerator.process_index)
         if rng is not None:
             set_rng_state(rng)
@@ -192,11 +220,18 @@ class Trainer:
     def _open_run_dir(self) -> None:
         self.files = MetricFiles(self.run_dir)
         if self.is_main:
-            if self.overwrite and self.run_dir.exists() and self.resume_from is None:
-                shutil.rmtree(self.run_dir)
+            if self.plan.clear:
+                clear_run(self.run_dir, self.notice)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
-            if self.resume_from is not None:  # drop what was logged after the checkpoint: no step twice
+            mark_run(self.run_dir, self.command)
+            write_atomic(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
+            if self.resume_from is not None:
+                # A resume starts the lineage at its checkpoint: newer checkpoints are set aside (never deleted),
+                # and what was logged after the checkpoint is dropped, so no step is logged twice.
+                self.store.set_aside_after(self.step, self.notice)
+                if self.resume_from.parent.resolve() == self.store.root.resolve():
+                    self.store.point_latest_at(self.resume_from)
+                self.files.drop_torn_lines(self.notice)
                 self.files.truncate_after(self.step)
         self.accelerator.wait_for_everyone()
         self.wandb = (WandbRun(self.recipe.wandb, self.run_dir, self.recipe.model_dump(mode="json"),
@@ -237,7 +272,7 @@ class Trainer:
             if r.predictor.dynamic_eval_batches:
                 dyn = self.predictors.dynamic_eval(self.model, eval_batches(
                     self.eval_data, r.train.micro_batch_size, r.predictor.dynamic_eval_batches,
-                    self.accelerator.process_index, self.accelerator.num_processes), self.device)
+                    self.accelerator.process_index, self.accelerator.num_processes), self.device, reduce)
             result["predictor"], result["dynamic"] = pred, dyn
             metrics.update(PredictorTraining.flat_metrics("eval", pred, dyn))
             row_extra = PredictorTraining.tradeoff_fields(pred, dyn)
@@ -253,34 +288,69 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------- checkpoint
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor(float(flag), device=self.device)
+        return bool(self._reduce_sum(t).item() > 0)
+
+    def _save_failed(self, error: OSError | None) -> None:
+        """Every rank learns whether any rank failed to write its share; then all stop with one line, the
+        unfinished folder removed (giving the space back) and the previous checkpoint and `latest` untouched."""
+        if not self._any_rank(error is not None):
+            return
+        if self.is_main:
+            self.store.discard(self.step)
+        previous = self.store.latest_name() or "none yet"
+        what = (f"{error.strerror or error} ({error.filename})" if error is not None and error.filename
+                else str(error) if error is not None else "another process failed to write its part")
+        if self.wandb:
+            self.wandb.finish()
+        raise SparsetuneError(
+            f"could not write checkpoint step {self.step} in {self.store.root}: {what}; the previous checkpoint "
+            f"({previous}) and checkpoints/latest are intact; free space and continue with: {self.command} --resume")
+
     def save_checkpoint(self) -> Path | None:
         """All ranks take part (ZeRO-3/FSDP gather the weights; each rank writes its RNG state);
-        the main process writes the rest and commits the folder atomically."""
+        the main process writes the rest and commits the folder atomically. A failed write (disk full)
+        stops every rank with one line and leaves the previous checkpoint as it was."""
         r = self.recipe
         unwrapped = self.accelerator.unwrap_model(self.model)
         state_dict = None if r.peft.method == "lora" else self.engine.full_state_dict(self.model)
         trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "data_position": self.stream.position,
                          "wandb_run_id": self.wandb.run_id if self.wandb else self.wandb_run_id,
-                         "num_processes": self.accelerator.num_processes, "last_eval": self.last_eval}
-        if self.is_main:
-            tmp = self.store.begin(self.step)
+                         "num_processes": self.accelerator.num_processes, "last_eval": self.last_eval,
+                         "bad_steps": self.bad_steps, "bad_steps_in_a_row": self.bad_steps_in_a_row}
+        error: OSError | None = None
+        try:
+            if self.is_main:
+                self.store.begin(self.step)
+        except OSError as exc:
+            error = exc
         self.accelerator.wait_for_everyone()
         tmp = self.store.tmp_for(self.step)
-        write_json(tmp / f"rng_state_rank{self.accelerator.process_index}.json", rng_state())
         engine_saves = self.optimizer is not None and self.engine.saves_optimizer_itself()
-        if engine_saves:
-            self.engine.save(self.model, self.optimizer, tmp)
+        try:
+            if error is None:
+                write_json(tmp / f"rng_state_rank{self.accelerator.process_index}.json", rng_state())
+            if engine_saves:  # collective: every rank takes part even when its own file write failed
+                self.engine.save(self.model, self.optimizer, tmp)
+            if self.is_main and error is None:
+                unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
+                maybe_kill_in_save(self.step)
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+                save_trainer_files(tmp, r, trainer_state, None if engine_saves else self.optimizer, self.scheduler)
+                if self.predictors is not None:
+                    self.predictors.save(tmp, self.last_eval.get("predictor"))
+        except OSError as exc:
+            error = error or exc
+        self._save_failed(error)
         path = None
-        if self.is_main:
-            unwrapped.save_pretrained(tmp / "model", state_dict=state_dict)
-            maybe_kill_in_save(self.step)
-            self.tokenizer.save_pretrained(tmp / "tokenizer")
-            save_trainer_files(tmp, r, trainer_state, None if engine_saves else self.optimizer, self.scheduler)
-            if self.predictors is not None:
-                self.predictors.save(tmp, self.last_eval.get("predictor"))
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            path = self.store.commit(self.step, keep=r.train.keep_checkpoints, meta={"lora": r.peft.method == "lora"})
+        try:
+            if self.is_main:
+                path = self.store.commit(self.step, keep=r.train.keep_checkpoints,
+                                         meta={"lora": r.peft.method == "lora"})
+        except OSError as exc:
+            error = exc
+        self._save_failed(error)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -327,21 +397,49 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
         grad_norm, lr = None, 0.0
+        if not frozen and r.train.max_grad_norm > 0:
+            grad_norm = self.engine.clip(self.model, r.train.max_grad_norm)
+        # Non-finite guard: every rank agrees, and a bad step changes no weight (its data is consumed, the LR
+        # schedule moves on). DeepSpeed applies its update inside backward and skips non-finite gradients itself.
+        finite = math.isfinite(sums["loss"]) and (grad_norm is None or math.isfinite(float(grad_norm)))
+        bad = self._any_rank(not finite)
         if not frozen:
-            if r.train.max_grad_norm > 0:
-                grad_norm = self.engine.clip(self.model, r.train.max_grad_norm)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            if not bad:
+                self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         if self.predictors is not None:
-            self.predictors.step(self.accelerator)
+            if bad:
+                self.predictors.skip_step()
+            else:
+                self.predictors.step(self.accelerator)
         self.step += 1
         self.tokens_seen += r.train.micro_batch_size * r.data.seq_len * accum * self.accelerator.num_processes
-        out = {**sums, "reg_coef": coef, "lr": lr}
+        self.bad_steps += int(bad)
+        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if bad else 0
+        out = {**sums, "reg_coef": coef, "lr": lr, "skipped_nonfinite": float(bad)}
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
         return out
+
+    def _check_bad_steps(self) -> None:
+        """Stop after train.max_bad_steps non-finite steps in a row, without writing a checkpoint."""
+        r = self.recipe
+        if self.bad_steps_in_a_row == 0:
+            return
+        self.notice(f"step {self.step}: non-finite loss or gradient norm, update skipped "
+                    f"({self.bad_steps_in_a_row} in a row, {self.bad_steps} in total; limit train.max_bad_steps="
+                    f"{r.train.max_bad_steps})")
+        if self.bad_steps_in_a_row >= r.train.max_bad_steps:
+            if self.wandb:
+                self.wandb.finish()
+            last = self.store.latest_name()
+            raise SparsetuneError(
+                f"train.max_bad_steps={r.train.max_bad_steps}: steps {self.step - self.bad_steps_in_a_row + 1}-"
+                f"{self.step} all had a non-finite loss or gradient norm; stopped without saving"
+                + (f" (the last good checkpoint {self.store.root / last} is intact)" if last else "")
+                + "; lower train.lr or regularizer.coef, then continue with --resume")
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -358,6 +456,10 @@ class Trainer:
         if self.engine.shards_parameters:
             print(f"sparsetune: rank {self.accelerator.process_index} holds {local:,} of {total:,} parameters "
                   f"({self.engine.describe()})", flush=True)
+            if self.teacher is not None and self.teacher.copy is not None:
+                t_local, t_total = self.engine.local_parameter_count(self.teacher.copy)
+                print(f"sparsetune: rank {self.accelerator.process_index} holds {t_local:,} of {t_total:,} "
+                      f"distillation-teacher parameters", flush=True)
         if self.is_main:
             n_params = total
             n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
@@ -395,6 +497,7 @@ class Trainer:
         while self.step < r.train.max_steps:
             window.append(self.train_step())
             bar.update(1)
+            self._check_bad_steps()
             if self.step % r.train.log_every == 0 or self.step == r.train.max_steps:
                 elapsed = time.perf_counter() - t0
                 tok_s = (self.tokens_seen - tokens0) / max(elapsed, 1e-9)
@@ -403,6 +506,7 @@ class Trainer:
                 summary = stats.summary(counts)
                 metrics = self._window_means(window)
                 metrics["train/tokens_per_s"] = tok_s
+                metrics["train/skipped_steps_total"] = float(self.bad_steps)
                 metrics.update(layer_metrics("train", summary))
                 if self.predictors is not None:
                     pred = self.predictors.pop_counts(self._reduce_sum)
@@ -414,7 +518,10 @@ class Trainer:
             if r.train.eval_every and self.step % r.train.eval_every == 0 and self.step < r.train.max_steps:
                 self.evaluate()
             if r.train.save_every and self.step % r.train.save_every == 0 and self.step < r.train.max_steps:
-                self.save_checkpoint()
+                if self.bad_steps_in_a_row:  # never replace a good checkpoint right after a bad step
+                    self.notice(f"step {self.step}: checkpoint postponed (the last step was skipped as non-finite)")
+                else:
+                    self.save_checkpoint()
             if self.step < r.train.max_steps and self._stop_requested(guard):
                 bar.close()
                 ckpt = self.save_checkpoint()

@@ -130,10 +130,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tiny_model_dirs, t
     assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=6", *base, "--resume") == 0
     out = capsys.readouterr().out
     expected = "has 100 bytes, expected" if damage == "truncate" else "optimizer.pt is missing"
-    line = next(ln for ln in out.splitlines() if "skipping incomplete checkpoint" in ln)
+    line = next(ln for ln in out.splitlines() if "skipping damaged checkpoint" in ln)
     assert expected in line and "step-00000004" in line
     assert "resuming from" in out and "step-00000002 at step 2" in out
     assert "resume: using the new value of train.max_steps: 4 -> 6" in out
+    # the damaged checkpoint is set aside, not deleted, and the new lineage continues from step 2
+    assert (run / "checkpoints" / "abandoned" / "step-00000004").is_dir()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000006"
 
 
 def test_recipe_changes_on_resume(tiny_model_dirs, tmp_path, capsys):
@@ -147,7 +150,7 @@ def test_recipe_changes_on_resume(tiny_model_dirs, tmp_path, capsys):
     assert "already complete at step 2" in capsys.readouterr().out
     fresh = tmp_path / "fresh"
     assert train_tiny(tiny_model_dirs["llama"], fresh, *base, "--resume") == 0
-    assert "no complete checkpoint" in capsys.readouterr().out
+    assert "holds no run yet, starting a new one" in capsys.readouterr().out
     assert CheckpointStore(fresh).latest_complete().name == "step-00000002"
 
 

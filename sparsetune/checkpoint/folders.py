@@ -1,0 +1,129 @@
+"""Which folders sparsetune may write into or delete: only run and export folders it made itself.
+
+A run folder carries `sparsetune-run.json`, written when the run creates it; an export folder carries
+`sparsetune.json` (with the list of files the export wrote). `--overwrite` removes only what sparsetune wrote
+there and stops with one line on a folder it did not make; `--resume` never deletes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Callable
+
+from sparsetune.errors import SparsetuneError
+
+RUN_MARKER = "sparsetune-run.json"
+# Everything a run writes at its top level; --overwrite removes these and nothing else.
+RUN_ENTRIES = (RUN_MARKER, "recipe.yaml", "metrics.jsonl", "tradeoff.csv", "tradeoff.png", "checkpoints", "wandb",
+               "eval.json")
+EXPORT_MARKER = "sparsetune.json"
+
+
+class RunFolder(Enum):
+    ABSENT = "absent"
+    EMPTY = "empty"
+    RUN = "run"  # made by sparsetune (marker present)
+    UNMARKED_RUN = "unmarked run"  # looks like a run from a sparsetune without markers: resumable, never deleted
+    FOREIGN = "foreign"  # holds files sparsetune did not write
+
+
+def _listing(entries: list[str], limit: int = 4) -> str:
+    shown = ", ".join(sorted(entries)[:limit])
+    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def inspect_run_folder(run_dir: Path) -> RunFolder:
+    if not run_dir.exists():
+        return RunFolder.ABSENT
+    if not run_dir.is_dir():
+        raise SparsetuneError(f"output_dir {run_dir} exists and is not a folder")
+    entries = [p.name for p in run_dir.iterdir()]
+    if not entries:
+        return RunFolder.EMPTY
+    if RUN_MARKER in entries:
+        return RunFolder.RUN
+    if (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file():
+        return RunFolder.UNMARKED_RUN
+    return RunFolder.FOREIGN
+
+
+def foreign_error(run_dir: Path, why: str) -> SparsetuneError:
+    entries = [p.name for p in run_dir.iterdir()]
+    return SparsetuneError(f"output_dir {run_dir} {why}: it holds files sparsetune did not create "
+                           f"({_listing(entries)}) and no {RUN_MARKER}; choose a new or empty output_dir")
+
+
+def mark_run(run_dir: Path, command: str) -> None:
+    """Claim a run folder sparsetune created (or resumes), so a later --overwrite may clear it."""
+    marker = run_dir / RUN_MARKER
+    if not marker.exists():
+        from sparsetune import __version__
+
+        marker.write_text(json.dumps({"created_by": f"sparsetune {__version__}", "command": command,
+                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+
+
+def clear_run(run_dir: Path, notice: Callable[[str], None]) -> None:
+    """--overwrite: remove what a sparsetune run wrote into `run_dir` and keep everything else."""
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    kept = [p.name for p in run_dir.iterdir()]
+    if kept:
+        notice(f"--overwrite: removed the previous run from {run_dir}; kept what the run did not write: "
+               f"{_listing(kept)}")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
+    """Refuse an export folder that would destroy the checkpoint being exported or files sparsetune did not
+    write. The run's own folder may hold an export (RUN/export) as long as it is outside checkpoints/."""
+    out_r, ckpt_r = out.resolve(), ckpt.resolve()
+    run_r = ckpt_r.parent.parent if ckpt_r.parent.name == "checkpoints" else ckpt_r
+    if _inside(ckpt_r, out_r) or _inside(run_r, out_r):
+        raise SparsetuneError(f"--out {out} contains the run being exported ({run_r}); choose a folder outside it")
+    if _inside(out_r, ckpt_r) or _inside(out_r, run_r / "checkpoints"):
+        raise SparsetuneError(f"--out {out} is inside the run's checkpoints ({run_r / 'checkpoints'}); "
+                              "choose a folder outside checkpoints/")
+    if out.exists() and not out.is_dir():
+        raise SparsetuneError(f"--out {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise SparsetuneError(f"export folder {out} exists and is not empty; pass --overwrite to replace it")
+    marker = out / EXPORT_MARKER
+    if not marker.is_file():
+        raise SparsetuneError(f"--overwrite: {out} is not a sparsetune export (no {EXPORT_MARKER}); refusing to "
+                              "delete it; choose another --out")
+    try:
+        written = set(json.loads(marker.read_text()).get("files") or [])
+    except (OSError, ValueError, AttributeError):
+        raise SparsetuneError(f"--overwrite: {marker} is unreadable; refusing to delete {out}") from None
+    unknown = [p.name for p in out.iterdir() if p.name not in written | {EXPORT_MARKER, "eval.json"}]
+    if not written or unknown:
+        raise SparsetuneError(f"--overwrite: {out} holds files the previous export did not write "
+                              f"({_listing(unknown) if unknown else 'no file list in ' + EXPORT_MARKER}); "
+                              "move them or choose another --out")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished `tmp` folder at `out`, replacing a previous export whole (checked by check_export_target)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
