@@ -8,12 +8,13 @@ For each shape and sparsity s, a random set of (1-s)*m neurons (sorted, as a pre
 mask for every call, as for every decoded token; gate rows are sign-flipped so that every neuron fires for the
 test input, so every mask is exact) is computed by:
   gather  torch: index_select of the active gate/up rows + matvec, embedding_bag for down (any device)
-  fused   sparsetune's C++/OpenMP kernel: one pass over the active rows, no copies (CPU)
-and compared with the dense MLP (three F.linear matvecs) and with the same kernel computing all m neurons. Weights are float32 and, as in a real decode, every
-call uses the next layer's weights (as many distinct layers as fit in --max-gib), so caches do not flatter
-small models. Prints time per call, speedup over dense F.linear, speedup over the same kernel on all neurons,
-and that speedup as a fraction of the ideal 1/(1-s) (the fair measure: a kernel that merely reads memory faster
-than F.linear would otherwise look better than ideal).
+  fused   sparsetune's C++/OpenMP kernel: one pass over the active rows, no copies (CPU; the JSON's "kernel"
+          says whether it was built, with which flags, or why not)
+and compared with the dense MLP (three F.linear matvecs) and with the same kernel computing all m neurons.
+Weights are float32 and, as in a real decode, every call uses the next layer's weights (as many distinct layers
+as fit in --max-gib), so caches do not flatter small models. Prints time per call, speedup over dense F.linear,
+speedup over the same kernel on all neurons, and that speedup as a fraction of the ideal 1/(1-s) (the fair
+measure: a kernel that merely reads memory faster than F.linear would otherwise look better than ideal).
 Goal: >= 0.5 of ideal at 90% sparsity. --json writes every number.
 """
 
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-from sparsetune.dynamic.kernels import DecodeWeights, fused_module
+from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
 from sparsetune.recipe.schema import RelufySection
 from sparsetune.surgery.activations import build_activation
 
@@ -64,8 +65,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    kernels = ["gather"] + (["fused"] if device.type == "cpu" and fused_module() is not None else [])
-    results = {"device": str(device), "threads": torch.get_num_threads(), "activation": args.activation, "shapes": {}}
+    # What the "fused" column would run here (float32 weights): the built C++ kernel, or the gather kernel and why
+    # not (build failure, device). Recorded in the JSON so a speed is never reported without its kernel.
+    kernel = kernel_in_use(device, torch.float32, args.activation)
+    kernels = ["gather"] + (["fused"] if kernel["kernel"] == "fused" else [])
+    if kernel["kernel"] != "fused":
+        print(f"fused kernel not timed: {kernel['reason']}")
+    results = {"device": str(device), "threads": torch.get_num_threads(), "activation": args.activation,
+               "kernel": kernel, "kernels_timed": kernels, "shapes": {}}
     print(f"device {device}, {torch.get_num_threads()} threads, activation {args.activation}, float32, batch 1")
     for shape in args.shapes.split(","):
         d, m, n_layers = SHAPES[shape]

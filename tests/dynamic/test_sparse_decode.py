@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
-from sparsetune.dynamic.kernels import DecodeWeights
-from sparsetune.dynamic.sparse_decode import decode_benchmark, mlp_mode, _Timer
+from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
+from sparsetune.dynamic.sparse_decode import _kernel_record, _Timer, decode_benchmark, mlp_mode
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.recipe.schema import PredictorSection, RelufySection
 from sparsetune.surgery.activations import build_activation
@@ -52,6 +54,11 @@ def test_sparse_generation_with_everything_kept_decodes_the_dense_tokens_and_few
     assert result["sparse"]["tokens"] == result["dense"]["tokens"]
     assert result["greedy_tokens_matching_dense"] == 1.0
     assert 0 < result["dense"]["mlp_share"] < 1 and result["dense"]["tokens_per_s"] > 0
+    # The speeds come with the kernel that produced them (the fused C++ kernel wherever a compiler exists).
+    assert result["kernel"] == kernel_in_use("cpu", torch.float32, "relu")
+    assert set(result["kernel"]) == {"kernel", "reason", "build_flags", "cpu_key"}
+    if shutil.which("c++"):
+        assert result["kernel"]["kernel"] == "fused" and result["kernel"]["cpu_key"]
 
     # A real (random) predictor keeps a part of the neurons, and the single-token calls go through the kernel.
     torch.manual_seed(0)
@@ -61,3 +68,14 @@ def test_sparse_generation_with_everything_kept_decodes_the_dense_tokens_and_few
     with mlp_mode(model, bank, timer), torch.no_grad():
         model(input_ids=prompt[:, :1])
     assert 0 < timer.kept < timer.total
+
+
+def test_the_decode_kernel_record_names_the_fallback_for_models_the_fused_kernel_cannot_run():
+    model = tiny_model("llama", seed=0)
+    relufy(model, RelufySection(activation="fatrelu", threshold=0.1))
+    assert _kernel_record(model) == {"kernel": "gather", "reason": "activation 'fatrelu' has no fused implementation",
+                                     "build_flags": [], "cpu_key": None}
+    model = tiny_model("llama", seed=0)
+    relufy(model, RelufySection(activation="relu"))
+    model.to(torch.bfloat16)
+    assert _kernel_record(model)["reason"] == "the fused kernel is float32-only (dtype torch.bfloat16)"
