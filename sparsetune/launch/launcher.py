@@ -1,10 +1,20 @@
-"""`sparsetune train RECIPE --launch PRESET`: re-run the same command under `accelerate launch`."""
+"""`sparsetune train RECIPE --launch PRESET`: re-run the same command under `accelerate launch`.
+
+Preemption: SIGTERM / SIGINT to this launcher are forwarded (once each) to the training workers, which agree on
+a step, write a checkpoint and exit 0, so `accelerate launch` and this launcher exit 0 as well. The launch runs in
+its own session so that a terminal's Ctrl-C reaches the workers once, through here, not twice. When a scheduler
+signals every process at once, torch's launcher also forwards the signal to the workers; the workers treat
+copies that arrive together as one request, and the launcher's grace period before it kills them
+(TORCH_ELASTIC_SHUTDOWN_TIMEOUT) is raised from torch's 30 s so a large checkpoint can finish.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from sparsetune.launch.compatibility import check_launch
 from sparsetune.launch.presets import get_preset
@@ -48,7 +58,60 @@ def launch(recipe: Recipe, preset_name: str, train_args: list[str], num_processe
     world = num_processes * machine.get("num_machines", 1)
     check_launch(recipe, preset.strategy, preset.shards_parameters, world, preset_name)
     cmd, env = launch_command(preset_name, train_args, num_processes, **machine)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     where = "GPU" if _has_gpu() else "CPU (gloo)"
     print(f"sparsetune: launching {world} process(es) with preset {preset_name} on {where}: "
           f"{' '.join(cmd[2:])}", flush=True)
-    return subprocess.call(cmd, env=env)
+    return run_forwarding_signals(cmd, env)
+
+
+SHUTDOWN_GRACE_S = 900  # how long torch's launcher lets signalled workers checkpoint before it kills them
+
+
+def training_workers(launcher_pid: int) -> list:
+    """The `sparsetune train` worker processes under an `accelerate launch` process."""
+    import psutil
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    workers = []
+    for child in children:
+        try:
+            argv = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if "sparsetune" in argv and "train" in argv:
+            workers.append(child)
+    return workers
+
+
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run the launch in its own session; forward SIGTERM / SIGINT to its training workers; its exit code."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        workers = training_workers(proc.pid)
+        targets = workers or [psutil.Process(proc.pid)]  # still starting: let the launcher shut down its group
+        for target in targets:
+            try:
+                target.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        print(f"sparsetune: {name} received by the launcher; forwarded to {len(workers)} worker(s) "
+              f"(they checkpoint at the end of the current step and exit)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # a handler raced with wait(): keep waiting for the workers' checkpoint
+                time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

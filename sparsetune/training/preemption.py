@@ -1,5 +1,6 @@
 """Preemption: SIGTERM / SIGINT ask the run to checkpoint at the next step boundary and exit 0;
-a second signal aborts at once.
+a second signal aborts at once. Copies of the first signal that arrive within DUPLICATE_WINDOW_S of it (a
+scheduler signalling every process of a job while the launchers forward it too) count as the same request.
 
 Test hooks (environment variables, used by the test suite to place failures exactly):
   SPARSETUNE_TEST_PREEMPT_AT_STEP=k   behave as if SIGTERM arrived during step k
@@ -11,12 +12,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+
+DUPLICATE_WINDOW_S = 3.0
 
 
 class PreemptionGuard:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
         self._test_step = int(os.environ.get("SPARSETUNE_TEST_PREEMPT_AT_STEP", "0") or 0)
 
@@ -34,11 +39,14 @@ class PreemptionGuard:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
+            return  # the same preemption delivered along several paths
         if self.requested:
             print(f"sparsetune: second {signal.Signals(signum).name}, aborting now (no checkpoint)",
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.requested = True
+        self._first_at = time.monotonic()
         self.signal_name = signal.Signals(signum).name
         print(f"\nsparsetune: {self.signal_name} received: saving a checkpoint at the end of this step "
               "(send it again to abort at once)", file=sys.stderr, flush=True)

@@ -491,6 +491,13 @@ class Trainer:
         r = self.recipe
         bar = tqdm(total=r.train.max_steps, initial=self.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        try:
+            return self._steps(guard, bar)
+        finally:  # an error line must start on a line of its own, not after the progress bar
+            bar.close()
+
+    def _steps(self, guard: PreemptionGuard, bar) -> dict:
+        r = self.recipe
         window: list[dict] = []
         t0, tokens0 = time.perf_counter(), self.tokens_seen
         sparsity_text = "-"
