@@ -63,3 +63,10 @@ def eval_batches(data: PackedData, micro_batch_size: int, max_batches: int, rank
     for start in _eval_starts(len(data), micro_batch_size, max_batches, rank, world_size):
         ids = torch.from_numpy(data.ids[start : min(start + micro_batch_size, n)].astype(np.int64))
         yield {"input_ids": ids, "labels": ids.clone()}
+
+
+def padding_batch(data: PackedData) -> dict[str, torch.Tensor]:
+    """A one-sequence batch with no real labels: a forward that counts for nothing (perplexity, sparsity and
+    predictor figures skip it), so that every rank runs the same number of collective forwards."""
+    ids = torch.from_numpy(data.ids[:1].astype(np.int64))
+    return {"input_ids": ids, "labels": torch.full_like(ids, -100)}

@@ -23,10 +23,11 @@ def evaluate(model, batches: Iterable[dict], recorder: ActivationRecorder | None
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         mask = batch.get("attention_mask")
-        if recorder is not None:
+        record = recorder is not None and bool((batch["labels"] != -100).any())  # not for a padding batch
+        if record:
             recorder.open(mask, reg_with_grad=False)
         logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
-        if recorder is not None:
+        if record:
             recorder.close()
         labels = batch["labels"][:, 1:]
         if mask is not None:

@@ -27,20 +27,3 @@ def check_launch(recipe: Recipe, strategy: str, shards_parameters: bool, num_pro
                 f"{where}: train.eval_batches={recipe.train.eval_batches} must be a multiple of the "
                 f"{num_processes} processes (every rank runs the same number of sharded forwards)")
 
-
-def check_sharded_eval(rows: int, micro_batch_size: int, eval_batches: int, num_processes: int) -> None:
-    """With sharded parameters every forward is collective, so every rank must run the same number of held-out
-    batches; a held-out set too small to give each rank its share would hang the run at its first evaluation."""
-    from sparsetune.data.batches import eval_batch_counts
-
-    def even(n: int) -> bool:
-        counts = eval_batch_counts(rows, micro_batch_size, n, num_processes)
-        return len(set(counts)) == 1 and counts[0] > 0
-
-    if not even(eval_batches):
-        fits = [n for n in range(eval_batches - 1, 0, -1) if even(n)]
-        fix = f"lower train.eval_batches to {fits[0]}" if fits else "lower train.micro_batch_size"
-        raise SparsetuneError(
-            f"train.eval_batches={eval_batches}: the held-out data has {rows} sequences of data.seq_len, too few to give "
-            f"each of the {num_processes} processes the same number of batches of train.micro_batch_size="
-            f"{micro_batch_size} (sharded parameters need every rank in every forward); {fix} or add held-out data")

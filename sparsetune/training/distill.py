@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +28,11 @@ class Teacher:
     """Teacher logits. Full fine-tune: a frozen copy of the model taken before surgery.
     LoRA: the same model with adapters disabled and SiLU put back for the teacher pass (no copy)."""
 
-    def __init__(self, model_before_surgery=None):
+    def __init__(self, frozen_copy=None):
+        """`frozen_copy`: the dense model before surgery, a separate object (None for LoRA)."""
         self.copy = None
-        if model_before_surgery is not None:
-            self.copy = copy.deepcopy(model_before_surgery).eval()
+        if frozen_copy is not None:
+            self.copy = frozen_copy.eval()
             for p in self.copy.parameters():
                 p.requires_grad_(False)
 

@@ -137,7 +137,8 @@ class DeepSpeedZero(Engine):
         cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items()
                                     if not k.startswith("offload_optimizer")}
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.train() returns None, so not `return engine.eval()`
+        return engine
 
     def sync_context(self, model, last: bool):
         return contextlib.nullcontext()

@@ -6,6 +6,7 @@ Read top to bottom: `Trainer.run()` is the whole program.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import shutil
 import sys
@@ -22,7 +23,7 @@ from sparsetune.checkpoint.resume import check_process_count, check_recipe, load
 from sparsetune.checkpoint.state import (is_lora_checkpoint, load_torch_state, read_rng_state, read_trainer_state, rng_state,
                                          save_trainer_files, set_rng_state, write_json)
 from sparsetune.checkpoint.store import CheckpointStore, write_atomic
-from sparsetune.data.batches import BatchStream, eval_batches
+from sparsetune.data.batches import BatchStream, eval_batch_counts, eval_batches, padding_batch
 from sparsetune.data.text_datasets import load_text_splits, pack
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate
@@ -39,7 +40,7 @@ from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
 from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.distill import Teacher, kl_to_teacher
-from sparsetune.launch.compatibility import check_launch, check_sharded_eval
+from sparsetune.launch.compatibility import check_launch
 from sparsetune.training.engines import Engine
 from sparsetune.training.optim import build_optimizer, build_scheduler
 from sparsetune.training.preemption import PreemptionGuard, maybe_kill_in_save
@@ -131,13 +132,10 @@ class Trainer:
         with self.accelerator.main_process_first():
             self.train_data = pack(train_text, self.tokenizer, r.data.text_field, r.data.seq_len, "data.path")
             self.eval_data = pack(eval_text, self.tokenizer, r.data.text_field, r.data.seq_len, "held-out data")
-        if self.engine.shards_parameters:
-            check_sharded_eval(len(self.eval_data), r.train.micro_batch_size, r.train.eval_batches,
-                               self.accelerator.num_processes)
 
         self.teacher = None
         if r.distill.weight > 0:
-            self.teacher = Teacher(model if r.peft.method == "none" else None)
+            self.teacher = Teacher(self._teacher_model(model) if r.peft.method == "none" else None)
         mlps = relufy(model, r.relufy)
         if needs_calibration(model):
             self._calibrate(model)
@@ -150,6 +148,8 @@ class Trainer:
             model = apply_lora(model, r)
         self.schedule = CoefficientSchedule(r.regularizer, r.train.max_steps)
 
+        if self.teacher is not None:
+            self.teacher.place(self.engine)
         if r.train.freeze_model:  # predictor-only: the model neither trains nor needs DDP
             model.requires_grad_(False)
             self.model, self.optimizer, self.scheduler = model.to(self.device), None, None
@@ -160,13 +160,21 @@ class Trainer:
             self.model, self.optimizer = self.engine.prepare(
                 model, lambda params: built.append(build_optimizer(params, r.train)) or built[0])
             self.scheduler = build_scheduler(built[0], r.train)
-        if self.teacher is not None:
-            self.teacher.place(self.engine)
         self.stream = BatchStream(self.train_data, r.train.micro_batch_size, r.train.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes)
         self.store = CheckpointStore(self.run_dir)
         if self.resume_from is not None:
             self._restore(self.resume_from)
+
+    def _teacher_model(self, model):
+        """A frozen copy of the dense model to distil from. Under ZeRO-3 transformers may load the student already
+        partitioned (deepspeed.zero.Init), and a copy of a partitioned module holds empty tensors: the teacher
+        is then loaded a second time, partitioned the same way."""
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):
+            return copy.deepcopy(model)
+        r = self.recipe
+        teacher, _ = load_model_and_tokenizer(r.model.path, r.model.dtype, r.model.revision, r.model.trust_remote_code)
+        return teacher
 
     def _calibrate(self, model) -> None:
         """CATS thresholds from the first training micro-batches (the same on every rank); they are
@@ -258,8 +266,12 @@ class Trainer:
 
     def evaluate(self) -> dict:
         r = self.recipe
-        batches = eval_batches(self.eval_data, r.train.micro_batch_size, r.train.eval_batches,
-                               self.accelerator.process_index, self.accelerator.num_processes)
+        batches = list(eval_batches(self.eval_data, r.train.micro_batch_size, r.train.eval_batches,
+                                    self.accelerator.process_index, self.accelerator.num_processes))
+        if self.engine.shards_parameters:  # every forward is collective: ranks short of batches run padding ones
+            counts = eval_batch_counts(len(self.eval_data), r.train.micro_batch_size, r.train.eval_batches,
+                                       self.accelerator.num_processes)
+            batches += [padding_batch(self.eval_data)] * (max(counts) - len(batches))
         reduce = self._reduce_sum if self.accelerator.num_processes > 1 else None
         if self.predictors is not None:
             self.predictors.begin_eval()

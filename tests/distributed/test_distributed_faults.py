@@ -1,0 +1,116 @@
+"""Faults that need several real processes: preemption of a `--launch` job, a held-out set too short for every
+rank under sharded parameters, and the distillation teacher under ZeRO-3 / FSDP2."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sparsetune.checkpoint.store import CheckpointStore
+from tests.distributed.test_multiprocess import COMMON, free_port, launched
+from tests.e2e_helpers import child_env, read_metrics, train_tiny
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def held_parameters(log: str, what: str) -> list[tuple[int, int]]:
+    return [(int(a.replace(",", "")), int(b.replace(",", "")))
+            for a, b in re.findall(rf"holds ([\d,]+) of ([\d,]+) {what}", log)]
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes(tiny_model_dirs, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
+           f"output_dir={run}", *COMMON, "train.max_steps=2000", "train.micro_batch_size=4", "train.eval_batches=2",
+           "--launch", "ddp", "--num-processes", "2", "--main-process-port", str(free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=child_env(WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len([m for m in read_metrics(run) if "train/loss" in m]) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler or `kill PID` would
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM received by the launcher; forwarded to 2 worker(s)" in out
+    assert re.search(r"stopped at step \d+ \(SIGTERM\)", out) and "Traceback" not in out
+    ckpt = CheckpointStore(run).latest_complete()
+    stop = int(ckpt.name.split("-")[1])
+    assert 3 <= stop < 2000
+    assert (ckpt / "rng_state_rank0.json").is_file() and (ckpt / "rng_state_rank1.json").is_file()
+    resumed = launched(tiny_model_dirs["llama"], run, "ddp", f"train.max_steps={stop + 2}", "--resume")
+    assert f"resuming from {ckpt} at step {stop}" in resumed.stdout
+    assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == list(range(1, stop + 3))
+
+
+def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_model_dirs, tmp_path):
+    text = tmp_path / "train.txt"
+    paragraphs = [f"Paragraph {i} talks about sparse activations, predictors and checkpoints." * 6 for i in range(300)]
+    text.write_text("\n\n".join(paragraphs))
+    held = tmp_path / "held.txt"
+    from transformers import AutoTokenizer
+
+    from sparsetune.data.batches import eval_batch_counts
+    from sparsetune.data.text_datasets import load_text_splits, pack
+    from sparsetune.recipe.schema import DataSection
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    for k in range(1, 8):  # the fewest paragraphs that give the two ranks different batch counts (what hung)
+        held.write_text("\n\n".join(paragraphs[:k]))
+        _, held_text = load_text_splits(DataSection(path=str(text), eval_path=str(held), seq_len=64))
+        counts = eval_batch_counts(len(pack(held_text, tokenizer, "text", 64, "held-out")), 4, 4, 2)
+        if counts[0] != counts[1]:
+            break
+    assert counts[0] != counts[1], counts
+    run = tmp_path / "run"
+    proc = launched(tiny_model_dirs["llama"], run, "fsdp", f"data.path={text}", f"data.eval_path={held}",
+                    "train.max_steps=2")
+    evals = [m for m in read_metrics(run) if "eval/perplexity" in m]
+    assert len(evals) == 2 and all(m["eval/perplexity"] > 1 for m in evals), proc.stdout[-2000:]
+    # the figures count real tokens only: the same as one process evaluating the same rows
+    single = tmp_path / "single"
+    assert train_tiny(tiny_model_dirs["llama"], single, f"data.path={text}", f"data.eval_path={held}",
+                      "train.max_steps=1", "train.eval_every=0", "wandb.mode=disabled", "train.eval_batches=4",
+                      "train.micro_batch_size=4") == 0
+    first = [m for m in read_metrics(single) if "eval/perplexity" in m][0]
+    assert evals[0]["eval/perplexity"] == pytest.approx(first["eval/perplexity"], rel=1e-4)
+    assert evals[0]["eval/sparsity"] == pytest.approx(first["eval/sparsity"], abs=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["zero3", "fsdp"])
+def test_distillation_teacher_is_sharded_like_the_student(tiny_model_dirs, tmp_path, preset):
+    run = tmp_path / "run"
+    proc = launched(tiny_model_dirs["llama"], run, preset, "distill.weight=0.5", "train.max_steps=2")
+    teacher = held_parameters(proc.stdout, "distillation-teacher parameters")
+    student = held_parameters(proc.stdout, "parameters")
+    assert len(teacher) == 2 and all(h < 0.6 * t for h, t in teacher), teacher  # each rank holds about half
+    assert teacher[0][1] == student[0][1]  # the same model size
+    # the sharded teacher computes what a full copy does: step 1's distillation loss (before any update) equals
+    # the single-process run's over the same 8 sequences
+    single = tmp_path / "single"
+    assert train_tiny(tiny_model_dirs["llama"], single, *COMMON, "distill.weight=0.5", "train.max_steps=1",
+                      "train.micro_batch_size=8", "wandb.mode=disabled") == 0
+    ours = {m["step"]: m for m in read_metrics(run) if "train/distill_loss" in m}
+    ref = {m["step"]: m for m in read_metrics(single) if "train/distill_loss" in m}
+    assert ours[1]["train/distill_loss"] > 0
+    assert ours[1]["train/distill_loss"] == pytest.approx(ref[1]["train/distill_loss"], rel=1e-4)
+
+
+def test_ddp_dynamic_eval_figures_are_over_all_ranks(tiny_model_dirs, tmp_path):
+    pred = ["predictor.enabled=true", "predictor.rank=4", "train.max_steps=1"]
+    run = tmp_path / "ddp"
+    launched(tiny_model_dirs["llama"], run, "ddp", *pred, "predictor.dynamic_eval_batches=2")  # 2 ranks x 4 rows
+    single = tmp_path / "single"
+    assert train_tiny(tiny_model_dirs["llama"], single, *COMMON, *pred, "train.micro_batch_size=8",
+                      "train.eval_batches=2", "predictor.dynamic_eval_batches=1", "wandb.mode=disabled") == 0
+    ours = [m for m in read_metrics(run) if "eval/dynamic/dense/perplexity" in m][0]  # step 0: same predictors
+    ref = [m for m in read_metrics(single) if "eval/dynamic/dense/perplexity" in m][0]
+    for key in ("dense/perplexity", "oracle/perplexity", "oracle/sparsity", "predicted/perplexity",
+                "predicted/sparsity"):
+        assert ours[f"eval/dynamic/{key}"] == pytest.approx(ref[f"eval/dynamic/{key}"], rel=1e-4), key
