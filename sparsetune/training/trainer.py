@@ -555,6 +555,13 @@ class Trainer:
         self._finish(final, ckpt)
         return final
 
+    def close(self) -> None:
+        """Tear the process group down before the interpreter exits (gloo's threads otherwise abort the process
+        at exit now and then, turning a finished run into a failed launch)."""
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and acc.num_processes > 1:
+            acc.end_training()
+
     def is_main_safe(self) -> bool:
         acc = getattr(self, "accelerator", None)
         return acc is None or acc.is_main_process
@@ -577,4 +584,8 @@ class Trainer:
 def train(recipe: Recipe, overwrite: bool = False, resume: bool | str | None = None,
           command: str = "sparsetune train RECIPE") -> dict:
     """Run a recipe to the end (or to a preemption); returns the last held-out evaluation."""
-    return Trainer(recipe, overwrite=overwrite, resume=resume, command=command).run()
+    trainer = Trainer(recipe, overwrite=overwrite, resume=resume, command=command)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
