@@ -28,9 +28,10 @@ import time
 import torch
 
 from sparsetune.recipe.loading import load_recipe
-from sparsetune.sparsity.regularizers import l1
+from sparsetune.sparsity.regularizers import get_regularizer
 from sparsetune.surgery.activations import ReLU, SiLU
-from sparsetune.surgery.relufy import sparse_mlps
+from sparsetune.models.structure import sparse_mlps
+from sparsetune.training.components.predictors import Predictors
 from sparsetune.training.trainer import Trainer
 
 
@@ -44,7 +45,8 @@ def make_trainer(args, out: str) -> Trainer:
     ])
     trainer = Trainer(recipe)
     trainer.setup()
-    trainer.all_predictors = trainer.predictors
+    trainer.all_components = list(trainer.components)
+    trainer.predictors = next(c for c in trainer.components if isinstance(c, Predictors))
     return trainer
 
 
@@ -54,10 +56,10 @@ def set_variant(trainer: Trainer, name: str) -> None:
     for mlp in sparse_mlps(trainer.model):
         mlp.activation = activation
         mlp.sink = trainer.recorder if machinery else None
-    trainer.recorder.regularizer = l1 if machinery else None
+    trainer.recorder.regularizer = get_regularizer("l1") if machinery else None
     with_predictors = name == "+predictors"
-    trainer.predictors = trainer.all_predictors if with_predictors else None
-    trainer.recorder.consumers = [trainer.all_predictors.bank] if with_predictors else []
+    trainer.components = [c for c in trainer.all_components if with_predictors or c is not trainer.predictors]
+    trainer.recorder.consumers = [trainer.predictors.bank] if with_predictors else []
 
 
 def main() -> None:
@@ -100,7 +102,7 @@ def main() -> None:
     ratio_silu = med["capture+l1"] / med["plain-silu"]
     print(f"overhead ratio capture+l1 / plain-relu = {ratio:.3f}   (goal <= 1.05)")
     print(f"overhead ratio +predictors / plain-relu = {ratio_pred:.3f}   (goal <= 1.10; predictors rank "
-          f"{args.predictor_rank}, {trainer.all_predictors.bank.neuron_param_fraction():.1%} of MLP parameters)")
+          f"{args.predictor_rank}, {trainer.predictors.bank.neuron_param_fraction():.1%} of MLP parameters)")
     print(f"overhead ratio capture+l1 / plain-silu = {ratio_silu:.3f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -15,17 +15,13 @@ import torch
 from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
 from sparsetune.errors import SparsetuneError
 from sparsetune.predictors.bank import PredictorBank
-from sparsetune.surgery.relufy import overriding_mlps, sparse_mlps
+from sparsetune.models.structure import sparse_mlps
+from sparsetune.surgery.sparse_mlp import patched_mlps
 
 
 class _Timer:
     def __init__(self):
         self.seconds, self.calls, self.kept, self.total = 0.0, 0, 0, 0
-
-
-def _dense(mlp, x):
-    gate, up, down = mlp.projections()
-    return down(mlp.activation(gate(x), up(x)))
 
 
 @contextlib.contextmanager
@@ -46,7 +42,7 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
     def override(mlp, x):
         t0 = time.perf_counter()
         if bank is None or x.shape[0] * x.shape[1] != 1:
-            out = _dense(mlp, x)
+            out = mlp.dense(x)
         else:
             flat = x.reshape(-1)
             idx = (bank.neurons[mlp.layer_idx](flat) >= threshold).nonzero().squeeze(1)
@@ -58,7 +54,7 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
         timer.calls += 1
         return out
 
-    with overriding_mlps(model, override):
+    with patched_mlps(model, override=override):
         yield
 
 

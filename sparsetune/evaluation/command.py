@@ -14,7 +14,8 @@ from sparsetune.models.exported import activation_for_hf_config, load_activation
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.recipe.schema import DataSection, RelufySection
 from sparsetune.surgery.calibration import needs_calibration
-from sparsetune.surgery.relufy import activation_spec, relufy, sparse_mlps
+from sparsetune.models.structure import sparse_mlps
+from sparsetune.surgery.relufy import activation_spec, relufy
 
 
 def _load_target(target: str, activation: str | None, target_sparsity: float | None = None,
@@ -129,8 +130,8 @@ def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> d
 
 def _dynamic(model, data, batch_size, batches, bank, device) -> dict:
     from sparsetune.data.batches import eval_batches
-    from sparsetune.dynamic.evaluate import dynamic_eval
-    exact = sparse_mlps(model)[0].activation.name != "silu"
+    from sparsetune.evaluation.dynamic import dynamic_eval
+    exact = sparse_mlps(model)[0].activation.exact_zeros
     frac = bank.cfg.silu_active_fraction if bank is not None else 0.3
     return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), device, exact, frac)
 

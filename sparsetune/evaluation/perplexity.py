@@ -25,7 +25,7 @@ def evaluate(model, batches: Iterable[dict], recorder: ActivationRecorder | None
         mask = batch.get("attention_mask")
         record = recorder is not None and bool((batch["labels"] != -100).any())  # not for a padding batch
         if record:
-            recorder.open(mask, reg_with_grad=False)
+            recorder.open(mask)
         logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
         if record:
             recorder.close()
@@ -63,13 +63,11 @@ def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_thre
                       device: torch.device | None = None) -> dict:
     """Measure `model` (which has SparseMLPs, already on `device`; default CPU) on packed held-out `data`."""
     from sparsetune.data.batches import eval_batches
-    from sparsetune.sparsity.recorder import attach_recorder
-    from sparsetune.surgery.relufy import sparse_mlps
+    from sparsetune.models.structure import sparse_mlps
+    from sparsetune.sparsity.recorder import ActivationRecorder
+    from sparsetune.surgery.sparse_mlp import patched_mlps
 
     mlps = sparse_mlps(model)
-    recorder = attach_recorder(mlps, None, near_zero_threshold)
-    try:
+    recorder = ActivationRecorder.for_mlps(mlps, None, near_zero_threshold)
+    with patched_mlps(model, sink=recorder):
         return evaluate(model, eval_batches(data, batch_size, batches), recorder, device or torch.device("cpu"))
-    finally:
-        for mlp in mlps:
-            mlp.sink = None

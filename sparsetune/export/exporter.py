@@ -21,7 +21,8 @@ from sparsetune.models.exported import SPEC_FILE
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.surgery.architectures import layout_for
-from sparsetune.surgery.relufy import activation_spec, base_causal_lm, restore_hf_mlps, sparse_mlps
+from sparsetune.models.structure import base_causal_lm, sparse_mlps
+from sparsetune.surgery.relufy import activation_spec, restore_hf_mlps
 
 
 def _fold_shift_into_gate_bias(lm, shift: float) -> None:

@@ -74,22 +74,29 @@ class ActivationRecorder:
         self.near_zero_threshold = near_zero_threshold
         self.stats = SparsityStats(num_layers, near_zero_threshold)
         self.reg_terms: list[torch.Tensor] = []
-        self.reg_with_grad = True
+        self.reg_with_grad = True  # set by the regularization: build the term's graph only when it is used
         self.token_mask: torch.Tensor | None = None
         self.is_open = False
         self.consumers: list = []  # e.g. the PredictorBank: observe_mlp(layer, a, x, token_mask)
 
-    def open(self, attention_mask: torch.Tensor | None, reg_with_grad: bool = True) -> None:
+    @classmethod
+    def for_mlps(cls, mlps: list, regularizer: Regularizer | None, near_zero_threshold: float) -> "ActivationRecorder":
+        """Near-zero counting is on only for activations without exact zeros (SiLU), so the two kinds of
+        sparsity are never mixed."""
+        exact = mlps[0].activation.exact_zeros
+        return cls(len(mlps), regularizer, None if exact else near_zero_threshold)
+
+    def open(self, attention_mask: torch.Tensor | None) -> None:
         # An all-ones mask (packed data) needs no masking: skip the per-token multiply.
         self.token_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
         self.reg_terms = []
-        self.reg_with_grad = reg_with_grad
         self.is_open = True
 
     def close(self) -> None:
         self.is_open = False
 
-    def record(self, layer: int, activation: torch.Tensor, mlp_input: torch.Tensor) -> None:
+    def record(self, layer: int, activation: torch.Tensor, mlp_input: torch.Tensor,
+               gate: torch.Tensor | None = None) -> None:
         if not self.is_open:
             return
         self.stats.add(layer, activation, self.token_mask)
@@ -115,10 +122,8 @@ class ActivationRecorder:
 
 
 def attach_recorder(mlps: list, regularizer: Regularizer | None, near_zero_threshold: float) -> ActivationRecorder:
-    """A recorder fed by every SparseMLP in `mlps`. Near-zero counting is on only for SiLU, the one
-    activation without exact zeros, so the two kinds of sparsity are never mixed."""
-    is_silu = mlps[0].activation.name == "silu"
-    recorder = ActivationRecorder(len(mlps), regularizer, near_zero_threshold if is_silu else None)
+    """A recorder fed by every SparseMLP in `mlps` for the whole run (their persistent sink)."""
+    recorder = ActivationRecorder.for_mlps(mlps, regularizer, near_zero_threshold)
     for mlp in mlps:
         mlp.sink = recorder
     return recorder

@@ -16,10 +16,12 @@ from sparsetune.recipe.schema import RelufySection
 
 class MLPActivation(nn.Module):
     """Base class. `hf_hidden_act` names the transformers activation computing the same function
-    when the model is exported (None when plain transformers cannot express it)."""
+    when the model is exported (None when plain transformers cannot express it). `exact_zeros`: inactive
+    neurons are exactly 0 (every activation but plain SiLU), so sparsity is counted in exact zeros."""
 
     name: str = ""
     hf_hidden_act: str | None = None
+    exact_zeros: bool = True
 
     def spec(self) -> dict:
         """JSON description, stored with exports so sparsetune can rebuild the activation."""
@@ -32,7 +34,7 @@ class MLPActivation(nn.Module):
 
 
 class SiLU(MLPActivation):
-    name, hf_hidden_act = "silu", "silu"
+    name, hf_hidden_act, exact_zeros = "silu", "silu", False
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
@@ -128,8 +130,7 @@ class CATS(MLPActivation):
     """Training-free thresholding (CATS, Lee et al. 2024): SiLU(gate) where |SiLU(gate)| >= t, else 0; times up.
 
     `threshold` is per layer and comes from calibration (`sparsetune.surgery.calibration`); NaN means
-    not yet calibrated, which computes plain SiLU. While `collector` is set, every forward hands
-    |SiLU(gate)| to it (calibration)."""
+    not yet calibrated, which computes plain SiLU."""
 
     name = "cats"
 
@@ -137,12 +138,9 @@ class CATS(MLPActivation):
         super().__init__()
         self.threshold = float(threshold)
         self.target_sparsity = float(target_sparsity)
-        self.collector = None
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         act = F.silu(gate)
-        if self.collector is not None:
-            self.collector(self, act.detach().abs())
         if math.isnan(self.threshold):
             return act * up
         return torch.where(act.abs() >= self.threshold, act, torch.zeros_like(act)) * up

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from sparsetune.recipe.schema import Recipe
+from sparsetune.training.optim import build_optimizer, build_scheduler
 
 
 def fsdp_requested() -> bool:
@@ -47,13 +48,17 @@ class Engine:
 
     name = "ddp"
     shards_parameters = False
+    trains_model = True
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe):
         self.accelerator = accelerator
         self.recipe = recipe
+        self.lora = recipe.peft.method == "lora"
 
     @staticmethod
     def create(accelerator: Accelerator, recipe: Recipe) -> "Engine":
+        if recipe.train.freeze_model:
+            return FrozenModel(accelerator, recipe)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
             return DeepSpeedZero(accelerator, recipe)
         if fsdp_requested() and accelerator.num_processes > 1:
@@ -63,14 +68,25 @@ class Engine:
     def describe(self) -> str:
         return "DDP" if self.accelerator.num_processes > 1 else "single process"
 
-    def prepare(self, model, build_optimizer):
-        """(wrapped model, optimizer); build_optimizer(params) makes the torch optimizer."""
-        return self.accelerator.prepare(model, build_optimizer(model.parameters()))
+    def prepare(self, model) -> tuple:
+        """(wrapped model, optimizer, LR scheduler). The scheduler is built on the engine's own torch optimizer
+        and stepped by hand once per optimizer step (not prepared), so the LR at step n is the same whatever the
+        number of processes."""
+        optimizer = build_optimizer(model.parameters(), self.recipe.train)
+        model, wrapped = self._wrap(model, optimizer)
+        return model, wrapped, build_scheduler(optimizer, self.recipe.train)
+
+    def _wrap(self, model, optimizer) -> tuple:
+        return self.accelerator.prepare(model, optimizer)
 
     def prepare_frozen(self, model):
         """A frozen model used only for forward passes (the distillation teacher), placed like the student:
         a full copy per rank here; sharded by the engines that shard parameters."""
         return model.to(self.accelerator.device)
+
+    def forward_context(self):
+        """Around the training forward: a graph is built for the model (not for a frozen one)."""
+        return contextlib.nullcontext()
 
     def sync_context(self, model, last: bool):
         return contextlib.nullcontext() if last else self.accelerator.no_sync(model)
@@ -81,23 +97,83 @@ class Engine:
     def clip(self, model, max_norm: float):
         return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
 
+    def step(self, optimizer, scheduler, apply: bool) -> float:
+        """One optimizer step (skipped when not `apply`: a non-finite step changes no weight); the LR schedule
+        moves on either way. Returns the LR the step used."""
+        lr = scheduler.get_last_lr()[0]
+        if apply:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return lr
+
     def full_state_dict(self, model) -> dict | None:
         """Full (gathered) weights on the main process; every rank must call it."""
         return self.accelerator.get_state_dict(model)
 
+    # ------------------------------------------------------------ checkpoint
+    def save_state(self, model, optimizer, folder: Path) -> None:
+        """Weights (full, gathered: an export needs no process group) and optimizer state. Every rank calls it;
+        the main process writes `model/` (and `optimizer.pt` unless the engine saves its sharded optimizer)."""
+        state_dict = None if self.lora else self.full_state_dict(model)  # LoRA: save_pretrained writes the adapter
+        self.save_sharded_optimizer(model, optimizer, folder)
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(model).save_pretrained(folder / "model", state_dict=state_dict)
+            if optimizer is not None and not self.saves_optimizer_itself():
+                torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_state(self, model, optimizer, folder: Path) -> None:
+        """Restore what save_state() wrote (every rank)."""
+        from sparsetune.checkpoint.resume import load_model_weights
+        from sparsetune.checkpoint.state import is_lora_checkpoint, load_torch_state
+
+        if optimizer is not None and self.saves_optimizer_itself():
+            self.load_sharded(model, optimizer, folder)  # weights and the sharded optimizer state
+            return
+        load_model_weights(self.accelerator.unwrap_model(model), folder / "model", is_lora_checkpoint(folder))
+        if optimizer is not None:
+            optimizer.load_state_dict(load_torch_state(folder / "optimizer.pt"))
+
     def saves_optimizer_itself(self) -> bool:
         return False
 
-    def save(self, model, optimizer, folder: Path) -> None:
-        """Engine-owned state (all ranks call it)."""
+    def save_sharded_optimizer(self, model, optimizer, folder: Path) -> None:
+        """Engine-owned optimizer state (all ranks call it)."""
 
-    def load(self, model, optimizer, folder: Path) -> None:
-        """Restore what save() wrote (all ranks)."""
+    def load_sharded(self, model, optimizer, folder: Path) -> None:
+        """Restore weights and what save_sharded_optimizer() wrote (all ranks)."""
 
     def local_parameter_count(self, model) -> tuple[int, int]:
         """(parameters held by this rank, parameters of the model)."""
         n = sum(p.numel() for p in model.parameters())
         return n, n
+
+
+class FrozenModel(Engine):
+    """Predictor-only training (`train.freeze_model`): the model runs forward without a graph, is neither
+    wrapped nor optimized; only the components' own losses (the predictors') are backpropagated."""
+
+    name = "frozen"
+    trains_model = False
+
+    def describe(self) -> str:
+        return "model frozen, predictors only" + (", DDP" if self.accelerator.num_processes > 1 else "")
+
+    def prepare(self, model) -> tuple:
+        model.requires_grad_(False)
+        return model.to(self.accelerator.device), None, None
+
+    def forward_context(self):
+        return torch.no_grad()
+
+    def sync_context(self, model, last: bool):
+        return contextlib.nullcontext()
+
+    def clip(self, model, max_norm: float):
+        return None
+
+    def step(self, optimizer, scheduler, apply: bool) -> float:
+        return 0.0
 
 
 class DeepSpeedZero(Engine):
@@ -155,10 +231,10 @@ class DeepSpeedZero(Engine):
     def saves_optimizer_itself(self) -> bool:
         return True
 
-    def save(self, model, optimizer, folder: Path) -> None:
+    def save_sharded_optimizer(self, model, optimizer, folder: Path) -> None:
         model.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False)
 
-    def load(self, model, optimizer, folder: Path) -> None:
+    def load_sharded(self, model, optimizer, folder: Path) -> None:
         model.load_checkpoint(str(folder / "deepspeed"), tag="engine", load_optimizer_states=True,
                               load_lr_scheduler_states=False, load_module_strict=False)
 
@@ -179,21 +255,22 @@ class FSDP2(Engine):
     def describe(self) -> str:
         return "FSDP2 (fully_shard per decoder layer)"
 
-    def prepare(self, model, build_optimizer):
+    def prepare(self, model) -> tuple:
         from torch.distributed.fsdp import fully_shard
 
-        from sparsetune.surgery.relufy import decoder_layers
+        from sparsetune.models.structure import decoder_layers
 
         model.to(self.accelerator.device)
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
-        return model, build_optimizer(model.parameters())
+        optimizer = build_optimizer(model.parameters(), self.recipe.train)  # over the sharded parameters
+        return model, optimizer, build_scheduler(optimizer, self.recipe.train)
 
     def prepare_frozen(self, model):
         from torch.distributed.fsdp import fully_shard
 
-        from sparsetune.surgery.relufy import decoder_layers
+        from sparsetune.models.structure import decoder_layers
 
         model.to(self.accelerator.device)
         for layer in decoder_layers(model):
@@ -217,13 +294,13 @@ class FSDP2(Engine):
     def saves_optimizer_itself(self) -> bool:
         return True
 
-    def save(self, model, optimizer, folder: Path) -> None:
+    def save_sharded_optimizer(self, model, optimizer, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "fsdp_optimizer"))
 
-    def load(self, model, optimizer, folder: Path) -> None:
+    def load_sharded(self, model, optimizer, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                              set_model_state_dict, set_optimizer_state_dict)

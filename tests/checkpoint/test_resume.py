@@ -10,8 +10,8 @@ import pytest
 from safetensors.torch import load_file
 
 from sparsetune.checkpoint.store import CheckpointStore
-from sparsetune.tracking.wandb_offline import read_offline_run
-from tests.e2e_helpers import TINY_TRAIN, child_env, read_metrics, train_tiny
+from tests.e2e_helpers import (TINY_TRAIN, child_env, preempt_at, read_metrics, read_wandb_run, train_logs, train_steps,
+                                train_tiny)
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ def assert_same_weights(a, b):
 
 
 def train_losses(run):
-    return {m["step"]: m["train/loss"] for m in read_metrics(run) if "train/loss" in m}
+    return {m["step"]: m["train/loss"] for m in train_logs(run)}
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -45,13 +45,13 @@ def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, 
     args = [*SCHEDULE, "train.max_steps=8", *extra]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
-    monkeypatch.setenv("SPARSETUNE_TEST_PREEMPT_AT_STEP", "3")
-    assert train_tiny(tiny_model_dirs["llama"], stopped, *args) == 0
+    with monkeypatch.context() as patch:
+        preempt_at(patch, 3)
+        assert train_tiny(tiny_model_dirs["llama"], stopped, *args) == 0
     assert CheckpointStore(stopped).latest_complete().name == "step-00000003"
-    monkeypatch.delenv("SPARSETUNE_TEST_PREEMPT_AT_STEP")
     assert train_tiny(tiny_model_dirs["llama"], stopped, *args, "--resume") == 0
 
-    steps = [m["step"] for m in read_metrics(stopped) if "train/loss" in m]
+    steps = train_steps(stopped)
     assert steps == list(range(1, 9)), "every step logged exactly once, the first after resume is 4"
     assert train_losses(stopped) == train_losses(straight)  # exact, not approximate
     _, a = final_weights(straight)
@@ -64,7 +64,7 @@ def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, 
     rows = [ln.split(",")[0] for ln in (stopped / "tradeoff.csv").read_text().splitlines()[1:]]
     assert rows == ["0", "4", "8"]
     # one W&B run, continued: the same id in both offline segments, history continuous
-    runs = [read_offline_run(d) for d in sorted((stopped / "wandb").glob("offline-run-*"))]
+    runs = [read_wandb_run(d) for d in sorted((stopped / "wandb").glob("offline-run-*"))]
     assert len(runs) == 2 and len({rid for r in runs for rid in r["run_ids"]}) == 1
     logged = [row["_step"] for r in runs for row in r["history"] if "train/loss" in row]
     assert logged == list(range(1, 9))
@@ -74,7 +74,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dirs,
     args = [*SCHEDULE, "train.max_steps=9", "train.save_every=3", "train.keep_checkpoints=5"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
-    env = child_env(SPARSETUNE_TEST_KILL_IN_SAVE="6")
+    env = child_env(hooks=True, SPARSETUNE_TEST_KILL_IN_SAVE="6")
     cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
            f"output_dir={killed}", *TINY_TRAIN, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -85,7 +85,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dirs,
     assert (store.root / "latest").read_text().strip() == "step-00000003"
     assert max(m["step"] for m in read_metrics(killed)) == 6  # steps 4..6 were logged before the kill
     assert train_tiny(tiny_model_dirs["llama"], killed, *args, "--resume") == 0
-    steps = [m["step"] for m in read_metrics(killed) if "train/loss" in m]
+    steps = train_steps(killed)
     assert steps == list(range(1, 10))
     assert train_losses(killed) == train_losses(straight)
     assert_same_weights(final_weights(straight)[1], final_weights(killed)[1])
@@ -112,7 +112,7 @@ def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_to_the_same_weights(tin
     stop_step = int(CheckpointStore(stopped).latest_complete().name.split("-")[1])
     assert 0 < stop_step < 300
     assert train_tiny(tiny_model_dirs["llama"], stopped, *args, "--resume") == 0
-    assert [m["step"] for m in read_metrics(stopped) if "train/loss" in m] == list(range(1, 301))
+    assert train_steps(stopped) == list(range(1, 301))
     assert_same_weights(final_weights(straight)[1], final_weights(stopped)[1])
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from sparsetune.checkpoint.store import CheckpointStore
 from tests.distributed.test_multiprocess import COMMON, free_port, launched
-from tests.e2e_helpers import child_env, read_metrics, train_tiny
+from tests.e2e_helpers import child_env, logs_with, train_logs, train_steps, train_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -32,7 +32,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes(tiny_model_d
                             env=child_env(WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len([m for m in read_metrics(run) if "train/loss" in m]) >= 3:
+        if (run / "metrics.jsonl").exists() and len(train_logs(run)) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler or `kill PID` would
@@ -46,7 +46,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes(tiny_model_d
     assert (ckpt / "rng_state_rank0.json").is_file() and (ckpt / "rng_state_rank1.json").is_file()
     resumed = launched(tiny_model_dirs["llama"], run, "ddp", f"train.max_steps={stop + 2}", "--resume")
     assert f"resuming from {ckpt} at step {stop}" in resumed.stdout
-    assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == list(range(1, stop + 3))
+    assert train_steps(run) == list(range(1, stop + 3))
 
 
 def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_model_dirs, tmp_path):
@@ -71,14 +71,14 @@ def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_mo
     run = tmp_path / "run"
     proc = launched(tiny_model_dirs["llama"], run, "fsdp", f"data.path={text}", f"data.eval_path={held}",
                     "train.max_steps=2")
-    evals = [m for m in read_metrics(run) if "eval/perplexity" in m]
+    evals = logs_with(run, "eval/perplexity")
     assert len(evals) == 2 and all(m["eval/perplexity"] > 1 for m in evals), proc.stdout[-2000:]
     # the figures count real tokens only: the same as one process evaluating the same rows
     single = tmp_path / "single"
     assert train_tiny(tiny_model_dirs["llama"], single, f"data.path={text}", f"data.eval_path={held}",
                       "train.max_steps=1", "train.eval_every=0", "wandb.mode=disabled", "train.eval_batches=4",
                       "train.micro_batch_size=4") == 0
-    first = [m for m in read_metrics(single) if "eval/perplexity" in m][0]
+    first = logs_with(single, "eval/perplexity")[0]
     assert evals[0]["eval/perplexity"] == pytest.approx(first["eval/perplexity"], rel=1e-4)
     assert evals[0]["eval/sparsity"] == pytest.approx(first["eval/sparsity"], abs=1e-4)
 
@@ -87,7 +87,7 @@ def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_mo
 def test_distillation_teacher_is_sharded_like_the_student(tiny_model_dirs, tmp_path, preset):
     run = tmp_path / "run"
     proc = launched(tiny_model_dirs["llama"], run, preset, "distill.weight=0.5", "train.max_steps=2")
-    teacher = held_parameters(proc.stdout, "distillation-teacher parameters")
+    teacher = held_parameters(proc.stdout, "distillation frozen-model parameters")
     student = held_parameters(proc.stdout, "parameters")
     assert len(teacher) == 2 and all(h < 0.6 * t for h, t in teacher), teacher  # each rank holds about half
     assert teacher[0][1] == student[0][1]  # the same model size
@@ -96,8 +96,8 @@ def test_distillation_teacher_is_sharded_like_the_student(tiny_model_dirs, tmp_p
     single = tmp_path / "single"
     assert train_tiny(tiny_model_dirs["llama"], single, *COMMON, "distill.weight=0.5", "train.max_steps=1",
                       "train.micro_batch_size=8", "wandb.mode=disabled") == 0
-    ours = {m["step"]: m for m in read_metrics(run) if "train/distill_loss" in m}
-    ref = {m["step"]: m for m in read_metrics(single) if "train/distill_loss" in m}
+    ours = {m["step"]: m for m in logs_with(run, "train/distill_loss")}
+    ref = {m["step"]: m for m in logs_with(single, "train/distill_loss")}
     assert ours[1]["train/distill_loss"] > 0
     assert ours[1]["train/distill_loss"] == pytest.approx(ref[1]["train/distill_loss"], rel=1e-4)
 
@@ -109,8 +109,8 @@ def test_ddp_dynamic_eval_figures_are_over_all_ranks(tiny_model_dirs, tmp_path):
     single = tmp_path / "single"
     assert train_tiny(tiny_model_dirs["llama"], single, *COMMON, *pred, "train.micro_batch_size=8",
                       "train.eval_batches=2", "predictor.dynamic_eval_batches=1", "wandb.mode=disabled") == 0
-    ours = [m for m in read_metrics(run) if "eval/dynamic/dense/perplexity" in m][0]  # step 0: same predictors
-    ref = [m for m in read_metrics(single) if "eval/dynamic/dense/perplexity" in m][0]
+    ours = logs_with(run, "eval/dynamic/dense/perplexity")[0]  # step 0: same predictors
+    ref = logs_with(single, "eval/dynamic/dense/perplexity")[0]
     for key in ("dense/perplexity", "oracle/perplexity", "oracle/sparsity", "predicted/perplexity",
                 "predicted/sparsity"):
         assert ours[f"eval/dynamic/{key}"] == pytest.approx(ref[f"eval/dynamic/{key}"], rel=1e-4), key

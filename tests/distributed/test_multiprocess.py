@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sparsetune.checkpoint.resume import read_weights
-from tests.e2e_helpers import TINY_TRAIN, child_env, read_metrics
+from tests.e2e_helpers import TINY_TRAIN, child_env, logs_with, train_logs, train_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -34,7 +34,8 @@ def free_port() -> int:
 
 def sparsetune(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "sparsetune", *args], capture_output=True, text=True,
-                          env=child_env(WANDB_MODE="offline", OMP_NUM_THREADS="1", **(env or {})), timeout=timeout)
+                          env=child_env(hooks=True, WANDB_MODE="offline", OMP_NUM_THREADS="1", **(env or {})),
+                          timeout=timeout)
     return proc
 
 
@@ -94,7 +95,7 @@ def single_reference(tiny_model_dirs, tmp_path_factory):
 
 
 def per_step(run):
-    return {r["step"]: r for r in read_metrics(run) if "train/loss" in r}
+    return {r["step"]: r for r in train_logs(run)}
 
 
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(ddp_reference, single_reference):
@@ -106,8 +107,8 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(ddp_reference,
     for step in d:
         for key in ("train/loss", "train/lm_loss", "train/reg_loss", "train/sparsity"):
             assert d[step][key] == pytest.approx(s[step][key], rel=1e-4, abs=1e-6), (step, key)
-    ddp_eval = [r for r in read_metrics(ddp_run) if "eval/perplexity" in r][-1]
-    single_eval = [r for r in read_metrics(single) if "eval/perplexity" in r][-1]
+    ddp_eval = logs_with(ddp_run, "eval/perplexity")[-1]
+    single_eval = logs_with(single, "eval/perplexity")[-1]
     assert ddp_eval["eval/perplexity"] == pytest.approx(single_eval["eval/perplexity"], rel=1e-4)
     assert ddp_eval["eval/sparsity"] == pytest.approx(single_eval["eval/sparsity"], abs=1e-4)
     ckpt = ddp_run / "checkpoints" / (ddp_run / "checkpoints" / "latest").read_text().strip()
@@ -128,7 +129,7 @@ def test_ddp_with_gradient_accumulation_equals_the_same_global_batch(tiny_model_
 def test_ddp_stop_at_step_2_and_resume_ends_at_the_uninterrupted_weights(tiny_model_dirs, tmp_path, ddp_reference):
     run = tmp_path / "run"
     stop_and_resume(tiny_model_dirs["llama"], run, "ddp")
-    steps = [r["step"] for r in read_metrics(run) if "train/loss" in r]
+    steps = train_steps(run)
     assert steps == list(range(1, STEPS + 1))
     assert_weights_close(final_weights(run), final_weights(ddp_reference[0]), atol=0)
 

@@ -5,7 +5,8 @@ from sparsetune.dynamic.head_skipping import head_skipping
 from sparsetune.dynamic.masked_mlp import gathered_mlp
 from sparsetune.recipe.schema import RelufySection
 from sparsetune.surgery.activations import build_activation
-from sparsetune.surgery.relufy import decoder_layers, relufy
+from sparsetune.models.structure import decoder_layers
+from sparsetune.surgery.relufy import relufy
 from tests.tiny_models import tiny_model
 
 

@@ -19,7 +19,7 @@ import torch
 
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
-from tests.e2e_helpers import read_metrics, run_cli, train_tiny
+from tests.e2e_helpers import run_cli, train_logs, train_steps, train_tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -112,7 +112,7 @@ def test_overwrite_clears_only_what_the_run_wrote(model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "kept what the run did not write: export, my_analysis.ipynb" in out
     assert (run / "my_analysis.ipynb").read_text() == "{}" and (run / "export" / "model.gguf").read_bytes() == b"GGUF"
-    assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [1]  # the old run's steps are gone
+    assert train_steps(run) == [1]  # the old run's steps are gone
     assert CheckpointStore(run).latest_name() == "step-00000001" and (run / "sparsetune-run.json").is_file()
 
 
@@ -257,7 +257,7 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(model, tmp_pa
     # a plain --resume follows `latest` (the new lineage), not the abandoned step 4
     assert train_tiny(model, run, *QUIET, "train.max_steps=3", "--resume") == 0
     assert "already complete at step 3" in capsys.readouterr().out
-    assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [1, 2, 3]
+    assert train_steps(run) == [1, 2, 3]
 
 
 def test_torn_last_lines_are_dropped_on_resume(model, tmp_path, capsys):
@@ -273,7 +273,7 @@ def test_torn_last_lines_are_dropped_on_resume(model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert re.search(r"dropped 1 torn line\(s\) from .*metrics.jsonl", out)
     assert re.search(r"dropped 1 torn line\(s\) from .*tradeoff.csv", out)
-    assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == [1, 2, 3]  # every line parses
+    assert train_steps(run) == [1, 2, 3]  # every line parses
     assert [ln.split(",")[0] for ln in (run / "tradeoff.csv").read_text().splitlines()[1:]] == ["0", "1", "2", "3"]
 
 
@@ -333,7 +333,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_last_good_chec
                                           r"is intact\)", errors[0])
     assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row" in captured.out
     assert snapshot(run / "checkpoints") == good  # no checkpoint written after a bad step
-    logged = {m["step"]: m for m in read_metrics(run) if "train/loss" in m}
+    logged = {m["step"]: m for m in train_logs(run)}
     assert [logged[s]["train/skipped_nonfinite"] for s in (3, 4)] == [1.0, 1.0]
     assert logged[4]["train/skipped_steps_total"] == 2.0
     # the last good checkpoint resumes with a sane coefficient and ends where a straight run ends

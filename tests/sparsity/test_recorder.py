@@ -1,7 +1,9 @@
 import torch
 
 from sparsetune.sparsity.recorder import ActivationRecorder
-from sparsetune.sparsity.regularizers import hoyer, l1
+from sparsetune.sparsity.regularizers import get_regularizer, regularizer_names
+
+l1, hoyer = get_regularizer("l1"), get_regularizer("hoyer")
 
 
 def test_sparsity_counts_only_real_tokens():

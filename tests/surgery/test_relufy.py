@@ -3,7 +3,8 @@ import torch
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.recipe.schema import RelufySection
-from sparsetune.surgery.relufy import SparseMLP, relufy, restore_hf_mlps
+from sparsetune.surgery.relufy import relufy, restore_hf_mlps
+from sparsetune.surgery.sparse_mlp import SparseMLP
 from tests.tiny_models import FAMILIES, tiny_model
 
 

@@ -20,7 +20,8 @@ from sparsetune.dynamic.masked_mlp import gathered_mlp
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
-from sparsetune.surgery.relufy import decoder_layers, overriding_mlps
+from sparsetune.models.structure import decoder_layers
+from sparsetune.surgery.sparse_mlp import patched_mlps
 
 
 class _KeptFraction:
@@ -47,16 +48,12 @@ def _mlp_override(model, choose_mask, tally: _KeptFraction):
     def override(mlp, x):
         keep = choose_mask(mlp, x)
         if keep is None:  # no mask for this layer (e.g. layer 0 under lookahead): dense
-            mlp.override = None
-            try:
-                return mlp(x)
-            finally:
-                mlp.override = override
+            return mlp.dense(x)
         tally.add(keep)
         g, u, d = mlp.projections()
         return gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise())
 
-    with overriding_mlps(model, override):
+    with patched_mlps(model, override=override):
         yield
 
 

@@ -1,0 +1,40 @@
+"""Where things are in a (wrapped) causal LM: the transformers model under peft / DDP / DeepSpeed / compile
+wrappers, its decoder layers, and its SparseMLPs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparsetune.surgery.architectures import layout_for
+from sparsetune.surgery.sparse_mlp import SparseMLP
+
+
+def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM under peft/DDP/compile wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
+            model = model.get_base_model()
+        else:
+            break
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    lm = base_causal_lm(model)
+    return get_submodule(lm, layout_for(lm.config.model_type).layers)
+
+
+def sparse_mlps(model: nn.Module) -> list[SparseMLP]:
+    return [m for m in model.modules() if isinstance(m, SparseMLP)]

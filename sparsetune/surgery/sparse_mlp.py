@@ -1,0 +1,82 @@
+"""`SparseMLP`: a SwiGLU MLP with a swappable activation, and the one way to patch it temporarily.
+
+`SparseMLP` keeps the original projection modules under their original names, so the model's state dict (and LoRA
+target names) are exactly those of the Hugging Face model. It has two extension points:
+
+  sink      an observer handed every forward's activation once: `record(layer, a, mlp_input, gate)`
+            (the run's ActivationRecorder; calibration's collector)
+  override  a replacement computation `override(mlp, x) -> output` (dynamic evaluation, sparse decoding)
+
+`patched_mlps(model, ...)` swaps activation / sink / override on every SparseMLP and restores them on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from sparsetune.surgery.activations import MLPActivation
+from sparsetune.surgery.architectures import MLPLayout
+
+
+class ActivationSink(Protocol):
+    def record(self, layer: int, activation: torch.Tensor, mlp_input: torch.Tensor, gate: torch.Tensor) -> None: ...
+
+
+class SparseMLP(nn.Module):
+    """A SwiGLU MLP with a swappable activation that reports its activation once per forward."""
+
+    def __init__(self, original: nn.Module, layout: MLPLayout, activation: MLPActivation, layer_idx: int):
+        super().__init__()
+        self.layout_names = (layout.gate, layout.up, layout.down)
+        for name in self.layout_names:
+            self.add_module(name, getattr(original, name))
+        self.activation = activation
+        self.layer_idx = layer_idx
+        self.sink: ActivationSink | None = None
+        self.override: Callable[[SparseMLP, torch.Tensor], torch.Tensor] | None = None
+        self.original_class = type(original)
+
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return tuple(getattr(self, n) for n in self.layout_names)  # type: ignore[return-value]
+
+    def dense(self, x: torch.Tensor, sink: ActivationSink | None = None) -> torch.Tensor:
+        """The MLP on every neuron: down(act(gate(x), up(x))), the activation handed to `sink` if given."""
+        gate_proj, up_proj, down_proj = self.projections()
+        gate = gate_proj(x)
+        a = self.activation(gate, up_proj(x))
+        if sink is not None:
+            sink.record(self.layer_idx, a, x, gate)
+        return down_proj(a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.override is not None:
+            return self.override(self, x)
+        return self.dense(x, self.sink)
+
+
+_KEEP = object()
+
+
+@contextlib.contextmanager
+def patched_mlps(model: nn.Module, activation=_KEEP, sink=_KEEP, override=_KEEP):
+    """Within: every SparseMLP of `model` uses the given activation (a module, or a function of the SparseMLP
+    giving one), sink and/or override; whatever is not given stays. Everything is restored on exit."""
+    from sparsetune.models.structure import sparse_mlps
+
+    mlps = sparse_mlps(model)
+    changes = {k: v for k, v in (("activation", activation), ("sink", sink), ("override", override)) if v is not _KEEP}
+    saved = [{k: getattr(m, k) for k in changes} for m in mlps]
+    try:
+        for m in mlps:
+            for key, value in changes.items():
+                setattr(m, key, value(m) if key == "activation" and callable(value)
+                        and not isinstance(value, nn.Module) else value)
+        yield mlps
+    finally:
+        for m, old in zip(mlps, saved):
+            for key, value in old.items():
+                setattr(m, key, value)

@@ -1,0 +1,119 @@
+"""Co-trained activation predictors: built on the SparseMLPs, fed by the recorder's capture (no extra forward),
+optimized by their own AdamW, measured at every evaluation, checkpointed with the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sparsetune.checkpoint.state import load_torch_state
+from sparsetune.errors import SparsetuneError
+from sparsetune.evaluation.dynamic import dynamic_eval
+from sparsetune.models.structure import base_causal_lm
+from sparsetune.predictors.bank import PredictorBank, load_predictors
+from sparsetune.predictors.hooks import attach_head_hooks
+from sparsetune.predictors.metrics import ConfusionCounts
+from sparsetune.recipe.schema import Recipe
+from sparsetune.tracking.metrics import predictor_metrics, predictor_tradeoff_fields
+from sparsetune.training.components.base import Component, EvalContext, EvalReport, LossTerm, Setup, StepContext
+
+
+def bank_for(model, recipe: Recipe) -> PredictorBank:
+    cfg = base_causal_lm(model).config
+    exact = recipe.relufy.activation != "silu"
+    return PredictorBank(recipe.predictor, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+                         cfg.num_attention_heads, exact_zeros=exact)
+
+
+class Predictors(Component):
+    name, order = "predictors", 30
+    has_state = True
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.bank: PredictorBank | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.accelerator = None
+        self._train_counts = None
+
+    @classmethod
+    def build(cls, recipe: Recipe) -> "Predictors | None":
+        return cls(recipe) if recipe.predictor.enabled else None
+
+    def after_surgery(self, setup: Setup) -> None:
+        r = self.recipe
+        self.bank = bank_for(setup.model, r).to(setup.device)
+        fraction = self.bank.neuron_param_fraction()
+        if fraction > r.predictor.max_param_fraction:
+            raise SparsetuneError(
+                f"predictor.rank={r.predictor.rank} gives neuron predictors of {fraction:.1%} of the MLP "
+                f"parameters, above predictor.max_param_fraction={r.predictor.max_param_fraction:g}; "
+                "lower the rank or raise the budget")
+        setup.recorder.consumers.append(self.bank)
+        if r.predictor.heads:
+            attach_head_hooks(setup.model, self.bank, setup.recorder)
+        self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=r.predictor.lr, foreach=False)
+        self.accelerator = setup.accelerator
+
+    # ----------------------------------------------------------------- train
+    def begin_micro(self, index: int) -> None:
+        self.bank.set_position(index)
+
+    def loss_terms(self, ctx: StepContext) -> list[LossTerm]:
+        loss = self.bank.pop_loss()  # its inputs are detached: it only reaches the predictors
+        return [] if loss is None else [LossTerm("predictor_loss", loss, loss, model_loss=False)]
+
+    def after_step(self, skipped: bool) -> None:
+        """Average gradients across ranks (the bank is not wrapped in DDP), then one optimizer step; a step the
+        trainer skipped as non-finite changes no predictor."""
+        if not skipped:
+            if self.accelerator.num_processes > 1:
+                for p in self.bank.parameters():
+                    if p.grad is not None:
+                        p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _summaries(self, reduce) -> dict:
+        out = {}
+        for name, counts in (("neurons", self.bank.counts), ("heads", self.bank.head_counts)):
+            merged = counts.merge_counts() if counts is not None else None
+            if merged is not None:
+                out[name] = ConfusionCounts.summary(reduce(merged) if reduce else merged)
+        return out
+
+    def log_metrics(self, reduce) -> dict[str, float]:
+        out = self._summaries(reduce)
+        self.bank.reset_counts()
+        return predictor_metrics("train", out, None)
+
+    # ------------------------------------------------------------------ eval
+    def begin_eval(self) -> None:
+        """Evaluation counts go to fresh counters, and the bank records no loss (eval mode)."""
+        self._train_counts = (self.bank.counts, self.bank.head_counts)
+        self.bank.reset_counts()
+        self.bank.eval()
+
+    def end_eval(self, ctx: EvalContext) -> EvalReport:
+        pred = self._summaries(ctx.reduce)
+        self.bank.counts, self.bank.head_counts = self._train_counts
+        dyn = {}
+        n = self.recipe.predictor.dynamic_eval_batches
+        if n:
+            dyn = dynamic_eval(ctx.model, self.bank, ctx.held_out_batches(n), ctx.device,
+                               exact_zeros=self.bank.exact_zeros,
+                               silu_active_fraction=self.recipe.predictor.silu_active_fraction, all_reduce=ctx.reduce)
+        self.bank.train()
+        return EvalReport(metrics=predictor_metrics("eval", pred, dyn), row=predictor_tradeoff_fields(pred, dyn),
+                          result={"predictor": pred, "dynamic": dyn})
+
+    # ------------------------------------------------------------ checkpoint
+    def save(self, folder: Path, last_eval: dict) -> None:
+        self.bank.save(folder / "predictors", last_eval.get("predictor"))
+        torch.save(self.optimizer.state_dict(), folder / "predictor_optimizer.pt")
+
+    def load(self, folder: Path) -> None:
+        saved = load_predictors(folder / "predictors")
+        self.bank.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(load_torch_state(folder / "predictor_optimizer.pt"))
