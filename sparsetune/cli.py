@@ -91,6 +91,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sparsetune import __version__
+    from sparsetune.launch.presets import PRESETS
+    from sparsetune.recipe.schema import ACTIVATIONS
 
     parser = argparse.ArgumentParser(prog="sparsetune", description="Sparsity-aware fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in output_dir from its newest usable checkpoint (a new run when output_dir "
                         "is new or empty), or from the given checkpoint folder; never deletes anything")
     launch = p.add_argument_group("multi-process launch (runs the same command under `accelerate launch`)")
-    launch.add_argument("--launch", metavar="PRESET", choices=["ddp", "fsdp", "zero2", "zero3", "zero3_offload"],
-                        help="ddp | fsdp | zero2 | zero3 | zero3_offload (sparsetune/launch/presets/)")
+    launch.add_argument("--launch", metavar="PRESET", choices=list(PRESETS),
+                        help=f"{' | '.join(PRESETS)} (sparsetune/launch/presets/)")
     launch.add_argument("--num-processes", type=int, default=None,
                         help="processes per machine (default: the number of GPUs, else 2 on CPU)")
     launch.add_argument("--num-machines", type=int, default=1)
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--activation", default=None,
-                   choices=["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"],
+                   choices=ACTIVATIONS,
                    help="swap the MLP activation before measuring (relu: the untrained ReLU baseline; cats: "
                         "training-free thresholds calibrated to --target-sparsity)")
     p.add_argument("--target-sparsity", type=float, default=None,

@@ -30,13 +30,25 @@ class Preset:
         return self.strategy == "fsdp" or (self.zero_stage or 0) >= 3
 
 
-PRESETS = {p.name: p for p in (
-    Preset("ddp", "ddp"),
-    Preset("fsdp", "fsdp"),
-    Preset("zero2", "deepspeed", 2),
-    Preset("zero3", "deepspeed", 3),
-    Preset("zero3_offload", "deepspeed", 3, offload=True),
-)}
+_STRATEGIES = {"MULTI_GPU": "ddp", "FSDP": "fsdp", "DEEPSPEED": "deepspeed"}
+
+
+def _read_preset(config: Path) -> Preset:
+    """A preset from its files: the accelerate config says the strategy, the DeepSpeed JSON the ZeRO stage."""
+    import json
+
+    import yaml
+
+    kind = yaml.safe_load(config.read_text()).get("distributed_type")
+    strategy = _STRATEGIES[kind]
+    if strategy != "deepspeed":
+        return Preset(config.stem, strategy)
+    zero = json.loads(config.with_suffix(".json").read_text()).get("zero_optimization", {})
+    return Preset(config.stem, strategy, int(zero.get("stage", 0)), offload="offload_param" in zero)
+
+
+# Adding a preset is adding its files to presets/ (NAME.yaml, and NAME.json for DeepSpeed).
+PRESETS = {p.name: p for p in map(_read_preset, sorted(PRESET_DIR.glob("*.yaml")))}
 
 
 def get_preset(name: str) -> Preset:

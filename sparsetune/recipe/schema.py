@@ -7,11 +7,12 @@ from it (`scripts/gen_recipe_docs.py` regenerates that file).
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ACTIVATIONS = ("silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats")
+from sparsetune.sparsity.regularizers import regularizer_docs, regularizer_names
 
 
 class Section(BaseModel):
@@ -57,8 +58,14 @@ class DataSection(Section):
     )
 
 
+ActivationName = Literal["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"]
+ACTIVATIONS = list(typing.get_args(ActivationName))
+# One module per regularizer in sparsetune/sparsity/regularizers/ (read without importing torch).
+RegularizerName = Literal[tuple(regularizer_names())]  # type: ignore[valid-type]
+
+
 class RelufySection(Section):
-    activation: Literal["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"] = Field(
+    activation: ActivationName = Field(
         "relu",
         description="MLP activation after surgery. silu: unchanged; relu: ReLU(gate)*up; shifted_relu: "
         "ReLU(gate-shift)*up; fatrelu: gate*[gate>=threshold]*up; drelu: ReLU(gate)*ReLU(up); relu2: "
@@ -102,10 +109,10 @@ class Stage(Section):
 
 
 class RegularizerSection(Section):
-    type: Literal["none", "l1", "hoyer"] = Field(
+    type: RegularizerName = Field(
         "l1",
-        description="Sparsity regularizer on the MLP activation a = act(gate)*up: l1 = mean |a|; hoyer = per "
-        "token (sum|a|)^2 / sum a^2, divided by the number of neurons; none.",
+        description="Sparsity regularizer on the MLP activation a = act(gate)*up: "
+        + "; ".join(f"{name} = {doc}" for name, doc in regularizer_docs().items()) + "; none.",
     )
     coef: float = Field(1e-2, ge=0.0, description="Coefficient (constant schedule, or the target of warmup).")
     schedule: Literal["constant", "warmup", "prosparse"] = Field(

@@ -7,8 +7,10 @@ Adding one is adding a file: the recipe accepts its name and the run uses it, wi
 
 from __future__ import annotations
 
+import ast
 import importlib
 import pkgutil
+from pathlib import Path
 from typing import Callable
 
 Regularizer = Callable  # (a: Tensor, token_mask: Tensor | None) -> Tensor
@@ -17,6 +19,15 @@ Regularizer = Callable  # (a: Tensor, token_mask: Tensor | None) -> Tensor
 def regularizer_names() -> list[str]:
     """Every `regularizer.type` the recipe accepts (module files here, read without importing torch)."""
     return ["none", *sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))]
+
+
+def regularizer_docs() -> dict[str, str]:
+    """name -> the first line of its module docstring after "name: " (for the recipe reference)."""
+    docs = {}
+    for name in regularizer_names()[1:]:
+        doc = ast.get_docstring(ast.parse((Path(__file__).parent / f"{name}.py").read_text())) or ""
+        docs[name] = doc.split("\n\n")[0].replace("\n", " ").removeprefix(f"{name}: ").rstrip(".")
+    return docs
 
 
 def get_regularizer(name: str) -> Regularizer | None:
