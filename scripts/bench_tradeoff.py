@@ -78,10 +78,10 @@ def train(name: str, overrides: list[str], args) -> tuple[Path, float]:
 
 
 def measure(target: str, activation, target_sparsity, data_path, batches: int) -> dict:
-    from sparsetune.evaluation.command import run_eval
+    from sparsetune.evaluation.command import EvalArgs, run_eval
 
-    r = run_eval(target, data_path=data_path, seq_len=256, batches=batches, batch_size=2,
-                 activation=activation, target_sparsity=target_sparsity)
+    r = run_eval(EvalArgs(target, data=data_path, seq_len=256, batches=batches, batch_size=2,
+                          activation=activation, target_sparsity=target_sparsity)).held_out
     keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer")
     return {k: r[k] for k in keep if k in r}
 

@@ -64,15 +64,16 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from sparsetune.evaluation.command import print_report, run_eval, write_json
+    from sparsetune.console import print_eval
+    from sparsetune.evaluation.command import EvalArgs, run_eval, write_json
 
-    result = run_eval(args.model, data_path=args.data, seq_len=args.seq_len, batches=args.batches,
-                      batch_size=args.batch_size, activation=args.activation,
-                      near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
-                      predictor_threshold=args.predictor_threshold, target_sparsity=args.target_sparsity,
-                      calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
-                      trust_remote_code=args.trust_remote_code)
-    print_report(result)
+    result = run_eval(EvalArgs(
+        target=args.model, data=args.data, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
+        activation=args.activation, near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
+        predictor_threshold=args.predictor_threshold, target_sparsity=args.target_sparsity,
+        calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
+        trust_remote_code=args.trust_remote_code))
+    print_eval(result)
     json_path = Path(args.json) if args.json else None
     if json_path is None and Path(args.model).is_dir():
         json_path = Path(args.model) / "eval.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
@@ -12,34 +13,96 @@ from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
+from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.schema import DataSection, RelufySection
 from sparsetune.surgery.calibration import needs_calibration
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.surgery.relufy import activation_spec, relufy
+from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
 
 
-def _load_target(target: str, activation: str | None, target_sparsity: float | None = None,
-                 trust_remote_code: bool = False):
-    """(model with SparseMLPs, tokenizer, default data section, description, predictors folder or None).
-    Remote code runs only when the caller passes `trust_remote_code` (the command line), never because a
-    checkpoint's or export's own recipe asks for it."""
+@dataclass
+class EvalArgs:
+    """What `sparsetune eval` measures (the command line's options, typed)."""
+
+    target: str  # export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id
+    data: str | None = None  # held-out text; default: the run's / export's data, else stdlib-docs
+    seq_len: int | None = None
+    batches: int = 16
+    batch_size: int = 4
+    activation: str | None = None  # swap the MLP activation before measuring
+    near_zero_threshold: float = 1e-3
+    dynamic: bool = False
+    predictor_threshold: float | None = None
+    target_sparsity: float | None = None  # with activation=cats
+    calibration_batches: int = 8
+    generate: int = 0  # greedy tokens decoded with dense and predicted-only MLPs
+    prompt_tokens: int = 32
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class EvalResult:
+    """The measurements of one `sparsetune eval`. `held_out` is the perplexity / sparsity summary
+    (loss, perplexity, tokens, sparsity, per_layer, near_zero...); the others are present when asked for."""
+
+    target: str
+    what: str
+    activation: dict
+    device: str
+    data: str
+    seq_len: int
+    held_out: dict
+    calibration: dict | None = None
+    dynamic: dict | None = None
+    decode: dict | None = None
+
+    def to_json(self) -> dict:
+        """eval.json: what was measured and how, the held-out figures at the top level, then the optional parts."""
+        out = asdict(self)
+        held = out.pop("held_out")
+        head = {k: out.pop(k) for k in ("target", "what", "activation", "device", "data", "seq_len")}
+        return {**head, **held, **{k: v for k, v in out.items() if v is not None}}
+
+    def to_metrics(self, prefix: str) -> dict:
+        """Flat metric names (as a run logs them) for W&B or tables."""
+        out = {f"{prefix}/loss": self.held_out["loss"], f"{prefix}/perplexity": self.held_out["perplexity"],
+               **layer_metrics(prefix, self.held_out)}
+        if self.dynamic:
+            out.update(predictor_metrics(prefix, {}, self.dynamic))
+        return out
+
+
+@dataclass
+class _Target:
+    model: object  # with SparseMLPs
+    tokenizer: object
+    data: DataSection  # the held-out data it belongs with (its run's / export's recipe, else the default)
+    what: str
+    predictors: Path | None
+
+
+def _load_target(args: EvalArgs) -> _Target:
+    """The model to measure. Remote code runs only when the caller passes `trust_remote_code` (the command
+    line), never because a checkpoint's or export's own recipe asks for it."""
+    target, trust = args.target, args.trust_remote_code
     path = Path(target)
     is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file())
     predictors = None
     if is_run:
         ckpt = resolve_checkpoint(path)
         predictors = ckpt / "predictors" if (ckpt / "predictors" / "predictors.json").is_file() else None
-        model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust_remote_code)
+        model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust)
         if recipe.peft.method == "lora":
             model = model.merge_and_unload()
         data, what = recipe.data, f"checkpoint at step {state.get('step')}"
     else:
         if path.is_dir() and (path / "config.json").is_file():
-            model = load_model(str(path), trust_remote_code=trust_remote_code)
-            tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+            model = load_model(str(path), trust_remote_code=trust)
+            tokenizer = load_tokenizer(str(path), trust_remote_code=trust)
             spec = load_activation_spec(path, model.config)
         else:
-            model, tokenizer = load_model_and_tokenizer(target, trust_remote_code=trust_remote_code)
+            model, tokenizer = load_model_and_tokenizer(target, trust_remote_code=trust)
             spec = activation_for_hf_config(model.config)
         relufy(model, spec)
         if path.is_dir() and (path / "predictors.json").is_file():
@@ -52,48 +115,41 @@ def _load_target(target: str, activation: str | None, target_sparsity: float | N
             data, what = validate_recipe(read_yaml(recipe_file), str(recipe_file)).data, "export"
         else:
             data, what = DataSection(), "model"
-    if activation is not None:
-        extra = {"target_sparsity": target_sparsity} if target_sparsity is not None else {}
-        relufy(model, RelufySection(activation=activation, **extra))
-    return model, tokenizer, data, what, predictors
+    if args.activation is not None:
+        extra = {"target_sparsity": args.target_sparsity} if args.target_sparsity is not None else {}
+        relufy(model, RelufySection(activation=args.activation, **extra))
+    return _Target(model, tokenizer, data, what, predictors)
 
 
-def run_eval(target: str, data_path: str | None = None, seq_len: int | None = None, batches: int = 16,
-             batch_size: int = 4, activation: str | None = None, near_zero_threshold: float = 1e-3,
-             dynamic: bool = False, predictor_threshold: float | None = None, target_sparsity: float | None = None,
-             calibration_batches: int = 8, generate: int = 0, prompt_tokens: int = 32, device: str = "auto",
-             trust_remote_code: bool = False) -> dict:
-    dev = resolve_device(device)
-    model, tokenizer, data_cfg, what, predictors = _load_target(target, activation, target_sparsity,
-                                                                trust_remote_code)
-    model.to(dev)
-    if generate and predictors is None:
-        raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with predictor.enabled=true")
-    bank = _predictors(predictors, predictor_threshold) if dynamic or generate else None
+def run_eval(args: EvalArgs) -> EvalResult:
+    dev = resolve_device(args.device)
+    t = _load_target(args)
+    model = t.model.to(dev)
+    if args.generate and t.predictors is None:
+        raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with "
+                              "predictor.enabled=true")
+    bank = _predictors(t.predictors, args.predictor_threshold) if args.dynamic or args.generate else None
     if bank is not None:
         bank.to(dev)
-    if seq_len:
-        data_cfg = data_cfg.model_copy(update={"seq_len": seq_len})
+    data_cfg = t.data.model_copy(update={"seq_len": args.seq_len}) if args.seq_len else t.data
     calibration = None
     if needs_calibration(model):  # on the model's own training data, also when --data names other held-out text
-        calibration = _calibrate(model, data_cfg, tokenizer, batch_size, calibration_batches, dev)
-    if data_path:  # a local file is held out whole; a hub dataset gives its validation/test split
+        calibration = _calibrate(model, data_cfg, t.tokenizer, args.batch_size, args.calibration_batches, dev)
+    if args.data:  # a local file is held out whole; a hub dataset gives its validation/test split
         from sparsetune.data.text_datasets import _looks_local
 
-        update = ({"eval_path": data_path, "eval_split": None} if _looks_local(data_path)
-                  else {"path": data_path, "eval_path": None, "eval_split": None})
+        update = ({"eval_path": args.data, "eval_split": None} if _looks_local(args.data)
+                  else {"path": args.data, "eval_path": None, "eval_split": None})
         data_cfg = data_cfg.model_copy(update=update)
-    data = held_out_data(data_cfg, tokenizer)
-    result = evaluate_held_out(model, data, batch_size, batches, near_zero_threshold, device=dev)
-    out = {"target": target, "what": what, "activation": activation_spec(model), "device": str(dev),
-           "data": data_cfg.path, "seq_len": data_cfg.seq_len, **result}
-    if calibration is not None:
-        out["calibration"] = calibration
-    if dynamic or generate:
-        out["dynamic"] = _dynamic(model, data, batch_size, batches, bank, dev)
-    if generate:  # batch-1 decode kernels are measured on the CPU (the fused kernel is CPU code)
-        out["decode"] = _decode(model.to("cpu"), data, bank.to("cpu"), generate, prompt_tokens)
-    return out
+    data = held_out_data(data_cfg, t.tokenizer)
+    held = evaluate_held_out(model, data, args.batch_size, args.batches, args.near_zero_threshold, device=dev)
+    result = EvalResult(target=args.target, what=t.what, activation=activation_spec(model), device=str(dev),
+                        data=data_cfg.path, seq_len=data_cfg.seq_len, held_out=held, calibration=calibration)
+    if args.dynamic or args.generate:
+        result.dynamic = _dynamic(model, data, args.batch_size, args.batches, bank, dev)
+    if args.generate:  # batch-1 decode kernels are measured on the CPU (the fused kernel is CPU code)
+        result.decode = _decode(model.to("cpu"), data, bank.to("cpu"), args.generate, args.prompt_tokens)
+    return result
 
 
 def _predictors(folder, threshold: float | None):
@@ -136,59 +192,6 @@ def _dynamic(model, data, batch_size, batches, bank, device) -> dict:
     return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), device, exact, frac)
 
 
-def print_report(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    summary = Table(title=f"{result['target']} ({result['what']}, activation {result['activation']['activation']})")
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
-    summary.add_row("held-out perplexity", f"{result['perplexity']:.3f}")
-    summary.add_row("tokens evaluated", str(result["tokens"]))
-    summary.add_row("activation sparsity (exact zeros)", f"{result.get('sparsity', 0):.2%}")
-    if "near_zero" in result:
-        summary.add_row(f"near-zero activations (|a| <= {result['near_zero_threshold']:g})", f"{result['near_zero']:.2%}")
-    console.print(summary)
-    layers = Table(title="per-layer activation sparsity")
-    layers.add_column("layer", justify="right")
-    layers.add_column("exact zeros", justify="right")
-    if "near_zero" in result:
-        layers.add_column("near-zero", justify="right")
-    for i, v in enumerate(result.get("per_layer", [])):
-        row = [str(i), f"{v:.2%}"]
-        if "near_zero" in result:
-            row.append(f"{result['near_zero_per_layer'][i]:.2%}")
-        layers.add_row(*row)
-    console.print(layers)
-    if "dynamic" in result:
-        dyn = Table(title="dynamic activation: perplexity when skipping for real")
-        for col in ("mode", "perplexity", "skipped (sparsity)"):
-            dyn.add_column(col, justify="right" if col != "mode" else "left")
-        for mode, values in result["dynamic"].items():
-            sp = values.get("sparsity")
-            dyn.add_row(mode, f"{values['perplexity']:.3f}", "-" if sp is None else f"{sp:.2%}")
-        console.print(dyn)
-        if "decode" in result:
-            d = result["decode"]
-            dec = Table(title=f"sparse decode: {d['new_tokens']} greedy tokens after a {d['prompt_tokens']}-token "
-                              f"prompt, batch 1, {d['threads']} threads")
-            for col in ("MLPs", "tokens/s", "MLP ms/token", "MLP share of time", "neurons computed"):
-                dec.add_column(col, justify="right" if col != "MLPs" else "left")
-            for mode in ("dense", "sparse"):
-                m = d[mode]
-                kept = f"{m['neurons_kept']:.1%}" if "neurons_kept" in m else "100%"
-                dec.add_row(mode if mode == "dense" else "predicted (sparse kernel)", f"{m['tokens_per_s']:.2f}",
-                            f"{m['mlp_ms_per_token']:.2f}", f"{m['mlp_share']:.0%}", kept)
-            console.print(dec)
-            console.print(f"speedup {d['speedup']:.2f}x end to end, {d['mlp_speedup']:.2f}x on the MLPs; "
-                          f"{d['greedy_tokens_matching_dense']:.0%} of greedy tokens equal to dense; perplexity "
-                          f"{result['dynamic']['dense']['perplexity']:.2f} dense -> "
-                          f"{result['dynamic'].get('predicted', {}).get('perplexity', float('nan')):.2f} predicted")
-        if "predicted" not in result["dynamic"]:
-            console.print("no predictors found (train with predictor.enabled=true): dense and oracle modes only")
-
-
-def write_json(result: dict, path: Path) -> None:
+def write_json(result: EvalResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result.to_json(), indent=1))

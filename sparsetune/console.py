@@ -1,0 +1,60 @@
+"""Tables the command line prints (rich), kept apart from the code that measures."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from sparsetune.evaluation.command import EvalResult
+
+
+def print_eval(result: EvalResult) -> None:
+    """The tables of `sparsetune eval`."""
+    console = Console()
+    held = result.held_out
+    summary = Table(title=f"{result.target} ({result.what}, activation {result.activation['activation']})")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("held-out perplexity", f"{held['perplexity']:.3f}")
+    summary.add_row("tokens evaluated", str(held["tokens"]))
+    summary.add_row("activation sparsity (exact zeros)", f"{held.get('sparsity', 0):.2%}")
+    if "near_zero" in held:
+        summary.add_row(f"near-zero activations (|a| <= {held['near_zero_threshold']:g})", f"{held['near_zero']:.2%}")
+    console.print(summary)
+    layers = Table(title="per-layer activation sparsity")
+    layers.add_column("layer", justify="right")
+    layers.add_column("exact zeros", justify="right")
+    if "near_zero" in held:
+        layers.add_column("near-zero", justify="right")
+    for i, v in enumerate(held.get("per_layer", [])):
+        row = [str(i), f"{v:.2%}"]
+        if "near_zero" in held:
+            row.append(f"{held['near_zero_per_layer'][i]:.2%}")
+        layers.add_row(*row)
+    console.print(layers)
+    if result.dynamic is not None:
+        dyn = Table(title="dynamic activation: perplexity when skipping for real")
+        for col in ("mode", "perplexity", "skipped (sparsity)"):
+            dyn.add_column(col, justify="right" if col != "mode" else "left")
+        for mode, values in result.dynamic.items():
+            sp = values.get("sparsity")
+            dyn.add_row(mode, f"{values['perplexity']:.3f}", "-" if sp is None else f"{sp:.2%}")
+        console.print(dyn)
+        if result.decode is not None:
+            d = result.decode
+            dec = Table(title=f"sparse decode: {d['new_tokens']} greedy tokens after a {d['prompt_tokens']}-token "
+                              f"prompt, batch 1, {d['threads']} threads")
+            for col in ("MLPs", "tokens/s", "MLP ms/token", "MLP share of time", "neurons computed"):
+                dec.add_column(col, justify="right" if col != "MLPs" else "left")
+            for mode in ("dense", "sparse"):
+                m = d[mode]
+                kept = f"{m['neurons_kept']:.1%}" if "neurons_kept" in m else "100%"
+                dec.add_row(mode if mode == "dense" else "predicted (sparse kernel)", f"{m['tokens_per_s']:.2f}",
+                            f"{m['mlp_ms_per_token']:.2f}", f"{m['mlp_share']:.0%}", kept)
+            console.print(dec)
+            console.print(f"speedup {d['speedup']:.2f}x end to end, {d['mlp_speedup']:.2f}x on the MLPs; "
+                          f"{d['greedy_tokens_matching_dense']:.0%} of greedy tokens equal to dense; perplexity "
+                          f"{result.dynamic['dense']['perplexity']:.2f} dense -> "
+                          f"{result.dynamic.get('predicted', {}).get('perplexity', float('nan')):.2f} predicted")
+        if "predicted" not in result.dynamic:
+            console.print("no predictors found (train with predictor.enabled=true): dense and oracle modes only")
