@@ -28,7 +28,7 @@ import time
 import torch
 
 from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.activations import build_activation
 
 SHAPES = {"smollm2-135m": (576, 1536, 30), "llama2-7b": (4096, 11008, 32)}  # hidden, intermediate, layers
@@ -76,7 +76,7 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads, activation {args.activation}, float32, batch 1")
     for shape in args.shapes.split(","):
         d, m, n_layers = SHAPES[shape]
-        activation = build_activation(RelufySection(activation=args.activation))
+        activation = build_activation(relufy_config(activation=args.activation))
         per_layer = 3 * d * m * 4
         layers = max(1, min(n_layers, int(args.max_gib * 2**30 // per_layer)))
         gen = torch.Generator().manual_seed(0)

@@ -124,7 +124,7 @@ def check_process_count(ckpt: Path, num_processes: int, sharded_optimizer: bool)
 
 def check_recipe(ckpt: Path, current: Recipe, report) -> None:
     saved = read_recipe(ckpt)
-    if current.relufy.activation == "cats" and current.relufy.thresholds is None:
+    if current.relufy.activation == "cats" == saved.relufy.activation and current.relufy.thresholds is None:
         current.relufy.thresholds = saved.relufy.thresholds  # calibrated at the run's start: reuse them
     errors, notices = recipe_changes(saved, current)
     if errors:

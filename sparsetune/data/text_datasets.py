@@ -1,15 +1,28 @@
-"""Load text (built-in corpus, local files, HF hub datasets), tokenize, and pack into fixed-length sequences."""
+"""Load text (built-in corpus, local files, HF hub datasets), tokenize, and pack into fixed-length sequences.
+
+Packing runs once per (dataset, tokenizer, text field, seq_len) and lands in a cached .npy file that every process
+memory-maps, so a multi-process run holds the packed corpus once (in the page cache), not once per rank.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from filelock import FileLock
 
 from sparsetune.data.corpus import CORPUS_ALIAS, corpus_files
 from sparsetune.errors import SparsetuneError
+from sparsetune.paths import cache_dir
 from sparsetune.recipe.schema import DataSection
 
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -96,7 +109,12 @@ def load_text_splits(cfg: DataSection) -> tuple[datasets.Dataset, datasets.Datas
 
 @dataclass
 class PackedData:
-    """Token ids packed into rows of exactly seq_len tokens (documents joined by EOS)."""
+    """Token ids packed into rows of exactly seq_len tokens (documents joined by EOS).
+
+    From `pack`, `ids` is a read-only `np.memmap` of a cached .npy file: every process of a run maps the same
+    file, so the corpus sits once in the page cache instead of once per process. Indexing it (`ids[rows]`,
+    `ids[a:b]`) reads only those rows.
+    """
 
     ids: np.ndarray  # [num_sequences, seq_len] int32
 
@@ -104,20 +122,137 @@ class PackedData:
         return self.ids.shape[0]
 
 
-def pack(ds: datasets.Dataset, tokenizer, text_field: str, seq_len: int, what: str) -> PackedData:
-    """Tokenize with the model's tokenizer and pack into [N, seq_len] rows (remainder dropped)."""
+# Bump when the bytes a cached file holds for the same inputs change (tokenize call, separator, layout).
+_PACK_FORMAT = 1
+_TOKENS = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32"))})  # int32: half of int64 on disk
+# Documents per tokenizer call (and per Arrow record batch). What one call returns, Rust encodings plus Python
+# int lists (~100 bytes a token), is the peak memory of packing: 1000 long documents made it ~0.8 GB.
+_BATCH_DOCS = 100
+
+
+def packed_cache_dir() -> Path:
+    """Where packed rows are cached: packed/ in the sparsetune cache (see `sparsetune.paths.cache_dir`)."""
+    return cache_dir("packed")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the token ids: the tokenizer's class and its full serialized state."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        if backend.truncation is not None or backend.padding is not None:
+            # Left over from the last call (transformers sets them per call), not part of the tokenizer: two
+            # equal tokenizers must hash the same whatever they were last called with. Clear them on a copy.
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        desc = backend.to_str()  # vocabulary, merges, added tokens, normalizer, pre-tokenizer...
+    else:  # a slow (Python) tokenizer: hash the whole object, as `datasets` does for map functions
+        from datasets.fingerprint import Hasher
+
+        desc = Hasher.hash(tokenizer)
+    return hashlib.sha256(f"{type(tokenizer).__name__}\0{desc}".encode()).hexdigest()
+
+
+def pack_key(ds: datasets.Dataset, tokenizer, text_field: str, seq_len: int) -> str:
+    """Cache key of the packed rows: same key, same rows.
+
+    `datasets` has no public name for a dataset's fingerprint; `_fingerprint` covers its source files (path and
+    modification time for local files), the selection and the order of its rows, and it is the same in every
+    process that loads the same data the same way.
+    """
+    parts = {"format": _PACK_FORMAT, "dataset": ds._fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
+             "eos": tokenizer.eos_token_id, "text_field": text_field, "seq_len": seq_len}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _tokenize(ds: datasets.Dataset, tokenizer, text_field: str, what: str, out: Path, key: str) -> datasets.Dataset:
+    """Token ids (+ EOS) of every document, in order, written by `datasets` to the Arrow file `out` as int32 lists
+    (one batch of documents in memory at a time)."""
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        enc = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+        enc = tokenizer(batch[text_field], add_special_tokens=False, return_attention_mask=False)["input_ids"]
         return {"ids": [ids + [eos] if eos is not None else ids for ids in enc]}
 
-    tokenized = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {what}")
-    flat = np.fromiter((t for row in tokenized["ids"] for t in row), dtype=np.int32)
-    n = len(flat) // seq_len
-    if n == 0:
-        raise SparsetuneError(
-            f"{what}: only {len(flat)} tokens, fewer than one sequence of data.seq_len={seq_len}; "
-            "use more text or a smaller data.seq_len"
-        )
-    return PackedData(flat[: n * seq_len].reshape(n, seq_len))
+    # new_fingerprint: the key already identifies the result; this skips hashing the tokenizer once more.
+    return ds.map(tokenize, batched=True, batch_size=_BATCH_DOCS, writer_batch_size=_BATCH_DOCS,
+                  remove_columns=ds.column_names, features=_TOKENS, cache_file_name=str(out),
+                  load_from_cache_file=False, new_fingerprint=key, desc=f"Tokenizing {what}")
+
+
+def _token_chunks(arrow_files: list[str]):
+    """The flat int32 token stream of `datasets` Arrow files, one record batch at a time.
+
+    Read with plain file reads rather than a memory map, so the pages read do not stay mapped into (and counted
+    in the RSS of) the packing process."""
+    for name in arrow_files:
+        with pa.OSFile(name) as src:
+            for batch in pa.ipc.open_stream(src):
+                yield batch.column(batch.schema.get_field_index("ids")).flatten().to_numpy()
+
+
+def _write_rows(arrow_files: list[str], out: Path, rows: int, seq_len: int) -> None:
+    """Write the first rows * seq_len tokens as an .npy array [rows, seq_len] int32, chunk by chunk."""
+    header = {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (rows, seq_len)}
+    left = rows * seq_len
+    with open(out, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in _token_chunks(arrow_files):
+            f.write(chunk[:left].tobytes())
+            left -= min(left, len(chunk))
+            if left == 0:
+                break
+        f.flush()
+        os.fsync(f.fileno())
+    if left:
+        raise RuntimeError(f"packing {out}: the token stream ended {left} tokens short")  # a bug, not bad input
+
+
+def _build(ds: datasets.Dataset, tokenizer, text_field: str, seq_len: int, what: str, key: str, dest: Path) -> None:
+    """Tokenize and pack `ds` into the .npy file `dest` (replaced atomically when complete)."""
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{key}-") as tmp:
+        tokenized = _tokenize(ds, tokenizer, text_field, what, Path(tmp) / "tokens.arrow", key)
+        lengths = pc.list_value_length(tokenized.data.column("ids"))  # reads the list offsets only
+        total = int(pc.sum(lengths).as_py() or 0)  # None for no documents
+        rows = total // seq_len  # the whole stream is cut, so only its last partial row is dropped
+        if rows == 0:
+            raise SparsetuneError(
+                f"{what}: only {total} tokens, fewer than one sequence of data.seq_len={seq_len}; "
+                "use more text or a smaller data.seq_len"
+            )
+        partial = Path(tmp) / "rows.npy"
+        _write_rows([f["filename"] for f in tokenized.cache_files], partial, rows, seq_len)
+        del tokenized  # drop the memory map of tokens.arrow before its folder goes
+        os.replace(partial, dest)
+
+
+def _map_rows(path: Path) -> PackedData:
+    return PackedData(np.load(path, mmap_mode="r"))
+
+
+def pack(ds: datasets.Dataset, tokenizer, text_field: str, seq_len: int, what: str) -> PackedData:
+    """Tokenize with the model's tokenizer and pack into [N, seq_len] rows (remainder dropped), memory-mapped.
+
+    The rows are those of concatenating every document's tokens + EOS and cutting the stream every seq_len
+    tokens. They are built once per (dataset, tokenizer, text_field, seq_len) into `packed_cache_dir()`, under a
+    file lock: a concurrent call (another rank, another command) waits, then maps the same file. The result is
+    the same as packing in memory, so the batch at a step (a function of seed and position) is unchanged.
+    """
+    if not datasets.is_caching_enabled():
+        # Fingerprints are random with caching off: a cached file could never be found again, so build a
+        # private one and unlink it at once (the memory map keeps it readable until the last reference goes).
+        private = Path(tempfile.mkdtemp(dir=packed_cache_dir(), prefix=".uncached-"))
+        try:
+            _build(ds, tokenizer, text_field, seq_len, what, "uncached", private / "rows.npy")
+            return _map_rows(private / "rows.npy")
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+    key = pack_key(ds, tokenizer, text_field, seq_len)
+    dest = packed_cache_dir() / f"{key}-L{seq_len}.npy"
+    if not dest.is_file():
+        with FileLock(f"{dest}.lock"):
+            if not dest.is_file():  # not built by whoever held the lock before us
+                for stale in dest.parent.glob(f".{key}-*"):  # left by a killed build: nobody else builds this key
+                    shutil.rmtree(stale, ignore_errors=True)
+                _build(ds, tokenizer, text_field, seq_len, what, key, dest)
+    return _map_rows(dest)

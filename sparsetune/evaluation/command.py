@@ -14,7 +14,7 @@ from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.models.structure import sparse_mlps
-from sparsetune.recipe.schema import DataSection, RelufySection
+from sparsetune.recipe.schema import DataSection, relufy_config
 from sparsetune.surgery.calibration import needs_calibration
 from sparsetune.surgery.relufy import activation_spec, relufy
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
@@ -115,9 +115,11 @@ def _load_target(args: EvalArgs) -> _Target:
             data, what = validate_recipe(read_yaml(recipe_file), str(recipe_file)).data, "export"
         else:
             data, what = DataSection(), "model"
+    if args.target_sparsity is not None and args.activation != "cats":
+        raise SparsetuneError("--target-sparsity applies to --activation cats only")
     if args.activation is not None:
         extra = {"target_sparsity": args.target_sparsity} if args.target_sparsity is not None else {}
-        relufy(model, RelufySection(activation=args.activation, **extra))
+        relufy(model, relufy_config(activation=args.activation, **extra))
     return _Target(model, tokenizer, data, what, predictors)
 
 

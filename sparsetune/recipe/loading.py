@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.recipe.schema import Recipe
+from sparsetune.recipe.schema import ACTIVATIONS, RELUFY_VARIANTS, Recipe
 
 
 def builtin_recipes_dir() -> Path:
@@ -93,14 +93,36 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+def _relufy_key_error(loc: tuple, activation: str) -> str:
+    """An unknown key in the relufy section of `activation`: say which activation takes it, or the closest."""
+    name = str(loc[-1])
+    known = list(dict(zip(ACTIVATIONS, RELUFY_VARIANTS))[activation].model_fields)
+    owners = [a for a, v in zip(ACTIVATIONS, RELUFY_VARIANTS) if name in v.model_fields]
+    if owners:
+        return (f"recipe key 'relufy.{name}' does not apply to relufy.activation={activation!r}; it belongs to "
+                f"relufy.activation={' or '.join(map(repr, owners))} (keys of {activation}: {', '.join(known)})")
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"; did you mean 'relufy.{close[0]}'?" if close else ""
+    return f"unknown recipe key 'relufy.{name}'{hint} (keys of relufy.activation={activation!r}: {', '.join(known)})"
+
+
 def describe_validation_error(exc: ValidationError, source: str) -> str:
     """One line naming every bad key, with the allowed values or the closest known key."""
     parts = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc)
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if loc[:1] == ("relufy",) and len(loc) > 2 and loc[1] in ACTIVATIONS:  # inside one activation's section
+            activation, loc = loc[1], (loc[0], *loc[2:])
+            if kind == "extra_forbidden":
+                parts.append(_relufy_key_error(loc, activation))
+                continue
+        key = ".".join(str(p) for p in loc)
+        if kind == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            parts.append(f"recipe key '{key}.activation' = {ctx.get('tag')!r} is not allowed; expected "
+                         f"{ctx.get('expected_tags')}")
+        elif kind == "extra_forbidden":
             known = _fields_at(loc)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""

@@ -8,7 +8,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from sparsetune.recipe.schema import Recipe
+from sparsetune.recipe.schema import ACTIVATIONS, RELUFY_VARIANTS, Recipe
 
 
 def _type_name(annotation) -> str:
@@ -22,6 +22,19 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
 
 
+def _relufy_rows(prefix: str) -> list[str]:
+    """The relufy section: `activation` chooses the variant; each variant's own keys follow."""
+    names = " \\| ".join(f"`{a}`" for a in ACTIVATIONS)
+    rows = [f"| `{prefix}activation` | {names} | `\"relu\"` | MLP activation after surgery; the keys below apply to "
+            "the activation named in their row. " + " ".join(" ".join((v.__doc__ or "").split()) for v in RELUFY_VARIANTS)
+            + " |"]
+    for activation, variant in zip(ACTIVATIONS, RELUFY_VARIANTS):
+        for row in _rows(variant, prefix):
+            if not row.startswith(f"| `{prefix}activation`"):
+                rows.append(row[:-2] + f" (only with `activation: {activation}`) |")
+    return rows
+
+
 def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
@@ -29,6 +42,9 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += _rows(ann, key + ".")
+            continue
+        if name == "relufy" and model is Recipe:
+            rows += _relufy_rows(key + ".")
             continue
         if field.default_factory is not None:
             default = field.default_factory()

@@ -8,9 +8,10 @@ from it (`scripts/gen_recipe_docs.py` regenerates that file).
 from __future__ import annotations
 
 import typing
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator,
+                      model_validator)
 
 from sparsetune.sparsity.regularizers import regularizer_docs, regularizer_names
 
@@ -58,26 +59,62 @@ class DataSection(Section):
     )
 
 
-ActivationName = Literal["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"]
-ACTIVATIONS = list(typing.get_args(ActivationName))
 # One module per regularizer in sparsetune/sparsity/regularizers/ (read without importing torch).
 RegularizerName = Literal[tuple(regularizer_names())]  # type: ignore[valid-type]
 
 
-class RelufySection(Section):
-    activation: ActivationName = Field(
-        "relu",
-        description="MLP activation after surgery. silu: unchanged; relu: ReLU(gate)*up; shifted_relu: "
-        "ReLU(gate-shift)*up; fatrelu: gate*[gate>=threshold]*up; drelu: ReLU(gate)*ReLU(up); relu2: "
-        "ReLU(gate)^2*up; topk: keep the top_k_fraction largest |SiLU(gate)*up| per token (straight-through); "
-        "cats: SiLU(gate) zeroed where |SiLU(gate)| is below a per-layer threshold calibrated on training data "
-        "to target_sparsity (CATS, training-free).",
-    )
+# ---- relufy: one section per activation, each holding only its own keys (chosen by `relufy.activation`).
+class SiluRelufy(Section):
+    """silu: the model's own SiLU(gate)*up, unchanged (no exact zeros; measured as near-zero sparsity)."""
+
+    activation: Literal["silu"]
+
+
+class ReluRelufy(Section):
+    """relu: ReLU(gate)*up."""
+
+    activation: Literal["relu"] = "relu"
+
+
+class ShiftedReluRelufy(Section):
+    """shifted_relu: ReLU(gate - shift)*up."""
+
+    activation: Literal["shifted_relu"]
     shift: float = Field(1.0, description="b in shifted_relu: max(gate - b, 0).")
+
+
+class FatReluRelufy(Section):
+    """fatrelu: gate*[gate >= threshold]*up (ProSparse's final step)."""
+
+    activation: Literal["fatrelu"]
     threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
+
+
+class DReluRelufy(Section):
+    """drelu: ReLU(gate)*ReLU(up) (TurboSparse)."""
+
+    activation: Literal["drelu"]
+
+
+class Relu2Relufy(Section):
+    """relu2: ReLU(gate)^2*up."""
+
+    activation: Literal["relu2"]
+
+
+class TopKRelufy(Section):
+    """topk: keep the top_k_fraction largest |SiLU(gate)*up| per token (straight-through gradient)."""
+
+    activation: Literal["topk"]
     top_k_fraction: float = Field(
-        0.1, gt=0.0, le=1.0, description="Fraction of MLP neurons kept per token by topk (0.1 = 90% sparsity)."
-    )
+        0.1, gt=0.0, le=1.0, description="Fraction of MLP neurons kept per token by topk (0.1 = 90% sparsity).")
+
+
+class CatsRelufy(Section):
+    """cats: SiLU(gate) zeroed where |SiLU(gate)| is below a per-layer threshold calibrated on training data to
+    target_sparsity (CATS, training-free)."""
+
+    activation: Literal["cats"]
     target_sparsity: float = Field(
         0.5, gt=0.0, lt=1.0, description="cats: fraction of |SiLU(gate)| values each layer's threshold zeroes "
         "on the calibration data.")
@@ -88,10 +125,48 @@ class RelufySection(Section):
         8, ge=1, description="cats: training micro-batches whose activations set the thresholds.")
 
     @model_validator(mode="after")
-    def _thresholds_valid(self) -> "RelufySection":
+    def _thresholds_valid(self) -> "CatsRelufy":
         if self.thresholds is not None and any(t < 0 for t in self.thresholds):
             raise ValueError("relufy.thresholds must be >= 0")
         return self
+
+
+RELUFY_VARIANTS = (SiluRelufy, ReluRelufy, ShiftedReluRelufy, FatReluRelufy, DReluRelufy, Relu2Relufy, TopKRelufy,
+                   CatsRelufy)
+ACTIVATIONS = [typing.get_args(v.model_fields["activation"].annotation)[0] for v in RELUFY_VARIANTS]
+# Keys every relufy section had before it was split per activation, at their old defaults: a recipe.yaml written
+# by an older sparsetune (in a checkpoint or an export) still loads; any other stray key is an error.
+_LEGACY_RELUFY_DEFAULTS = {"shift": 1.0, "threshold": 0.01, "top_k_fraction": 0.1, "target_sparsity": 0.5,
+                           "thresholds": None, "calibration_batches": 8}
+
+
+def _relufy_tag(value) -> str:
+    if isinstance(value, dict):
+        return value.get("activation", "relu")
+    return getattr(value, "activation", "relu")
+
+
+RelufySection = Annotated[
+    Union[tuple(Annotated[v, Tag(a)] for v, a in zip(RELUFY_VARIANTS, ACTIVATIONS))],  # type: ignore[misc]
+    Discriminator(_relufy_tag),
+]
+RelufyConfig = Union[RELUFY_VARIANTS]  # type: ignore[valid-type]
+_RELUFY = TypeAdapter(RelufySection)
+
+
+def relufy_config(value: dict | None = None, **keys) -> RelufyConfig:
+    """A validated relufy section from a dict (a recipe's, an export's stored spec) or keyword arguments."""
+    return _RELUFY.validate_python({**(value or {}), **keys})
+
+
+def drop_legacy_relufy_keys(data: dict) -> dict:
+    """Remove keys of other activations that an older sparsetune wrote at their defaults."""
+    tag = _relufy_tag(data)
+    variant = dict(zip(ACTIVATIONS, RELUFY_VARIANTS)).get(tag)
+    if variant is None:
+        return data
+    return {k: v for k, v in data.items()
+            if k in variant.model_fields or _LEGACY_RELUFY_DEFAULTS.get(k, object()) != v}
 
 
 class Stage(Section):
@@ -238,7 +313,8 @@ class Recipe(Section):
     output_dir: str = Field(..., description="Folder for checkpoints, metrics, plots and the W&B run.")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
-    relufy: RelufySection = Field(default_factory=RelufySection)
+    relufy: RelufySection = Field(default_factory=ReluRelufy, description="MLP activation after surgery; "
+                                  "`relufy.activation` chooses one of: " + ", ".join(ACTIVATIONS) + ".")
     regularizer: RegularizerSection = Field(default_factory=RegularizerSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     sparsity: SparsitySection = Field(default_factory=SparsitySection)
@@ -246,6 +322,11 @@ class Recipe(Section):
     predictor: PredictorSection = Field(default_factory=PredictorSection)
     train: TrainSection = Field(default_factory=TrainSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
+
+    @field_validator("relufy", mode="before")
+    @classmethod
+    def _legacy_relufy(cls, value):
+        return drop_legacy_relufy_keys(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

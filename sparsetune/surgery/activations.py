@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import RelufyConfig, relufy_config
 
 
 class MLPActivation(nn.Module):
@@ -149,10 +149,10 @@ class CATS(MLPActivation):
         return {"activation": self.name, "target_sparsity": self.target_sparsity, "thresholds": [self.threshold]}
 
 
-def build_activation(cfg: RelufySection | dict, layer: int = 0) -> MLPActivation:
+def build_activation(cfg: RelufyConfig | dict, layer: int = 0) -> MLPActivation:
     """Activation module from the recipe's `relufy` section (or an export's stored spec) for decoder layer `layer`."""
     if isinstance(cfg, dict):
-        cfg = RelufySection(**cfg)
+        cfg = relufy_config(cfg)
     if cfg.activation == "cats":
         thresholds = cfg.thresholds or []
         if thresholds and len(thresholds) <= layer:

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from sparsetune.models.structure import base_causal_lm, get_submodule, sparse_mlps
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import RelufyConfig
 from sparsetune.surgery.activations import build_activation
 from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.sparse_mlp import SparseMLP
 
 
-def relufy(model: nn.Module, cfg: RelufySection | dict) -> list[SparseMLP]:
+def relufy(model: nn.Module, cfg: RelufyConfig | dict) -> list[SparseMLP]:
     """Replace every SwiGLU MLP of `model` by a SparseMLP with the configured activation (in place).
 
     Raises SparsetuneError naming the model type when it has no known SwiGLU MLP.

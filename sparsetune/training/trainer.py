@@ -120,7 +120,7 @@ class Trainer:
                     check_recipe(plan.resume_from, r, report=self.notice)
                     check_process_count(plan.resume_from, self.accelerator.num_processes,
                                         self.engine.saves_optimizer_itself())
-                decision[0] = ("ok", plan, r.relufy.thresholds)
+                decision[0] = ("ok", plan, getattr(r.relufy, "thresholds", None))
             except SparsetuneError as exc:
                 decision[0] = ("error", str(exc), None)
         if self.accelerator.num_processes > 1:

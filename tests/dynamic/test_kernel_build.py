@@ -12,7 +12,7 @@ from sparsetune.dynamic import kernels
 from sparsetune.dynamic.kernels import (DecodeWeights, build_flags, build_fused, build_key, check_decode_args,
                                         cpu_description, fused_decode, kernel_in_use)
 from sparsetune.paths import cache_dir
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.activations import build_activation
 
 HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
@@ -32,7 +32,7 @@ def weights(m: int = 64, d: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch
 def decode_weights(activation: str) -> DecodeWeights:
     """DecodeWeights over weights() (it takes down as [d, m], as in the model)."""
     w_gate, w_up, w_down_t = weights()
-    act = build_activation(RelufySection(activation=activation)).elementwise()
+    act = build_activation(relufy_config(activation=activation)).elementwise()
     return DecodeWeights(w_gate, w_up, w_down_t.t(), act)
 
 

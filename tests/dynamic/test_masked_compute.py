@@ -3,7 +3,7 @@ import torch
 
 from sparsetune.dynamic.head_skipping import head_skipping
 from sparsetune.dynamic.masked_mlp import gathered_mlp
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.activations import build_activation
 from sparsetune.models.structure import decoder_layers
 from sparsetune.surgery.relufy import relufy
@@ -23,7 +23,7 @@ def _proj(d_in, d_out, bias):
 def test_gathered_mlp_equals_dense_when_nothing_is_dropped_and_oracle_when_masks_are_exact(activation, bias):
     torch.manual_seed(0)
     g, u, d = _proj(16, 40, bias), _proj(16, 40, bias), _proj(40, 16, bias)
-    act = build_activation(RelufySection(activation=activation, threshold=0.1))
+    act = build_activation(relufy_config(activation=activation, **({'threshold': 0.1} if activation == 'fatrelu' else {})))
     x = torch.randn(3, 7, 16)
     a = act(g(x), u(x))
     dense = d(a)
@@ -40,7 +40,7 @@ def test_gathered_mlp_equals_dense_when_nothing_is_dropped_and_oracle_when_masks
 def test_topk_gathers_with_its_elementwise_silu():
     torch.manual_seed(1)
     g, u, d = _proj(8, 24, False), _proj(8, 24, False), _proj(24, 8, False)
-    act = build_activation(RelufySection(activation="topk", top_k_fraction=0.25))
+    act = build_activation(relufy_config(activation="topk", top_k_fraction=0.25))
     x = torch.randn(5, 8)
     a = act(g(x), u(x))
     torch.testing.assert_close(gathered_mlp(x, a != 0, g, u, d, act.elementwise()), d(a), rtol=1e-5, atol=1e-5)
@@ -53,7 +53,7 @@ def _set_head_masks(model, masks):
 
 def test_head_skipping_kv_written_equals_dense_without_skips_and_kv_skipped_loses_information():
     model = tiny_model("llama")
-    relufy(model, RelufySection(activation="relu"))
+    relufy(model, relufy_config(activation="relu"))
     ids = torch.randint(0, 512, (2, 12))
     heads = model.config.num_attention_heads
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
 from sparsetune.dynamic.sparse_decode import _kernel_record, _Timer, decode_benchmark, mlp_mode
 from sparsetune.predictors.bank import PredictorBank
-from sparsetune.recipe.schema import PredictorSection, RelufySection
+from sparsetune.recipe.schema import PredictorSection, relufy_config
 from sparsetune.surgery.activations import build_activation
 from sparsetune.surgery.relufy import relufy
 from tests.tiny_models import tiny_model
@@ -28,7 +28,7 @@ def masked_reference(w: DecodeWeights, x: torch.Tensor, idx: torch.Tensor) -> to
 def test_decode_kernels_compute_exactly_the_kept_neurons(activation, kernel):
     gen = torch.Generator().manual_seed(0)
     d, m = 48, 160
-    act = build_activation(RelufySection(activation=activation, threshold=0.1)).elementwise()
+    act = build_activation(relufy_config(activation=activation, **({'threshold': 0.1} if activation == 'fatrelu' else {}))).elementwise()
     w = DecodeWeights(torch.randn(m, d, generator=gen), torch.randn(m, d, generator=gen),
                       torch.randn(d, m, generator=gen), act)
     x = torch.randn(d, generator=gen)
@@ -42,7 +42,7 @@ def test_decode_kernels_compute_exactly_the_kept_neurons(activation, kernel):
 
 def test_sparse_generation_with_everything_kept_decodes_the_dense_tokens_and_fewer_kept_is_counted():
     model = tiny_model("llama", seed=0)
-    relufy(model, RelufySection(activation="relu"))
+    relufy(model, relufy_config(activation="relu"))
     cfg = model.config
     bank = PredictorBank(PredictorSection(enabled=True, rank=8), cfg.hidden_size, cfg.intermediate_size,
                          cfg.num_hidden_layers, cfg.num_attention_heads, exact_zeros=True)
@@ -72,10 +72,10 @@ def test_sparse_generation_with_everything_kept_decodes_the_dense_tokens_and_few
 
 def test_the_decode_kernel_record_names_the_fallback_for_models_the_fused_kernel_cannot_run():
     model = tiny_model("llama", seed=0)
-    relufy(model, RelufySection(activation="fatrelu", threshold=0.1))
+    relufy(model, relufy_config(activation="fatrelu", threshold=0.1))
     assert _kernel_record(model) == {"kernel": "gather", "reason": "activation 'fatrelu' has no fused implementation",
                                      "build_flags": [], "cpu_key": None}
     model = tiny_model("llama", seed=0)
-    relufy(model, RelufySection(activation="relu"))
+    relufy(model, relufy_config(activation="relu"))
     model.to(torch.bfloat16)
     assert _kernel_record(model)["reason"] == "the fused kernel is float32-only (dtype torch.bfloat16)"

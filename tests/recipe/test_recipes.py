@@ -69,3 +69,21 @@ def test_recipe_reference_is_current_and_covers_every_key():
             for k, v in ((sec.items()) if isinstance(sec, dict) else [(None, sec)])]
     for key in keys:
         assert f"`{key}" in doc.read_text(), key
+
+
+def test_relufy_keys_live_with_their_activation():
+    from sparsetune.recipe.loading import validate_recipe
+    from sparsetune.recipe.schema import ACTIVATIONS
+
+    r = validate_recipe({"output_dir": "x", "relufy": {"activation": "fatrelu", "threshold": 0.2}})
+    assert r.relufy.threshold == 0.2 and r.model_dump()["relufy"] == {"activation": "fatrelu", "threshold": 0.2}
+    assert validate_recipe({"output_dir": "x"}).relufy.activation == "relu"  # the default section
+    with pytest.raises(SparsetuneError, match=r"'relufy.shift' does not apply to relufy.activation='relu'; it "
+                                              r"belongs to relufy.activation='shifted_relu'"):
+        validate_recipe({"output_dir": "x", "relufy": {"activation": "relu", "shift": 2.0}})
+    # a recipe.yaml written before the split (every key, at the old defaults) still loads
+    legacy = {"activation": "cats", "shift": 1.0, "threshold": 0.01, "top_k_fraction": 0.1, "target_sparsity": 0.7,
+              "thresholds": [0.1, 0.2], "calibration_batches": 8}
+    r = validate_recipe({"output_dir": "x", "relufy": legacy})
+    assert r.relufy.thresholds == [0.1, 0.2] and r.relufy.target_sparsity == 0.7
+    assert set(ACTIVATIONS) == {"silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"}

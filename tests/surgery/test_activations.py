@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.activations import build_activation
 
 
@@ -27,14 +27,14 @@ def gu():
 )
 def test_activation_math(gu, cfg, expected):
     g, u = gu
-    act = build_activation(RelufySection(**cfg))
+    act = build_activation(relufy_config(cfg))
     torch.testing.assert_close(act(g, u), expected(g, u))
 
 
 def test_topk_keeps_k_largest_per_token_and_passes_gradient_straight_through(gu):
     g, u = gu
     g.requires_grad_(True)
-    act = build_activation(RelufySection(activation="topk", top_k_fraction=0.25))
+    act = build_activation(relufy_config(activation="topk", top_k_fraction=0.25))
     out = act(g, u)
     dense = F.silu(g) * u
     k = math.ceil(0.25 * 40)
@@ -54,6 +54,6 @@ def test_exported_spec_rebuilds_the_same_activation(gu):
     g, u = gu
     for cfg in ({"activation": "fatrelu", "threshold": 0.2}, {"activation": "topk", "top_k_fraction": 0.3},
                 {"activation": "shifted_relu", "shift": 0.7}):
-        act = build_activation(RelufySection(**cfg))
+        act = build_activation(relufy_config(cfg))
         again = build_activation(act.spec())
         torch.testing.assert_close(act(g, u), again(g, u))

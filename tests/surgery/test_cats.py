@@ -9,7 +9,7 @@ import yaml
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.data.batches import eval_batches
 from sparsetune.evaluation.perplexity import evaluate_held_out
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.calibration import calibrate_cats, needs_calibration
 from sparsetune.surgery.relufy import activation_spec, relufy
 from tests.e2e_helpers import train_tiny
@@ -29,7 +29,7 @@ class Rows:
 @pytest.mark.parametrize("target", [0.3, 0.7, 0.9])
 def test_calibrated_thresholds_give_the_target_sparsity_on_the_calibration_data(target):
     model = tiny_model("llama", seed=0)
-    relufy(model, RelufySection(activation="cats", target_sparsity=target))
+    relufy(model, relufy_config(activation="cats", target_sparsity=target))
     assert needs_calibration(model)
     data = Rows(16, 32, model.config.vocab_size, seed=0)
     thresholds = calibrate_cats(model, eval_batches(data, 4, 4), torch.device("cpu"), total=4, progress=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparsetune.errors import SparsetuneError
-from sparsetune.recipe.schema import RelufySection
+from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.relufy import relufy, restore_hf_mlps
 from sparsetune.surgery.sparse_mlp import SparseMLP
 from tests.tiny_models import FAMILIES, tiny_model
@@ -15,7 +15,7 @@ def test_silu_surgery_keeps_outputs_and_state_dict_names(family):
     with torch.no_grad():
         before = model(x).logits
     keys_before = set(model.state_dict())
-    mlps = relufy(model, RelufySection(activation="silu"))
+    mlps = relufy(model, relufy_config(activation="silu"))
     assert len(mlps) == model.config.num_hidden_layers
     assert all(isinstance(layer.mlp, SparseMLP) for layer in model.model.layers)
     assert set(model.state_dict()) == keys_before
@@ -30,7 +30,7 @@ def test_relu_surgery_changes_the_mlp_math_and_restore_gives_plain_modules(famil
     mlp_in = torch.randn(1, 8, model.config.hidden_size)
     plain = model.model.layers[0].mlp
     g, u, d = plain.gate_proj, plain.up_proj, plain.down_proj
-    relufy(model, RelufySection(activation="relu"))
+    relufy(model, relufy_config(activation="relu"))
     with torch.no_grad():
         torch.testing.assert_close(model.model.layers[0].mlp(mlp_in), d(torch.relu(g(mlp_in)) * u(mlp_in)))
         relu_logits = model(x).logits
@@ -47,4 +47,4 @@ def test_model_without_swiglu_mlp_is_refused_with_its_type():
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(SparsetuneError, match=r"model type 'gpt2' .*supported model types: llama, mistral, qwen2, qwen3"):
-        relufy(model, RelufySection(activation="relu"))
+        relufy(model, relufy_config(activation="relu"))
