@@ -8,7 +8,7 @@ from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
 from sparsetune.predictors.labels import balanced_bce, neuron_labels, top_fraction
 from sparsetune.predictors.metrics import ConfusionCounts
-from tests.e2e_helpers import read_metrics, train_tiny
+from tests.e2e_helpers import logs_with, train_logs, train_tiny
 from tests.tiny_models import save_tiny_model
 
 
@@ -53,7 +53,7 @@ def test_predictor_learns_a_planted_pattern_and_reproduces_oracle_perplexity(pla
     assert train_tiny(planted_model, run, "train.max_steps=150", "train.freeze_model=true", "regularizer.type=none",
                       "predictor.enabled=true", "predictor.rank=8", "predictor.lr=0.02", "train.eval_every=0",
                       "train.log_every=50", "wandb.mode=disabled", "train.eval_batches=4") == 0
-    final = [m for m in read_metrics(run) if "eval/perplexity" in m][-1]
+    final = logs_with(run, "eval/perplexity")[-1]
     assert final["eval/predictor_neurons/recall"] > 0.95
     assert final["eval/predictor_neurons/predicted_sparsity"] > 0.3
     oracle, predicted = final["eval/dynamic/oracle/perplexity"], final["eval/dynamic/predicted/perplexity"]
@@ -96,10 +96,10 @@ def test_heads_lookahead_and_lora_with_predictors(tiny_model_dirs, tmp_path):
     assert train_tiny(tiny_model_dirs["qwen3"], run, "train.max_steps=4", "peft.method=lora", "peft.lora.r=4",
                       "predictor.enabled=true", "predictor.rank=8", "predictor.heads=true", "predictor.lookahead=true",
                       "train.eval_every=0", "train.log_every=2", "wandb.mode=disabled") == 0
-    logs = [m for m in read_metrics(run) if "train/loss" in m]
+    logs = train_logs(run)
     assert all(m["train/predictor_loss"] > 0 for m in logs)
     assert "train/predictor_heads/recall" in logs[-1] and "train/predictor_neurons/recall" in logs[-1]
-    final = [m for m in read_metrics(run) if "eval/perplexity" in m][-1]
+    final = logs_with(run, "eval/perplexity")[-1]
     for mode in ("dense", "oracle", "predicted", "heads_kv_written", "heads_kv_skipped"):
         assert f"eval/dynamic/{mode}/perplexity" in final
     bank = sparsetune.load_predictors(CheckpointStore(run).latest_complete() / "predictors")

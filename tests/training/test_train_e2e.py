@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
 from sparsetune.models.build import model_from_checkpoint
-from sparsetune.tracking.wandb_offline import read_offline_run
-from tests.e2e_helpers import read_metrics, train_tiny
+from tests.e2e_helpers import logs_with, read_wandb_run, train_logs, train_tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -25,24 +24,24 @@ def relu_l1_run(tiny_model_dirs, tmp_path_factory):
 
 
 def test_sparsity_rises_over_a_relu_l1_run(relu_l1_run):
-    evals = [m for m in read_metrics(relu_l1_run) if "eval/sparsity" in m]
+    evals = logs_with(relu_l1_run, "eval/sparsity")
     assert [m["step"] for m in evals] == [0, 10, 20, 30]
     assert evals[-1]["eval/sparsity"] > evals[0]["eval/sparsity"] + 0.1
-    train_logs = [m for m in read_metrics(relu_l1_run) if "train/loss" in m]
-    assert [m["step"] for m in train_logs] == [5, 10, 15, 20, 25, 30]
-    assert train_logs[-1]["train/sparsity"] > train_logs[0]["train/sparsity"]
+    logs = train_logs(relu_l1_run)
+    assert [m["step"] for m in logs] == [5, 10, 15, 20, 25, 30]
+    assert logs[-1]["train/sparsity"] > logs[0]["train/sparsity"]
     for key in ("train/loss", "train/lm_loss", "train/reg_loss", "train/reg_coef", "train/lr", "train/tokens_per_s",
                 "train/sparsity", "train/sparsity_layer/00", "train/sparsity_layer/01", "tokens"):
-        assert key in train_logs[0], key
+        assert key in logs[0], key
     # loss = lm_loss + coef * reg_loss (no distillation here)
-    m = train_logs[-1]
+    m = logs[-1]
     assert m["train/loss"] == pytest.approx(m["train/lm_loss"] + 0.5 * m["train/reg_loss"], rel=1e-4)
 
 
 def test_tradeoff_csv_plot_and_checkpoint(relu_l1_run):
     rows = list(csv.DictReader((relu_l1_run / "tradeoff.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 10, 20, 30]
-    evals = {m["step"]: m for m in read_metrics(relu_l1_run) if "eval/sparsity" in m}
+    evals = {m["step"]: m for m in logs_with(relu_l1_run, "eval/sparsity")}
     for r in rows:
         assert float(r["sparsity"]) == pytest.approx(evals[int(r["step"])]["eval/sparsity"])
         assert float(r["perplexity"]) == pytest.approx(evals[int(r["step"])]["eval/perplexity"])
@@ -55,14 +54,15 @@ def test_tradeoff_csv_plot_and_checkpoint(relu_l1_run):
 def test_wandb_offline_run_read_back_has_sparsity_keys(relu_l1_run):
     run_dirs = list((relu_l1_run / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    run = read_offline_run(run_dirs[0])
+    run = read_wandb_run(run_dirs[0])  # W&B's own reader of the run's .wandb log
     assert len(set(run["run_ids"])) == 1
     keys = set().union(*run["history"])
+    # the table and the image are nested values in W&B's history: W&B joins their keys with "."
     for key in ("train/sparsity", "train/sparsity_layer/00", "train/reg_loss", "train/reg_coef", "eval/sparsity",
-                "eval/perplexity", "eval/sparsity_layer/01", "tradeoff/_type", "tradeoff_plot/_type"):
+                "eval/perplexity", "eval/sparsity_layer/01", "tradeoff._type", "tradeoff_plot._type"):
         assert key in keys, key
     logged = {row["_step"]: row["eval/sparsity"] for row in run["history"] if "eval/sparsity" in row}
-    local = {m["step"]: m["eval/sparsity"] for m in read_metrics(relu_l1_run) if "eval/sparsity" in m}
+    local = {m["step"]: m["eval/sparsity"] for m in logs_with(relu_l1_run, "eval/sparsity")}
     assert logged == pytest.approx(local)
 
 
@@ -110,7 +110,7 @@ def test_distillation_loss_is_logged(tiny_model_dirs, tmp_path):
     run = tmp_path / "distill"
     assert train_tiny(tiny_model_dirs["mistral"], run, "train.max_steps=2", "train.log_every=1",
                       "distill.weight=1.0", "train.eval_every=0", "wandb.mode=disabled") == 0
-    logs = [m for m in read_metrics(run) if "train/loss" in m]
+    logs = train_logs(run)
     assert all(m["train/distill_loss"] > 0 for m in logs)
     m = logs[0]
     assert m["train/loss"] == pytest.approx(m["train/lm_loss"] + m["train/reg_coef"] * m["train/reg_loss"]
@@ -125,7 +125,7 @@ def test_gradient_checkpointing_matches_the_plain_run(tiny_model_dirs, tmp_path)
         assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", "train.log_every=1",
                           "train.eval_every=0", "regularizer.schedule=constant", "regularizer.coef=1.0",
                           "wandb.mode=disabled", f"train.gradient_checkpointing={str(gc).lower()}") == 0
-        runs[gc] = [m for m in read_metrics(run) if "train/loss" in m]
+        runs[gc] = train_logs(run)
     for plain, ckpt in zip(runs[False], runs[True]):
         for key in ("train/loss", "train/reg_loss", "train/sparsity", "train/sparsity_layer/01"):
             assert ckpt[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), key
@@ -136,7 +136,7 @@ def test_eval_of_a_run_measures_its_latest_checkpoint(relu_l1_run, tmp_path):
     assert main(["eval", str(relu_l1_run), "--batches", "2", "--batch-size", "8", "--json", str(out)]) == 0
     measured = json.loads(out.read_text())
     assert measured["what"] == "checkpoint at step 30" and measured["activation"] == {"activation": "relu"}
-    final_eval = [m for m in read_metrics(relu_l1_run) if "eval/sparsity" in m][-1]
+    final_eval = logs_with(relu_l1_run, "eval/sparsity")[-1]
     # the same held-out batches as the run's own final evaluation (2 batches of 8): the same numbers
     assert measured["perplexity"] == pytest.approx(final_eval["eval/perplexity"], rel=1e-5)
     assert measured["sparsity"] == pytest.approx(final_eval["eval/sparsity"], rel=1e-6)
