@@ -41,6 +41,7 @@ from sparsetune.tracking.metrics import layer_metrics
 from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.components import build_components
+from sparsetune.training.checkpointing import Checkpointer
 from sparsetune.training.components.base import Component, EvalContext, Setup, StepContext
 from sparsetune.training.engines import Engine
 from sparsetune.training.preemption import PreemptionGuard
@@ -247,68 +248,16 @@ class Trainer:
                         "(different number of processes); this rank's RNG starts from the seed")
 
     def _restore(self, ckpt: Path) -> None:
-        """Every part of the checkpoint, in order. A file that cannot be read (damaged in a way its marker could
-        not tell) stops with one line."""
-        try:
-            for part in self._checkpoint_parts():
-                if part.load is not None:
-                    part.load(ckpt)
-        except SparsetuneError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever the library raised, the cause is the file
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise SparsetuneError(f"checkpoint {ckpt} could not be read ({type(exc).__name__}: {first}); nothing was "
-                                  "changed; resume from an earlier checkpoint with --resume CHECKPOINT") from None
+        Checkpointer.restore(self._checkpoint_parts(), ckpt)
         self.notice(f"resuming from {ckpt} at step {self.progress.step} ({self.progress.tokens_seen} tokens seen)")
 
     def save_checkpoint(self) -> Path | None:
         """Every rank takes part (ZeRO-3/FSDP gather the weights; each rank writes its RNG state); the main process
-        writes the rest and commits the folder atomically. A failed write (disk full) stops every rank with one
-        line and leaves the previous checkpoint as it was."""
-        step = self.progress.step
-        error: OSError | None = None
-        try:
-            if self.is_main:
-                self.store.begin(step)
-        except OSError as exc:
-            error = exc
-        self.accelerator.wait_for_everyone()
-        tmp = self.store.tmp_for(step)
-        for part in self._checkpoint_parts():
-            if not (part.every_rank or self.is_main) or (error is not None and not part.every_rank):
-                continue
-            try:
-                part.save(tmp)  # a collective part runs on every rank even after this rank failed a write
-            except OSError as exc:
-                error = error or exc
-        self._stop_if_save_failed(error)
-        path = None
-        try:
-            if self.is_main:
-                path = self.store.commit(step, keep=self.recipe.train.keep_checkpoints,
-                                         meta={"lora": self.recipe.peft.method == "lora"})
-        except OSError as exc:
-            error = exc
-        self._stop_if_save_failed(error)
-        self.accelerator.wait_for_everyone()
-        return path
-
-    def _stop_if_save_failed(self, error: OSError | None) -> None:
-        """Every rank learns whether any rank failed to write its share; then all stop with one line, the
-        unfinished folder removed (giving the space back) and the previous checkpoint and `latest` untouched."""
-        if not self._any_rank(error is not None):
-            return
-        if self.is_main:
-            self.store.discard(self.progress.step)
-        previous = self.store.latest_name() or "none yet"
-        what = (f"{error.strerror or error} ({error.filename})" if error is not None and error.filename
-                else str(error) if error is not None else "another process failed to write its part")
-        if self.wandb:
-            self.wandb.finish()
-        raise SparsetuneError(
-            f"could not write checkpoint step {self.progress.step} in {self.store.root}: {what}; the previous "
-            f"checkpoint ({previous}) and checkpoints/latest are intact; free space and continue with: "
-            f"{self.command} --resume")
+        writes the rest and commits the folder atomically (training/checkpointing.py)."""
+        checkpointer = Checkpointer(self.store, self.accelerator, self._any_rank, self.command)
+        return checkpointer.save(self._checkpoint_parts(), self.progress.step, self.recipe.train.keep_checkpoints,
+                                 meta={"lora": self.recipe.peft.method == "lora"},
+                                 before_error=lambda: self.wandb.finish() if self.wandb else None)
 
     # ---------------------------------------------------------------- logging
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
