@@ -47,9 +47,11 @@ def main() -> None:
         single, single_wall = run(args, Path(tmp) / "single", [])
         multi, multi_wall = run(args, Path(tmp) / "multi", ["--launch", args.preset, "--num-processes",
                                                            str(args.processes)])
-    print(f"model {args.model}, {args.seq_len} tokens x {args.batch} sequences per process per step, {args.steps} steps")
+    print(f"model {args.model}, {args.seq_len} tokens x {args.batch} sequences per process per step, "
+          f"{args.steps} steps")
     print(f"1 process:                {single:8.1f} tokens/s  (wall {single_wall:.0f} s incl. start-up)")
-    print(f"{args.processes} processes ({args.preset}): {multi:8.1f} tokens/s  (wall {multi_wall:.0f} s incl. start-up)")
+    print(f"{args.processes} processes ({args.preset}): {multi:8.1f} tokens/s  "
+          f"(wall {multi_wall:.0f} s incl. start-up)")
     print(f"throughput ratio {args.preset}-{args.processes} / single: {multi / single:.2f}x")
 
 

@@ -85,12 +85,13 @@ def main() -> None:
         x = torch.randn(d, generator=gen).to(device)
         for w in weights:  # every neuron fires for this x (gate > 0), so any mask below is exact
             w.w_gate *= torch.where(w.w_gate @ x >= 0, 1.0, -1.0)[:, None]
-        dense = timed(lambda r, i: weights[i].dense(x), layers, args.reps, device)
+        dense = timed(lambda r, i, weights=weights, x=x: weights[i].dense(x), layers, args.reps, device)
         row = {"hidden": d, "intermediate": m, "layers_cycled": layers, "dense_us": dense * 1e6, "sparse": []}
         everything = torch.arange(m, device=device)
         base = {}
         for kern in kernels:  # the same kernel computing all m neurons: the fair denominator for its speedup
-            base[kern] = timed(lambda r, i: getattr(weights[i], kern)(x, everything), layers, args.reps, device)
+            base[kern] = timed(lambda r, i, weights=weights, kern=kern, x=x, everything=everything:
+                               getattr(weights[i], kern)(x, everything), layers, args.reps, device)
             row[f"{kern}_all_neurons_us"] = base[kern] * 1e6
         print(f"\n{shape}: d={d}, m={m}, {layers} distinct layers ({layers * per_layer / 2**20:.0f} MiB); "
               f"dense (F.linear) {dense * 1e6:.1f} us/call; all neurons through " +
@@ -106,7 +107,8 @@ def main() -> None:
             entry = {"sparsity": s, "active": k, "ideal_speedup": ideal}
             cells = []
             for kern in kernels:
-                t = timed(lambda r, i: getattr(weights[i], kern)(x, idx[r][i]), layers, args.reps, device)
+                t = timed(lambda r, i, weights=weights, kern=kern, x=x, idx=idx:
+                          getattr(weights[i], kern)(x, idx[r][i]), layers, args.reps, device)
                 own = base[kern] / t  # speedup over the same kernel on all neurons: what the sparsity buys
                 entry[kern] = {"us": t * 1e6, "speedup_vs_dense": dense / t, "speedup_vs_all_neurons": own,
                                "fraction_of_ideal": own / ideal}

@@ -125,16 +125,16 @@ def results_budget(results: dict) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | legal perplexity | legal sparsity |"
-             " train time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | legal perplexity "
+             "| legal sparsity | train time |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for res in results.values():
-        c, l = res["eval"]["code-docs"], res["eval"]["legal"]
+        code, legal = res["eval"]["code-docs"], res["eval"]["legal"]
         def sp(m):
             s = f"{100 * m.get('sparsity', 0.0):.1f}%"
             return s + (f" (near-zero {100 * m['near_zero']:.1f}%)" if "near_zero" in m else "")
         t = f"{res['train_seconds'] / 60:.1f} min" if res["kind"] == "train" else "-"
-        lines.append(f"| {res['label']} | {res.get('train_tokens', 0):,} | {c['perplexity']:.2f} | {sp(c)} | "
-                     f"{l['perplexity']:.2f} | {sp(l)} | {t} |")
+        lines.append(f"| {res['label']} | {res.get('train_tokens', 0):,} | {code['perplexity']:.2f} | {sp(code)} | "
+                     f"{legal['perplexity']:.2f} | {sp(legal)} | {t} |")
     return "\n".join(lines) + "\n"
 
 

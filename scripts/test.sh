@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# Lint first (ruff comes with the `test` extra; `python -m` runs the installed one).
+python -m ruff check .
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_SILENT=true
 python -m pytest -q -p no:cacheprovider --timeout 900 tests "$@"

@@ -45,9 +45,11 @@ def test_existing_run_needs_overwrite(tmp_path, tiny_model_dirs):
     from tests.e2e_helpers import train_tiny
 
     out = tmp_path / "run"
-    assert train_tiny(tiny_model_dirs["llama"], out, "train.max_steps=1", "train.eval_every=0", "wandb.mode=disabled") == 0
+    assert train_tiny(tiny_model_dirs["llama"], out, "train.max_steps=1", "train.eval_every=0",
+                      "wandb.mode=disabled") == 0
     proc = run_cli("train", "quickstart", f"output_dir={out}", f"model.path={tiny_model_dirs['llama']}")
-    _assert_clean_error(proc, r"output_dir .* already holds a run; choose another output_dir, continue it with --resume, or pass --overwrite")
+    _assert_clean_error(proc, r"output_dir .* already holds a run; choose another output_dir, "
+                              r"continue it with --resume, or pass --overwrite")
     assert (out / "checkpoints").is_dir()
     assert train_tiny(tiny_model_dirs["llama"], out, "train.max_steps=2", "train.eval_every=0",
                       "wandb.mode=disabled", "--overwrite") == 0

@@ -29,7 +29,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

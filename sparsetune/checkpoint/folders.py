@@ -11,9 +11,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Callable
 
 from sparsetune.errors import SparsetuneError
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file
-
-from dataclasses import dataclass
 
 from sparsetune.checkpoint.folders import RunFolder, foreign_error, inspect_run_folder
 from sparsetune.checkpoint.state import read_recipe, read_trainer_state
@@ -133,7 +132,8 @@ def check_recipe(ckpt: Path, current: Recipe, report) -> None:
             "restore these keys or start a new run in another output_dir"
         )
     for change in notices:
-        extra = " (the cosine LR schedule is re-stretched to the new length)" if change.startswith("train.max_steps") else ""
+        extra = (" (the cosine LR schedule is re-stretched to the new length)"
+                 if change.startswith("train.max_steps") else "")
         report(f"resume: using the new value of {change}{extra}")
 
 

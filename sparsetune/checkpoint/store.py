@@ -19,8 +19,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 MARKER = "checkpoint.json"
 LATEST = "latest"

@@ -18,9 +18,9 @@ import torch
 from sparsetune.dynamic.head_skipping import head_skipping
 from sparsetune.dynamic.masked_mlp import gathered_mlp
 from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.models.structure import decoder_layers
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
-from sparsetune.models.structure import decoder_layers
 from sparsetune.surgery.sparse_mlp import patched_mlps
 
 

@@ -18,10 +18,10 @@ from sparsetune.export.model_card import model_card
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import SPEC_FILE
+from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.surgery.architectures import layout_for
-from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.surgery.relufy import activation_spec, restore_hf_mlps
 
 

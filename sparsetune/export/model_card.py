@@ -17,7 +17,7 @@ def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool) 
         "---",
         f"# Sparsified {recipe.model.path}",
         "",
-        f"Fine-tuned with [sparsetune](https://github.com/) for activation sparsity: activation "
+        f"Fine-tuned with sparsetune for activation sparsity: activation "
         f"`{recipe.relufy.activation}`, regularizer `{recipe.regularizer.type}` "
         f"({recipe.regularizer.schedule} schedule), {report.get('step')} steps, {report.get('tokens_seen')} tokens"
         f"{', LoRA merged' if recipe.peft.method == 'lora' else ''}.",

@@ -15,7 +15,8 @@ def check_launch(recipe: Recipe, strategy: str, shards_parameters: bool, num_pro
                 f"{where}: peft.method={recipe.peft.method} is not supported with {strategy} in sparsetune; LoRA "
                 "adapters are small, launch with --launch ddp (or train the full model)")
         if recipe.train.freeze_model:
-            raise SparsetuneError(f"{where}: train.freeze_model=true trains only the predictors; launch with --launch ddp")
+            raise SparsetuneError(
+                f"{where}: train.freeze_model=true trains only the predictors; launch with --launch ddp")
     if shards_parameters:
         if recipe.predictor.enabled and recipe.predictor.dynamic_eval_batches > 0:
             raise SparsetuneError(

@@ -74,7 +74,8 @@ class PredictorBank(nn.Module):
             keep = token_mask.reshape(-1).bool()
             logits, labels = logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1, labels.shape[-1])[keep]
         if self.training:
-            loss = balanced_bce(logits, labels) if self.cfg.loss == "bce" else focal(logits, labels, self.cfg.focal_gamma)
+            loss = (balanced_bce(logits, labels) if self.cfg.loss == "bce"
+                    else focal(logits, labels, self.cfg.focal_gamma))
             self.loss_terms.append(loss)
         with torch.no_grad():
             counts.add(idx, logits >= self.logit_threshold, labels)
@@ -144,7 +145,7 @@ class PredictorBank(nn.Module):
         (folder / "predictors.json").write_text(json.dumps({**self.spec(), "metrics": metrics or {}}, indent=1))
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "PredictorBank":
+    def from_spec(cls, spec: dict) -> PredictorBank:
         return cls(PredictorSection(**spec["config"]), spec["hidden_size"], spec["intermediate_size"],
                    spec["num_layers"], spec["num_heads"], spec["exact_zeros"])
 

@@ -26,7 +26,8 @@ def _relufy_rows(prefix: str) -> list[str]:
     """The relufy section: `activation` chooses the variant; each variant's own keys follow."""
     names = " \\| ".join(f"`{a}`" for a in ACTIVATIONS)
     rows = [f"| `{prefix}activation` | {names} | `\"relu\"` | MLP activation after surgery; the keys below apply to "
-            "the activation named in their row. " + " ".join(" ".join((v.__doc__ or "").split()) for v in RELUFY_VARIANTS)
+            "the activation named in their row. "
+            + " ".join(" ".join((v.__doc__ or "").split()) for v in RELUFY_VARIANTS)
             + " |"]
     for activation, variant in zip(ACTIVATIONS, RELUFY_VARIANTS):
         for row in _rows(variant, prefix):

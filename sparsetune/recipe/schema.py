@@ -10,8 +10,7 @@ from __future__ import annotations
 import typing
 from typing import Annotated, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 from sparsetune.sparsity.regularizers import regularizer_docs, regularizer_names
 
@@ -125,7 +124,7 @@ class CatsRelufy(Section):
         8, ge=1, description="cats: training micro-batches whose activations set the thresholds.")
 
     @model_validator(mode="after")
-    def _thresholds_valid(self) -> "CatsRelufy":
+    def _thresholds_valid(self) -> CatsRelufy:
         if self.thresholds is not None and any(t < 0 for t in self.thresholds):
             raise ValueError("relufy.thresholds must be >= 0")
         return self
@@ -146,11 +145,12 @@ def _relufy_tag(value) -> str:
     return getattr(value, "activation", "relu")
 
 
+# Both unions are built from runtime tuples of classes, which `X | Y` syntax cannot spell (hence noqa: UP007).
 RelufySection = Annotated[
-    Union[tuple(Annotated[v, Tag(a)] for v, a in zip(RELUFY_VARIANTS, ACTIVATIONS))],  # type: ignore[misc]
+    Union[tuple(Annotated[v, Tag(a)] for v, a in zip(RELUFY_VARIANTS, ACTIVATIONS))],  # type: ignore[misc]  # noqa: UP007
     Discriminator(_relufy_tag),
 ]
-RelufyConfig = Union[RELUFY_VARIANTS]  # type: ignore[valid-type]
+RelufyConfig = Union[RELUFY_VARIANTS]  # type: ignore[valid-type]  # noqa: UP007
 _RELUFY = TypeAdapter(RelufySection)
 
 
@@ -177,7 +177,7 @@ class Stage(Section):
     coef: float = Field(..., ge=0.0, description="Regularizer coefficient reached at the end of the stage.")
 
     @model_validator(mode="after")
-    def _one_end(self) -> "Stage":
+    def _one_end(self) -> Stage:
         if (self.end_step is None) == (self.end_fraction is None):
             raise ValueError("give exactly one of end_step or end_fraction")
         return self
@@ -199,7 +199,7 @@ class RegularizerSection(Section):
     stages: list[Stage] = Field(default_factory=list, description="Stages for schedule=prosparse, in order.")
 
     @model_validator(mode="after")
-    def _schedule_needs(self) -> "RegularizerSection":
+    def _schedule_needs(self) -> RegularizerSection:
         if self.schedule == "prosparse" and not self.stages:
             raise ValueError("schedule 'prosparse' needs at least one entry in regularizer.stages")
         if self.schedule == "warmup" and self.warmup_steps == 0:
@@ -232,12 +232,14 @@ class PredictorSection(Section):
     loss: Literal["bce", "focal"] = Field(
         "bce", description="bce = class-balanced BCE (positives weighted by negatives/positives); focal = focal loss.")
     focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="A neuron is predicted active when sigmoid(logit) >= this.")
+    threshold: float = Field(
+        0.5, gt=0.0, lt=1.0, description="A neuron is predicted active when sigmoid(logit) >= this.")
     silu_active_fraction: float = Field(
         0.3, gt=0.0, le=1.0,
         description="Labels for silu (no exact zeros): the top fraction of neurons by |a| per token are active.")
     lookahead: bool = Field(False, description="Layer i's MLP input predicts layer i+1's mask (time to prefetch).")
-    detach_inputs: bool = Field(True, description="Predictor inputs are detached: the predictors do not change the model.")
+    detach_inputs: bool = Field(
+        True, description="Predictor inputs are detached: the predictors do not change the model.")
     train_token_fraction: float = Field(
         0.25, gt=0.0, le=1.0,
         description="Fraction of each step's tokens the predictors train on (every k-th token, offset cycling "
@@ -246,7 +248,8 @@ class PredictorSection(Section):
         0.10, gt=0.0, le=1.0, description="Budget: predictor parameters / MLP parameters; larger is an error.")
     dynamic_eval_batches: int = Field(
         2, ge=0, description="Held-out micro-batches for the dynamic-activation perplexities at each training eval "
-        "(oracle / predicted masks, head skipping); 0 = skip them during training (`sparsetune eval --dynamic` still works).")
+        "(oracle / predicted masks, head skipping); 0 = skip them during training "
+        "(`sparsetune eval --dynamic` still works).")
     heads: bool = Field(False, description="Also co-train attention-head predictors (per layer).")
     head_rank: int = Field(32, ge=1, description="Low rank of each head predictor.")
     head_active_fraction: float = Field(
@@ -329,11 +332,12 @@ class Recipe(Section):
         return drop_legacy_relufy_keys(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
+    def _cross_checks(self) -> Recipe:
         if self.train.freeze_model and not self.predictor.enabled:
             raise ValueError("train.freeze_model=true trains nothing unless predictor.enabled=true")
         if self.train.freeze_model and self.peft.method != "none":
-            raise ValueError("train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")
+            raise ValueError(
+                "train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")
         for i, stage in enumerate(self.regularizer.stages):
             if stage.end_step is not None and stage.end_step > self.train.max_steps:
                 raise ValueError(

@@ -80,7 +80,7 @@ class ActivationRecorder:
         self.consumers: list = []  # e.g. the PredictorBank: observe_mlp(layer, a, x, token_mask)
 
     @classmethod
-    def for_mlps(cls, mlps: list, regularizer: Regularizer | None, near_zero_threshold: float) -> "ActivationRecorder":
+    def for_mlps(cls, mlps: list, regularizer: Regularizer | None, near_zero_threshold: float) -> ActivationRecorder:
         """Near-zero counting is on only for activations without exact zeros (SiLU), so the two kinds of
         sparsity are never mixed."""
         exact = mlps[0].activation.exact_zeros

@@ -27,7 +27,7 @@ class MLPActivation(nn.Module):
         """JSON description, stored with exports so sparsetune can rebuild the activation."""
         return {"activation": self.name}
 
-    def elementwise(self) -> "MLPActivation":
+    def elementwise(self) -> MLPActivation:
         """The per-neuron function, for computing a chosen subset of neurons (itself unless the
         activation looks across neurons, as top-k does)."""
         return self

@@ -3,7 +3,7 @@ zeroes `target_sparsity` of the values."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

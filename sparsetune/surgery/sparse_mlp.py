@@ -13,7 +13,8 @@ target names) are exactly those of the Hugging Face model. It has two extension 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn

@@ -9,9 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sparsetune.checkpoint.store import write_atomic
 

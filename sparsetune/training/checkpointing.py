@@ -8,8 +8,8 @@ checkpoint and `latest` are untouched. Restoring walks the same list.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from sparsetune.checkpoint.parts import CheckpointPart
 from sparsetune.checkpoint.store import CheckpointStore

@@ -20,7 +20,9 @@ from sparsetune.training.optim import build_optimizer, build_scheduler
 
 
 def fsdp_requested() -> bool:
-    """`accelerate launch` with an FSDP config sets this (also on CPU, where accelerate itself would fall back to DDP)."""
+    (  # one docstring, wrapped by implicit concatenation
+        "`accelerate launch` with an FSDP config sets this (also on CPU, where accelerate itself would fall back "
+        "to DDP).")
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
@@ -56,7 +58,7 @@ class Engine:
         self.lora = recipe.peft.method == "lora"
 
     @staticmethod
-    def create(accelerator: Accelerator, recipe: Recipe) -> "Engine":
+    def create(accelerator: Accelerator, recipe: Recipe) -> Engine:
         if recipe.train.freeze_model:
             return FrozenModel(accelerator, recipe)
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -298,12 +300,18 @@ class FSDP2(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder / "fsdp_optimizer"))
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=str(folder / "fsdp_optimizer"))
 
     def load_sharded(self, model, optimizer, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
         from sparsetune.checkpoint.resume import read_weights
 
         full = read_weights(folder / "model")

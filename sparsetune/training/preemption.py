@@ -20,7 +20,7 @@ class PreemptionGuard:
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "PreemptionGuard":
+    def install(self) -> PreemptionGuard:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -20,7 +20,7 @@ class TrainingProgress:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, state: dict) -> "TrainingProgress":
+    def from_json(cls, state: dict) -> TrainingProgress:
         """From trainer_state.json (keys a later version added get their defaults)."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in state.items() if k in known})

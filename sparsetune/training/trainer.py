@@ -21,8 +21,14 @@ from tqdm.auto import tqdm
 from sparsetune.checkpoint.folders import clear_run, inspect_run_folder, mark_run
 from sparsetune.checkpoint.parts import CheckpointPart
 from sparsetune.checkpoint.resume import check_process_count, check_recipe, plan_output_dir
-from sparsetune.checkpoint.state import (load_torch_state, read_rng_state, read_trainer_state, rng_state,
-                                         set_rng_state, write_json)
+from sparsetune.checkpoint.state import (
+    load_torch_state,
+    read_rng_state,
+    read_trainer_state,
+    rng_state,
+    set_rng_state,
+    write_json,
+)
 from sparsetune.checkpoint.store import CheckpointStore, write_atomic
 from sparsetune.data.batches import BatchStream, eval_batch_counts, eval_batches, padding_batch
 from sparsetune.data.text_datasets import load_text_splits, pack
@@ -40,8 +46,8 @@ from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
 from sparsetune.tracking.metrics import layer_metrics
 from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
-from sparsetune.training.components import build_components
 from sparsetune.training.checkpointing import Checkpointer
+from sparsetune.training.components import build_components
 from sparsetune.training.components.base import Component, EvalContext, Setup, StepContext
 from sparsetune.training.engines import Engine
 from sparsetune.training.preemption import PreemptionGuard
@@ -297,7 +303,8 @@ class Trainer:
         for c in self.components:
             c.begin_eval()
         result = evaluate(self.model, batches, self.recorder, self.device, all_reduce=reduce)
-        metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"], **layer_metrics("eval", result)}
+        metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"],
+                   **layer_metrics("eval", result)}
         row = {"step": self.progress.step, "tokens": self.progress.tokens_seen, "perplexity": result["perplexity"],
                "eval_loss": result["loss"], "sparsity": result.get("sparsity"),
                "near_zero_sparsity": result.get("near_zero")}

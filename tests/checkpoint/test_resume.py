@@ -10,13 +10,22 @@ import pytest
 from safetensors.torch import load_file
 
 from sparsetune.checkpoint.store import CheckpointStore
-from tests.e2e_helpers import (TINY_TRAIN, child_env, preempt_at, read_metrics, read_wandb_run, train_logs, train_steps,
-                                train_tiny)
+from tests.e2e_helpers import (
+    TINY_TRAIN,
+    child_env,
+    preempt_at,
+    read_metrics,
+    read_wandb_run,
+    train_logs,
+    train_steps,
+    train_tiny,
+)
 
 pytestmark = pytest.mark.e2e
 
 # Progressive regularizer schedule + distillation are active, so their state must survive too.
-SCHEDULE = ["regularizer.schedule=prosparse", "regularizer.stages=[{end_step: 2, coef: 0.1}, {end_fraction: 1.0, coef: 1.0}]",
+SCHEDULE = ["regularizer.schedule=prosparse",
+            "regularizer.stages=[{end_step: 2, coef: 0.1}, {end_fraction: 1.0, coef: 1.0}]",
             "train.log_every=1", "train.eval_every=4", "wandb.mode=offline", "train.lr_warmup_steps=2"]
 
 
@@ -158,7 +167,8 @@ def test_checkpoint_state_loads_without_executing_code(tiny_model_dirs, tmp_path
     import torch
 
     run = tmp_path / "run"
-    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=1", "train.eval_every=0", "wandb.mode=disabled") == 0
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=1", "train.eval_every=0",
+                      "wandb.mode=disabled") == 0
     ckpt = CheckpointStore(run).latest_complete()
     for name in ("optimizer.pt", "scheduler.pt"):
         torch.load(ckpt / name, weights_only=True)  # raises if anything but tensors/containers were pickled

@@ -41,8 +41,9 @@ def sparsetune(*args: str, env: dict | None = None, timeout: int = 600) -> subpr
 
 def launched(model: Path, out: Path, preset: str, *extra: str, env: dict | None = None, processes: int = 2):
     proc = sparsetune("train", "quickstart", f"model.path={model}", f"output_dir={out}", *COMMON,
-                      f"train.micro_batch_size={8 // processes}", f"train.eval_batches={2 * processes}", *extra, "--launch", preset,
-                      "--num-processes", str(processes), "--main-process-port", str(free_port()), env=env)
+                      f"train.micro_batch_size={8 // processes}", f"train.eval_batches={2 * processes}", *extra,
+                      "--launch", preset, "--num-processes", str(processes), "--main-process-port", str(free_port()),
+                      env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

@@ -9,8 +9,16 @@ import torch
 from torch.utils import cpp_extension
 
 from sparsetune.dynamic import kernels
-from sparsetune.dynamic.kernels import (DecodeWeights, build_flags, build_fused, build_key, check_decode_args,
-                                        cpu_description, fused_decode, kernel_in_use)
+from sparsetune.dynamic.kernels import (
+    DecodeWeights,
+    build_flags,
+    build_fused,
+    build_key,
+    check_decode_args,
+    cpu_description,
+    fused_decode,
+    kernel_in_use,
+)
 from sparsetune.paths import cache_dir
 from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.activations import build_activation

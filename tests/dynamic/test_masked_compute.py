@@ -3,9 +3,9 @@ import torch
 
 from sparsetune.dynamic.head_skipping import head_skipping
 from sparsetune.dynamic.masked_mlp import gathered_mlp
+from sparsetune.models.structure import decoder_layers
 from sparsetune.recipe.schema import relufy_config
 from sparsetune.surgery.activations import build_activation
-from sparsetune.models.structure import decoder_layers
 from sparsetune.surgery.relufy import relufy
 from tests.tiny_models import tiny_model
 
@@ -23,7 +23,8 @@ def _proj(d_in, d_out, bias):
 def test_gathered_mlp_equals_dense_when_nothing_is_dropped_and_oracle_when_masks_are_exact(activation, bias):
     torch.manual_seed(0)
     g, u, d = _proj(16, 40, bias), _proj(16, 40, bias), _proj(40, 16, bias)
-    act = build_activation(relufy_config(activation=activation, **({'threshold': 0.1} if activation == 'fatrelu' else {})))
+    act = build_activation(
+        relufy_config(activation=activation, **({'threshold': 0.1} if activation == 'fatrelu' else {})))
     x = torch.randn(3, 7, 16)
     a = act(g(x), u(x))
     dense = d(a)

@@ -28,7 +28,8 @@ def masked_reference(w: DecodeWeights, x: torch.Tensor, idx: torch.Tensor) -> to
 def test_decode_kernels_compute_exactly_the_kept_neurons(activation, kernel):
     gen = torch.Generator().manual_seed(0)
     d, m = 48, 160
-    act = build_activation(relufy_config(activation=activation, **({'threshold': 0.1} if activation == 'fatrelu' else {}))).elementwise()
+    act = build_activation(
+        relufy_config(activation=activation, **({'threshold': 0.1} if activation == 'fatrelu' else {}))).elementwise()
     w = DecodeWeights(torch.randn(m, d, generator=gen), torch.randn(m, d, generator=gen),
                       torch.randn(d, m, generator=gen), act)
     x = torch.randn(d, generator=gen)

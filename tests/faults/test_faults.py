@@ -360,7 +360,8 @@ def test_disk_full_while_writing_a_checkpoint(model, tmp_path, capsys, monkeypat
     monkeypatch.setattr(torch, "save", save_on_a_full_disk)
     one_error(capsys, train_tiny(model, full, *args),
               r"could not write checkpoint step 4 in .*: No space left on device \(.*optimizer.pt\); the previous "
-              r"checkpoint \(step-00000002\) and checkpoints/latest are intact; free space and continue with: .*--resume")
+              r"checkpoint \(step-00000002\) and checkpoints/latest are intact; free space and continue with: "
+              r".*--resume")
     monkeypatch.undo()
     store = CheckpointStore(full)
     assert store.latest_name() == "step-00000002" and [f.name for f in store.folders()] == ["step-00000002"]

@@ -1,7 +1,7 @@
 import torch
 
 from sparsetune.sparsity.recorder import ActivationRecorder
-from sparsetune.sparsity.regularizers import get_regularizer, regularizer_names
+from sparsetune.sparsity.regularizers import get_regularizer
 
 l1, hoyer = get_regularizer("l1"), get_regularizer("hoyer")
 

@@ -46,5 +46,6 @@ def test_model_without_swiglu_mlp_is_refused_with_its_type():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(SparsetuneError, match=r"model type 'gpt2' .*supported model types: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(SparsetuneError,
+                       match=r"model type 'gpt2' .*supported model types: llama, mistral, qwen2, qwen3"):
         relufy(model, relufy_config(activation="relu"))

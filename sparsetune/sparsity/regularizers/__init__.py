@@ -10,8 +10,8 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Regularizer = Callable  # (a: Tensor, token_mask: Tensor | None) -> Tensor
 

@@ -16,9 +16,10 @@ default, so a component implements only what it uses. Call order in a run:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -84,7 +85,7 @@ class Component:
     frozen_model = None  # a second model the component runs forward only (its per-rank share is reported)
 
     @classmethod
-    def build(cls, recipe: Recipe) -> "Component | None":
+    def build(cls, recipe: Recipe) -> Component | None:
         return None
 
     # ----------------------------------------------------------------- setup

@@ -51,7 +51,7 @@ class Distillation(Component):
         self.lora = recipe.peft.method != "none"
 
     @classmethod
-    def build(cls, recipe: Recipe) -> "Distillation | None":
+    def build(cls, recipe: Recipe) -> Distillation | None:
         return cls(recipe) if recipe.distill.weight > 0 else None
 
     def before_surgery(self, setup: Setup) -> None:

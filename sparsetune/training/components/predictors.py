@@ -10,7 +10,7 @@ import torch
 from sparsetune.checkpoint.state import load_torch_state
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.dynamic import dynamic_eval
-from sparsetune.models.structure import base_causal_lm
+from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.predictors.bank import PredictorBank, load_predictors
 from sparsetune.predictors.hooks import attach_head_hooks
 from sparsetune.predictors.metrics import ConfusionCounts
@@ -20,8 +20,9 @@ from sparsetune.training.components.base import Component, EvalContext, EvalRepo
 
 
 def bank_for(model, recipe: Recipe) -> PredictorBank:
+    """Predictors sized for the model; labels are exact zeros unless the activation has none (SiLU)."""
     cfg = base_causal_lm(model).config
-    exact = recipe.relufy.activation != "silu"
+    exact = sparse_mlps(model)[0].activation.exact_zeros
     return PredictorBank(recipe.predictor, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
                          cfg.num_attention_heads, exact_zeros=exact)
 
@@ -38,7 +39,7 @@ class Predictors(Component):
         self._train_counts = None
 
     @classmethod
-    def build(cls, recipe: Recipe) -> "Predictors | None":
+    def build(cls, recipe: Recipe) -> Predictors | None:
         return cls(recipe) if recipe.predictor.enabled else None
 
     def after_surgery(self, setup: Setup) -> None:

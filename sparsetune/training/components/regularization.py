@@ -20,7 +20,7 @@ class SparsityRegularization(Component):
         self.recorder = None
 
     @classmethod
-    def build(cls, recipe: Recipe) -> "SparsityRegularization":
+    def build(cls, recipe: Recipe) -> SparsityRegularization:
         return cls(recipe)  # always: the coefficient is logged even for regularizer.type=none
 
     def after_surgery(self, setup: Setup) -> None:
