@@ -6,9 +6,9 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.recipe.schema import Recipe
 
 
-def check_launch(recipe: Recipe, strategy: str, shards_parameters: bool, num_processes: int, preset: str) -> None:
-    """Raise SparsetuneError naming the recipe key when `recipe` cannot run under this strategy."""
-    where = f"--launch {preset}"
+def check_launch(recipe: Recipe, strategy: str, shards_parameters: bool, num_processes: int, where: str) -> None:
+    """Raise SparsetuneError naming the recipe key when `recipe` cannot run under this strategy. `where` starts the
+    message: the preset before launching (`--launch zero3`), the engine inside a process (`DeepSpeed ZeRO-3`)."""
     if strategy in ("fsdp", "deepspeed"):
         if recipe.peft.method != "none":
             raise SparsetuneError(

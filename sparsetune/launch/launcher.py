@@ -56,7 +56,7 @@ def launch(recipe: Recipe, preset_name: str, train_args: list[str], num_processe
 
         num_processes = torch.cuda.device_count() or 2
     world = num_processes * machine.get("num_machines", 1)
-    check_launch(recipe, preset.strategy, preset.shards_parameters, world, preset_name)
+    check_launch(recipe, preset.strategy, preset.shards_parameters, world, f"--launch {preset_name}")
     cmd, env = launch_command(preset_name, train_args, num_processes, **machine)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     where = "GPU" if _has_gpu() else "CPU (gloo)"

@@ -58,14 +58,20 @@ class Engine:
         self.lora = recipe.peft.method == "lora"
 
     @staticmethod
-    def create(accelerator: Accelerator, recipe: Recipe) -> Engine:
-        if recipe.train.freeze_model:
-            return FrozenModel(accelerator, recipe)
+    def strategy_of(accelerator: Accelerator) -> str:
+        """How the launcher asked this process to distribute: deepspeed, fsdp or ddp."""
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            return DeepSpeedZero(accelerator, recipe)
-        if fsdp_requested() and accelerator.num_processes > 1:
-            return FSDP2(accelerator, recipe)
-        return Engine(accelerator, recipe)
+            return "deepspeed"
+        return "fsdp" if fsdp_requested() and accelerator.num_processes > 1 else "ddp"
+
+    @staticmethod
+    def create(accelerator: Accelerator, recipe: Recipe) -> Engine:
+        """The engine for this process. A predictor-only run (train.freeze_model) under a sharding launcher is
+        refused by check_launch; under DDP or one process its model is frozen."""
+        strategy = Engine.strategy_of(accelerator)
+        if recipe.train.freeze_model and strategy == "ddp":
+            return FrozenModel(accelerator, recipe)
+        return {"deepspeed": DeepSpeedZero, "fsdp": FSDP2, "ddp": Engine}[strategy](accelerator, recipe)
 
     def describe(self) -> str:
         return "DDP" if self.accelerator.num_processes > 1 else "single process"

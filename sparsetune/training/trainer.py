@@ -112,8 +112,8 @@ class Trainer:
         self.engine = Engine.create(self.accelerator, r)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
-        check_launch(r, self.engine.name, self.engine.shards_parameters, self.accelerator.num_processes,
-                     self.engine.name)
+        check_launch(r, Engine.strategy_of(self.accelerator), self.engine.shards_parameters,
+                     self.accelerator.num_processes, self.engine.describe())
 
     def _plan_output_dir(self) -> None:
         """The main process decides how output_dir is used (and verifies the checkpoint it resumes from, once);
