@@ -79,7 +79,8 @@ def load_text_splits(cfg: DataSection) -> tuple[datasets.Dataset, datasets.Datas
     else:
         train = _load_hub(cfg.path, cfg.name, cfg.split, "data.path")
         held, held_from_train = None, True
-        wanted = [cfg.eval_split] if cfg.eval_split else [s for s in _HELD_OUT_SPLITS if s in _hub_splits(cfg.path, cfg.name)]
+        available = [] if cfg.eval_split else _hub_splits(cfg.path, cfg.name)
+        wanted = [cfg.eval_split] if cfg.eval_split else [s for s in _HELD_OUT_SPLITS if s in available]
         if wanted and not cfg.eval_path:
             held, held_from_train = _load_hub(cfg.path, cfg.name, wanted[0], "data.eval_split"), False
 
@@ -99,7 +100,9 @@ def load_text_splits(cfg: DataSection) -> tuple[datasets.Dataset, datasets.Datas
             )
     if held_from_train:
         if len(train) < 2:
-            raise SparsetuneError(f"data.path: {cfg.path} has {len(train)} document(s); need at least 2 to hold one out")
+            raise SparsetuneError(
+                f"data.path: {cfg.path} has {len(train)} document(s); need at least 2 to hold one out"
+            )
         parts = train.train_test_split(test_size=cfg.eval_fraction, seed=0, shuffle=True)
         train, held = parts["train"], parts["test"]
     if cfg.max_documents is not None and len(train) > cfg.max_documents:

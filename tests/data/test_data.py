@@ -72,5 +72,6 @@ def test_data_errors_name_the_key_and_file(tmp_path):
     with pytest.raises(SparsetuneError, match=r"unsupported file type '.csv'.*expected .txt, .jsonl, .json, .parquet"):
         load_text_splits(DataSection(path=str(tmp_path / "d.csv")))
     (tmp_path / "d.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n')
-    with pytest.raises(SparsetuneError, match=r"data.text_field: column 'text' not found in data.path \(columns: body\)"):
+    with pytest.raises(SparsetuneError,
+                       match=r"data.text_field: column 'text' not found in data.path \(columns: body\)"):
         load_text_splits(DataSection(path=str(tmp_path / "d.jsonl")))
