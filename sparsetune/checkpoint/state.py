@@ -6,7 +6,7 @@
   scheduler.pt           LR scheduler state (loaded with weights_only=True)
   predictors/            co-trained predictors (predictors.safetensors + predictors.json), when enabled
   predictor_optimizer.pt their optimizer state
-  trainer_state.json     step, tokens seen, data position, W&B run id, last evaluation
+  trainer_state.json     TrainingProgress: step, tokens, data position, W&B run id, last evaluation, non-finite steps
   rng_state_rank{r}.json python / numpy / torch RNG states of each rank, as JSON
   recipe.yaml            the resolved recipe
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsetune.recipe.loading import read_yaml, recipe_to_yaml, validate_recipe
+from sparsetune.recipe.loading import read_yaml, validate_recipe
 from sparsetune.recipe.schema import Recipe
 
 
@@ -49,18 +49,6 @@ def set_rng_state(state: dict) -> None:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1))
-
-
-def save_trainer_files(folder: Path, recipe: Recipe, trainer_state: dict, optimizer, scheduler) -> None:
-    """The main process's share of a checkpoint (each rank writes its own rng_state_rank{r}.json).
-    A frozen model (predictor-only training) has no optimizer or scheduler to save; optimizer=None with a
-    scheduler: a sharded engine saved the optimizer itself."""
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    if scheduler is not None:
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-    write_json(folder / "trainer_state.json", trainer_state)
-    (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
 
 def read_recipe(folder: Path) -> Recipe:

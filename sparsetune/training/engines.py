@@ -50,7 +50,6 @@ class Engine:
 
     name = "ddp"
     shards_parameters = False
-    trains_model = True
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe):
         self.accelerator = accelerator
@@ -162,7 +161,6 @@ class FrozenModel(Engine):
     wrapped nor optimized; only the components' own losses (the predictors') are backpropagated."""
 
     name = "frozen"
-    trains_model = False
 
     def describe(self) -> str:
         return "model frozen, predictors only" + (", DDP" if self.accelerator.num_processes > 1 else "")
