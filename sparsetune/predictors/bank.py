@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ class PredictorBank(nn.Module):
         self._attn_inputs: dict[int, torch.Tensor] = {}
         self._stride = max(1, round(1.0 / cfg.train_token_fraction))
         self._offset = 0  # set from the global micro-batch index (set_position), so resume samples the same tokens
+        # layer -> ||W_down[:, j]|| per neuron j (set by the run when the weights are local); importance of an active
+        # neuron = |a_j| * that norm, its contribution to the MLP output. Without it, importance = |a_j|.
+        self.down_norms: Callable[[int], torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------ sizes
     def neuron_param_fraction(self) -> float:
@@ -69,16 +73,26 @@ class PredictorBank(nn.Module):
                 else t.reshape(-1)[self._offset::self._stride] for t in tensors]
 
     def _add(self, logits: torch.Tensor, labels: torch.Tensor, counts: ConfusionCounts, idx: int,
-             token_mask: torch.Tensor | None) -> None:
+             token_mask: torch.Tensor | None, importance: torch.Tensor) -> None:
         if token_mask is not None:
             keep = token_mask.reshape(-1).bool()
             logits, labels = logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1, labels.shape[-1])[keep]
+            importance = importance.reshape(-1, importance.shape[-1])[keep]
         if self.training:
-            loss = (balanced_bce(logits, labels) if self.cfg.loss == "bce"
-                    else focal(logits, labels, self.cfg.focal_gamma))
+            if self.cfg.loss == "focal":
+                loss = focal(logits, labels, self.cfg.focal_gamma)
+            else:
+                weights = importance if self.cfg.label_weighting == "importance" else None
+                loss = balanced_bce(logits, labels, weights)
             self.loss_terms.append(loss)
         with torch.no_grad():
-            counts.add(idx, logits >= self.logit_threshold, labels)
+            counts.add(idx, logits >= self.logit_threshold, labels, importance)
+
+    def neuron_importance(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        """Each neuron's contribution to the MLP output: |a_j| * ||W_down[:, j]|| (|a_j| without the norms)."""
+        importance = a.detach().abs().float()
+        norms = self.down_norms(layer) if self.down_norms is not None else None
+        return importance if norms is None else importance * norms
 
     def observe_mlp(self, layer: int, a: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         labels = neuron_labels(a.detach(), self.exact_zeros, self.cfg.silu_active_fraction)
@@ -89,10 +103,11 @@ class PredictorBank(nn.Module):
             idx = layer - 1
         else:
             source, idx = x, layer
-        source, labels, token_mask = self._sample(source, labels, token_mask)
+        source, labels, token_mask, a = self._sample(source, labels, token_mask, a)
+        importance = self.neuron_importance(layer, a)
         # The predictor trains even when the model runs under no_grad (train.freeze_model).
         with torch.enable_grad() if self.training else torch.no_grad():
-            self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask)
+            self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask, importance)
 
     def observe_attention_input(self, layer: int, hidden: torch.Tensor) -> None:
         self._attn_inputs[layer] = hidden
@@ -101,10 +116,11 @@ class PredictorBank(nn.Module):
         hidden = self._attn_inputs.pop(layer, None)
         if hidden is None or self.heads is None:
             return
-        labels = top_fraction(head_norms(attn_out.detach(), self.num_heads), self.cfg.head_active_fraction)
-        hidden, labels, token_mask = self._sample(hidden, labels, token_mask)
+        norms = head_norms(attn_out.detach(), self.num_heads).float()  # a head's importance: its output norm
+        labels = top_fraction(norms, self.cfg.head_active_fraction)
+        hidden, labels, token_mask, norms = self._sample(hidden, labels, token_mask, norms)
         with torch.enable_grad() if self.training else torch.no_grad():
-            self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask)
+            self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask, norms)
 
     def pop_loss(self) -> torch.Tensor | None:
         """Mean of this forward's loss terms (None when none were recorded)."""

@@ -27,13 +27,22 @@ def head_norms(attn_out: torch.Tensor, num_heads: int) -> torch.Tensor:
     return attn_out.unflatten(-1, (num_heads, -1)).norm(dim=-1)
 
 
-def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BCE with positives weighted by (#negatives / #positives) of this batch, so rare classes count."""
+def balanced_bce(logits: torch.Tensor, labels: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE with positives weighted by (#negatives / #positives) of this batch, so rare classes count.
+
+    With `importance`, each positive's weight is further scaled by its importance over the mean importance of the
+    batch's positives (so the positives' total weight is unchanged): missing a neuron that carries much of the
+    MLP output costs more than missing one that carries almost none."""
     target = labels.float()
     pos = target.sum()
     neg = target.numel() - pos
     pos_weight = (neg / pos.clamp_min(1.0)).clamp(0.01, 100.0)
-    return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight)
+    if importance is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight)
+    imp = importance.float() * target
+    scale = imp / (imp.sum() / pos.clamp_min(1.0)).clamp_min(1e-12)  # mean 1 over the positives
+    weight = torch.where(target > 0, scale * pos_weight, torch.ones_like(target))
+    return F.binary_cross_entropy_with_logits(logits.float(), target, weight=weight)
 
 
 def focal(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -232,6 +232,10 @@ class PredictorSection(Section):
     loss: Literal["bce", "focal"] = Field(
         "bce", description="bce = class-balanced BCE (positives weighted by negatives/positives); focal = focal loss.")
     focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
+    label_weighting: Literal["none", "importance"] = Field(
+        "none", description="bce loss: none = every active neuron alike; importance = each active neuron weighted by "
+        "its contribution to the MLP output |a_j| * ||W_down[:, j]|| (mean 1 over the batch's positives), so misses "
+        "that cost quality cost more than misses that cost nothing.")
     threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="A neuron is predicted active when sigmoid(logit) >= this.")
     silu_active_fraction: float = Field(

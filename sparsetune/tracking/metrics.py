@@ -25,7 +25,7 @@ def predictor_metrics(prefix: str, pred: dict, dyn: dict | None) -> dict:
         for key, value in summary["mean"].items():
             out[f"{prefix}/predictor_{kind}/{key}"] = value
         for i, layer in enumerate(summary["per_layer"]):
-            for key in ("recall", "precision", "predicted_sparsity"):
+            for key in ("recall", "mass_recall", "precision", "predicted_sparsity"):
                 out[f"{prefix}/predictor_{kind}_layer/{key}/{i:02d}"] = layer[key]
     for mode, values in (dyn or {}).items():
         out[f"{prefix}/dynamic/{mode}/perplexity"] = values["perplexity"]

@@ -31,6 +31,32 @@ def test_confusion_summary():
     assert (s["recall"], s["precision"], s["true_sparsity"], s["predicted_sparsity"]) == (0.5, 0.5, 0.5, 0.5)
 
 
+def test_mass_recall_weighs_misses_by_importance():
+    c = ConfusionCounts(1)
+    predicted = torch.tensor([[True, False, True, False]])
+    actual = torch.tensor([[True, True, True, False]])
+    importance = torch.tensor([[5.0, 1.0, 4.0, 9.0]])  # the inactive neuron's importance does not count
+    c.add(0, predicted, actual, importance)
+    s = ConfusionCounts.summary(c.merge_counts())["per_layer"][0]
+    assert s["recall"] == pytest.approx(2 / 3)
+    assert s["mass_recall"] == pytest.approx((5 + 4) / (5 + 1 + 4))  # the missed neuron carried 1 of 10
+    c = ConfusionCounts(1)
+    c.add(0, predicted, actual)  # without importance every active unit weighs the same
+    assert ConfusionCounts.summary(c.merge_counts())["per_layer"][0]["mass_recall"] == pytest.approx(2 / 3)
+
+
+def test_importance_weighted_bce():
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.5]])
+    labels = torch.tensor([[True, True, False, False]])
+    # uniform importance: the balanced loss exactly
+    assert balanced_bce(logits, labels, torch.ones(1, 4)).item() == pytest.approx(balanced_bce(logits, labels).item())
+    # positives weighted pos_weight (2 negatives / 2 positives = 1) times importance / mean positive importance
+    imp = torch.tensor([[3.0, 1.0, 7.0, 7.0]])
+    w = torch.tensor([[1.5, 0.5, 1.0, 1.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), weight=w)
+    assert balanced_bce(logits, labels, imp).item() == pytest.approx(expected.item())
+
+
 @pytest.fixture(scope="module")
 def planted_model(tmp_path_factory, tiny_tokenizer):
     """A tiny ReLU Llama whose gate projections have rank 4: its activation pattern is learnable by a
@@ -99,6 +125,8 @@ def test_heads_lookahead_and_lora_with_predictors(tiny_model_dirs, tmp_path):
     logs = train_logs(run)
     assert all(m["train/predictor_loss"] > 0 for m in logs)
     assert "train/predictor_heads/recall" in logs[-1] and "train/predictor_neurons/recall" in logs[-1]
+    assert 0 < logs[-1]["train/predictor_neurons/mass_recall"] <= 1
+    assert "train/predictor_heads_layer/mass_recall/01" in logs[-1]
     final = logs_with(run, "eval/perplexity")[-1]
     for mode in ("dense", "oracle", "predicted", "heads_kv_written", "heads_kv_skipped"):
         assert f"eval/dynamic/{mode}/perplexity" in final
@@ -114,3 +142,17 @@ def test_predictor_budget_is_enforced(tiny_model_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "predictor.rank=64 gives neuron predictors of" in err and "predictor.max_param_fraction=0.1" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.e2e
+def test_importance_weighted_predictors_train_and_report_mass_recall(tiny_model_dirs, tmp_path):
+    run = tmp_path / "importance"
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", "predictor.enabled=true",
+                      "predictor.rank=8", "predictor.label_weighting=importance", "predictor.dynamic_eval_batches=0",
+                      "train.eval_every=0", "train.log_every=1", "wandb.mode=disabled") == 0
+    logs = train_logs(run)
+    assert all(m["train/predictor_loss"] > 0 for m in logs)
+    final = logs_with(run, "eval/perplexity")[-1]
+    layers = [final[f"eval/predictor_neurons_layer/mass_recall/{i:02d}"] for i in range(2)]
+    assert all(0 < v <= 1 for v in layers)
+    assert final["eval/predictor_neurons/mass_recall"] == pytest.approx(sum(layers) / 2)

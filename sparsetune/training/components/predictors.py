@@ -27,6 +27,22 @@ def bank_for(model, recipe: Recipe) -> PredictorBank:
                          cfg.num_attention_heads, exact_zeros=exact)
 
 
+def _down_norms(mlps: list):
+    """layer -> ||W_down[:, j]|| for every neuron j, read from the live weights at each call (they train); None
+    when the weights are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions): importance is then |a_j|."""
+
+    def norms(layer: int):
+        from torch.distributed.tensor import DTensor
+
+        weight = mlps[layer].projections()[2].weight
+        if hasattr(weight, "ds_id") or isinstance(weight, DTensor) or weight.numel() == 0:
+            return None
+        with torch.no_grad():
+            return weight.detach().float().norm(dim=0)
+
+    return norms
+
+
 class Predictors(Component):
     name, order = "predictors", 30
     has_state = True
@@ -52,6 +68,7 @@ class Predictors(Component):
                 f"parameters, above predictor.max_param_fraction={r.predictor.max_param_fraction:g}; "
                 "lower the rank or raise the budget")
         setup.recorder.consumers.append(self.bank)
+        self.bank.down_norms = _down_norms(sparse_mlps(setup.model))
         if r.predictor.heads:
             attach_head_hooks(setup.model, self.bank, setup.recorder)
         self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=r.predictor.lr, foreach=False)
