@@ -70,7 +70,8 @@ def _cmd_eval(args) -> int:
     result = run_eval(EvalArgs(
         target=args.model, data=args.data, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
         activation=args.activation, near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
-        predictor_threshold=args.predictor_threshold, target_sparsity=args.target_sparsity,
+        predictor_threshold=args.predictor_threshold, target_recall=args.target_recall,
+        target_mass_recall=args.target_mass_recall, target_sparsity=args.target_sparsity,
         calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
         trust_remote_code=args.trust_remote_code))
     print_eval(result)
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="with --activation cats: fraction of |SiLU(gate)| to zero per layer (default 0.5)")
     p.add_argument("--calibration-batches", type=int, default=8,
-                   help="with --activation cats: training-split batches used to calibrate the thresholds")
+                   help="training-split batches used to calibrate thresholds (--activation cats, --target-*recall)")
     p.add_argument("--near-zero-threshold", type=float, default=1e-3)
     p.add_argument("--dynamic", action="store_true",
                    help="also measure perplexity with neurons/heads skipped for real: dense, oracle masks, predicted "
@@ -159,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor-threshold", type=float, default=None,
                    help="with --dynamic: keep a neuron/head when sigmoid(logit) >= this (default: the trained "
                         "predictor.threshold); lower trades skipped work for recall")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-recall", type=float, default=None, metavar="R",
+                        help="with --dynamic/--generate: recalibrate each layer's predictor threshold to this "
+                             "recall on --calibration-batches training micro-batches")
+    target.add_argument("--target-mass-recall", type=float, default=None, metavar="R",
+                        help="the same for mass recall (the kept neurons' share of the MLP output's contribution)")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
                         "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")

@@ -37,7 +37,6 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
         for m in mlps:
             gate, up, down = m.projections()
             weights[m.layer_idx] = DecodeWeights(gate.weight, up.weight, down.weight, m.activation.elementwise())
-    threshold = bank.logit_threshold if bank is not None else 0.0
 
     def override(mlp, x):
         t0 = time.perf_counter()
@@ -45,7 +44,7 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
             out = mlp.dense(x)
         else:
             flat = x.reshape(-1)
-            idx = (bank.neurons[mlp.layer_idx](flat) >= threshold).nonzero().squeeze(1)
+            idx = (bank.neurons[mlp.layer_idx](flat) >= bank.threshold_for(mlp.layer_idx)).nonzero().squeeze(1)
             w = weights[mlp.layer_idx]
             out = getattr(w, kernel)(flat, idx).view_as(x)
             timer.kept += idx.numel()

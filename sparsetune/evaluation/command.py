@@ -33,6 +33,8 @@ class EvalArgs:
     near_zero_threshold: float = 1e-3
     dynamic: bool = False
     predictor_threshold: float | None = None
+    target_recall: float | None = None  # recalibrate the predictors' per-layer thresholds to this recall
+    target_mass_recall: float | None = None  # ... or to this mass recall
     target_sparsity: float | None = None  # with activation=cats
     calibration_batches: int = 8
     generate: int = 0  # greedy tokens decoded with dense and predicted-only MLPs
@@ -56,6 +58,7 @@ class EvalResult:
     calibration: dict | None = None
     dynamic: dict | None = None
     decode: dict | None = None
+    predictor_calibration: dict | None = None
 
     def to_json(self) -> dict:
         """eval.json: what was measured and how, the held-out figures at the top level, then the optional parts."""
@@ -137,6 +140,11 @@ def run_eval(args: EvalArgs) -> EvalResult:
     calibration = None
     if needs_calibration(model):  # on the model's own training data, also when --data names other held-out text
         calibration = _calibrate(model, data_cfg, t.tokenizer, args.batch_size, args.calibration_batches, dev)
+    predictor_calibration = None
+    if args.target_recall is not None or args.target_mass_recall is not None:
+        if bank is None:
+            raise SparsetuneError("--target-recall / --target-mass-recall need --dynamic or --generate and predictors")
+        predictor_calibration = _calibrate_predictors(model, bank, data_cfg, t.tokenizer, args, dev)
     if args.data:  # a local file is held out whole; a hub dataset gives its validation/test split
         from sparsetune.data.text_datasets import _looks_local
 
@@ -146,7 +154,8 @@ def run_eval(args: EvalArgs) -> EvalResult:
     data = held_out_data(data_cfg, t.tokenizer)
     held = evaluate_held_out(model, data, args.batch_size, args.batches, args.near_zero_threshold, device=dev)
     result = EvalResult(target=args.target, what=t.what, activation=activation_spec(model), device=str(dev),
-                        data=data_cfg.path, seq_len=data_cfg.seq_len, held_out=held, calibration=calibration)
+                        data=data_cfg.path, seq_len=data_cfg.seq_len, held_out=held, calibration=calibration,
+                        predictor_calibration=predictor_calibration)
     if args.dynamic or args.generate:
         result.dynamic = _dynamic(model, data, args.batch_size, args.batches, bank, dev)
     if args.generate:  # batch-1 decode kernels are measured on the CPU (the fused kernel is CPU code)
@@ -161,6 +170,7 @@ def _predictors(folder, threshold: float | None):
     bank = load_predictors(folder) if folder is not None else None
     if bank is not None and threshold is not None:  # lower = higher recall, fewer neurons skipped
         bank.cfg.threshold = threshold
+        bank.layer_thresholds = None  # one global threshold, as asked
     return bank
 
 
@@ -173,15 +183,35 @@ def _decode(model, data, bank, new_tokens: int, prompt_tokens: int) -> dict:
     return decode_benchmark(model, bank, prompt, new_tokens)
 
 
-def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> dict:
-    """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
+def _training_batches(data_cfg, tokenizer, batch_size: int, n: int) -> list[dict]:
+    """The first n micro-batches of the training split of `data_cfg` (never the held-out text)."""
     from sparsetune.data.batches import eval_batches
     from sparsetune.data.text_datasets import load_text_splits, pack
-    from sparsetune.surgery.calibration import calibrate_cats
 
     train_text, _ = load_text_splits(data_cfg)
     data = pack(train_text, tokenizer, data_cfg.text_field, data_cfg.seq_len, "calibration data")
-    thresholds = calibrate_cats(model, eval_batches(data, batch_size, n), device, total=n)
+    return list(eval_batches(data, batch_size, n))
+
+
+def _calibrate_predictors(model, bank, data_cfg, tokenizer, args: EvalArgs, device) -> dict:
+    """Per-layer predictor thresholds to --target-recall / --target-mass-recall on training micro-batches."""
+    from sparsetune.predictors.bank import down_norm_reader
+    from sparsetune.predictors.calibration import calibrate_thresholds
+
+    kind = "mass_recall" if args.target_mass_recall is not None else "recall"
+    target = args.target_mass_recall if kind == "mass_recall" else args.target_recall
+    bank.down_norms = down_norm_reader(sparse_mlps(model))
+    batches = _training_batches(data_cfg, tokenizer, args.batch_size, args.calibration_batches)
+    thresholds = calibrate_thresholds(model, bank, batches, device, target, kind)
+    return {"data": f"{data_cfg.path} (training split)", "batches": len(batches), "kind": kind, "target": target,
+            "layer_logit_thresholds": thresholds}
+
+
+def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> dict:
+    """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
+    from sparsetune.surgery.calibration import calibrate_cats
+
+    thresholds = calibrate_cats(model, _training_batches(data_cfg, tokenizer, batch_size, n), device, total=n)
     return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
             "thresholds": thresholds}
 

@@ -46,6 +46,10 @@ class PredictorBank(nn.Module):
         # layer -> ||W_down[:, j]|| per neuron j (set by the run when the weights are local); importance of an active
         # neuron = |a_j| * that norm, its contribution to the MLP output. Without it, importance = |a_j|.
         self.down_norms: Callable[[int], torch.Tensor | None] | None = None
+        # Per-layer logit thresholds calibrated to a recall / mass-recall target (predictors/calibration.py);
+        # None: every layer uses the global predictor.threshold.
+        self.layer_thresholds: list[float] | None = None
+        self.calibration: dict | None = None  # how they were set (target, tokens), saved in predictors.json
 
     # ------------------------------------------------------------------ sizes
     def neuron_param_fraction(self) -> float:
@@ -73,7 +77,7 @@ class PredictorBank(nn.Module):
                 else t.reshape(-1)[self._offset::self._stride] for t in tensors]
 
     def _add(self, logits: torch.Tensor, labels: torch.Tensor, counts: ConfusionCounts, idx: int,
-             token_mask: torch.Tensor | None, importance: torch.Tensor) -> None:
+             token_mask: torch.Tensor | None, importance: torch.Tensor, threshold: float) -> None:
         if token_mask is not None:
             keep = token_mask.reshape(-1).bool()
             logits, labels = logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1, labels.shape[-1])[keep]
@@ -86,7 +90,7 @@ class PredictorBank(nn.Module):
                 loss = balanced_bce(logits, labels, weights)
             self.loss_terms.append(loss)
         with torch.no_grad():
-            counts.add(idx, logits >= self.logit_threshold, labels, importance)
+            counts.add(idx, logits >= threshold, labels, importance)
 
     def neuron_importance(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         """Each neuron's contribution to the MLP output: |a_j| * ||W_down[:, j]|| (|a_j| without the norms)."""
@@ -107,7 +111,8 @@ class PredictorBank(nn.Module):
         importance = self.neuron_importance(layer, a)
         # The predictor trains even when the model runs under no_grad (train.freeze_model).
         with torch.enable_grad() if self.training else torch.no_grad():
-            self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask, importance)
+            self._add(self.neurons[idx](self._input(source)), labels, self.counts, idx, token_mask, importance,
+                      self.threshold_for(idx))
 
     def observe_attention_input(self, layer: int, hidden: torch.Tensor) -> None:
         self._attn_inputs[layer] = hidden
@@ -120,7 +125,8 @@ class PredictorBank(nn.Module):
         labels = top_fraction(norms, self.cfg.head_active_fraction)
         hidden, labels, token_mask, norms = self._sample(hidden, labels, token_mask, norms)
         with torch.enable_grad() if self.training else torch.no_grad():
-            self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask, norms)
+            self._add(self.heads[layer](self._input(hidden)), labels, self.head_counts, layer, token_mask, norms,
+                      self.logit_threshold)
 
     def pop_loss(self) -> torch.Tensor | None:
         """Mean of this forward's loss terms (None when none were recorded)."""
@@ -136,10 +142,14 @@ class PredictorBank(nn.Module):
         t = self.cfg.threshold
         return math.log(t / (1.0 - t))
 
+    def threshold_for(self, idx: int) -> float:
+        """The logit threshold of neuron predictor `idx`: calibrated per layer, else the global one."""
+        return self.layer_thresholds[idx] if self.layer_thresholds is not None else self.logit_threshold
+
     @torch.no_grad()
     def neuron_mask(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         """Predicted-active neurons (bool) of predictor `idx` for inputs x."""
-        return self.neurons[idx](x) >= self.logit_threshold
+        return self.neurons[idx](x) >= self.threshold_for(idx)
 
     @torch.no_grad()
     def head_mask(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -150,7 +160,8 @@ class PredictorBank(nn.Module):
         return {"format": "sparsetune.predictors.v1", "config": self.cfg.model_dump(mode="json"),
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_layers": self.num_layers, "num_heads": self.num_heads, "exact_zeros": self.exact_zeros,
-                "neuron_param_fraction": self.neuron_param_fraction()}
+                "neuron_param_fraction": self.neuron_param_fraction(),
+                "layer_logit_thresholds": self.layer_thresholds, "calibration": self.calibration}
 
     def save(self, folder: Path, metrics: dict | None = None) -> None:
         from safetensors.torch import save_file
@@ -162,8 +173,28 @@ class PredictorBank(nn.Module):
 
     @classmethod
     def from_spec(cls, spec: dict) -> PredictorBank:
-        return cls(PredictorSection(**spec["config"]), spec["hidden_size"], spec["intermediate_size"],
+        bank = cls(PredictorSection(**spec["config"]), spec["hidden_size"], spec["intermediate_size"],
                    spec["num_layers"], spec["num_heads"], spec["exact_zeros"])
+        bank.layer_thresholds = spec.get("layer_logit_thresholds")
+        bank.calibration = spec.get("calibration")
+        return bank
+
+
+def down_norm_reader(mlps: list) -> Callable[[int], torch.Tensor | None]:
+    """layer -> ||W_down[:, j]|| for every neuron j of `mlps` (SparseMLPs), read from the live weights at each call
+    (they train); None when the weights are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions), and the
+    importance of a neuron is then |a_j| alone."""
+
+    def norms(layer: int) -> torch.Tensor | None:
+        from torch.distributed.tensor import DTensor
+
+        weight = mlps[layer].projections()[2].weight
+        if hasattr(weight, "ds_id") or isinstance(weight, DTensor) or weight.numel() == 0:
+            return None
+        with torch.no_grad():
+            return weight.detach().float().norm(dim=0)
+
+    return norms
 
 
 def load_predictors(folder: str | Path) -> PredictorBank:

@@ -232,6 +232,14 @@ class PredictorSection(Section):
     loss: Literal["bce", "focal"] = Field(
         "bce", description="bce = class-balanced BCE (positives weighted by negatives/positives); focal = focal loss.")
     focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
+    target_recall: float | None = Field(
+        None, gt=0.0, le=1.0, description="At the end of training, set each layer's threshold (instead of the global "
+        "threshold) to the highest one whose kept neurons reach this recall on calibration_batches training "
+        "micro-batches; saved in predictors.json and used by eval, decoding and export.")
+    target_mass_recall: float | None = Field(
+        None, gt=0.0, le=1.0, description="The same for mass recall: the kept neurons' share of the MLP output's "
+        "contribution |a_j| * ||W_down[:, j]|| (misses of neurons that barely matter are allowed).")
+    calibration_batches: int = Field(8, ge=1, description="Training micro-batches used to calibrate thresholds.")
     label_weighting: Literal["none", "importance"] = Field(
         "none", description="bce loss: none = every active neuron alike; importance = each active neuron weighted by "
         "its contribution to the MLP output |a_j| * ||W_down[:, j]|| (mean 1 over the batch's positives), so misses "
@@ -258,6 +266,12 @@ class PredictorSection(Section):
     head_rank: int = Field(32, ge=1, description="Low rank of each head predictor.")
     head_active_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="Head labels: heads whose output norm is in this top fraction per token.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PredictorSection:
+        if self.target_recall is not None and self.target_mass_recall is not None:
+            raise ValueError("set at most one of predictor.target_recall and predictor.target_mass_recall")
+        return self
 
 
 class LoraSection(Section):

@@ -292,6 +292,12 @@ class Trainer:
         return list(eval_batches(self.eval_data, r.train.micro_batch_size, n, self.accelerator.process_index,
                                  self.accelerator.num_processes))
 
+    def _eval_context(self) -> EvalContext:
+        r = self.recipe
+        reduce = self._reduce_sum if self.accelerator.num_processes > 1 else None
+        return EvalContext(self.model, self.device, reduce, self._held_out_batches, self.progress.step,
+                           train_batches=lambda n: list(eval_batches(self.train_data, r.train.micro_batch_size, n)))
+
     def evaluate(self) -> dict:
         r = self.recipe
         batches = self._held_out_batches(r.train.eval_batches)
@@ -308,7 +314,7 @@ class Trainer:
         row = {"step": self.progress.step, "tokens": self.progress.tokens_seen, "perplexity": result["perplexity"],
                "eval_loss": result["loss"], "sparsity": result.get("sparsity"),
                "near_zero_sparsity": result.get("near_zero")}
-        ctx = EvalContext(self.model, self.device, reduce, self._held_out_batches, self.progress.step)
+        ctx = self._eval_context()
         for c in self.components:
             report = c.end_eval(ctx)
             metrics.update(report.metrics)
@@ -497,6 +503,8 @@ class Trainer:
                                 f"resume with: {self.command} --resume")
                 return p.last_eval
         bar.close()
+        for c in self.components:
+            c.finish_training(self._eval_context())
         final = self.evaluate()
         ckpt = self.save_checkpoint()
         self._finish(final, ckpt)

@@ -156,3 +156,35 @@ def test_importance_weighted_predictors_train_and_report_mass_recall(tiny_model_
     layers = [final[f"eval/predictor_neurons_layer/mass_recall/{i:02d}"] for i in range(2)]
     assert all(0 < v <= 1 for v in layers)
     assert final["eval/predictor_neurons/mass_recall"] == pytest.approx(sum(layers) / 2)
+
+
+def test_threshold_for_target_keeps_the_fewest_highest_logits_that_reach_it():
+    from sparsetune.predictors.calibration import threshold_for_target
+
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    assert threshold_for_target(logits, torch.ones(4), 0.5) == 2.0  # the top two of four positives
+    assert threshold_for_target(logits, torch.ones(4), 1.0) == 0.0  # all of them
+    # by mass: the top logit's neuron alone carries 10 of 13
+    assert threshold_for_target(logits, torch.tensor([1.0, 10.0, 1.0, 1.0]), 0.7) == 3.0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind, target", [("recall", 0.95), ("mass_recall", 0.99)])
+def test_calibrated_thresholds_reach_the_target_on_held_out_tokens(tiny_model_dirs, tmp_path, capsys, kind, target):
+    run = tmp_path / kind
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=8", "predictor.enabled=true",
+                      "predictor.rank=8", f"predictor.target_{kind}={target}", "predictor.calibration_batches=4",
+                      "train.eval_every=0", "wandb.mode=disabled") == 0
+    assert f"per-layer thresholds calibrated to {kind} {target:g}" in capsys.readouterr().out
+    spec = json.loads((CheckpointStore(run).latest_complete() / "predictors" / "predictors.json").read_text())
+    assert len(spec["layer_logit_thresholds"]) == 2 and spec["calibration"]["kind"] == kind
+    final = logs_with(run, "eval/perplexity")[-1]  # measured on held-out rows, not the calibration batches
+    for i in range(2):
+        assert final[f"eval/predictor_neurons_layer/{kind}/{i:02d}"] >= target - 0.03, (i, final)
+    # eval on the command line recalibrates for another target and reports it
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run), "--dynamic", "--batches", "2", "--target-recall", "0.5",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["predictor_calibration"]["target"] == 0.5
+    assert result["dynamic"]["predicted"]["sparsity"] > final["eval/dynamic/predicted/sparsity"]

@@ -11,6 +11,7 @@ default, so a component implements only what it uses. Call order in a run:
   per optimizer step:  begin_step(step); per micro-batch: begin_micro(index), loss_terms(ctx); after_step(skipped)
   per log window:      log_metrics(reduce)
   per evaluation:      begin_eval(), end_eval(ctx) -> EvalReport
+  after the last step: finish_training(ctx), before the final evaluation (e.g. calibrating thresholds)
   per checkpoint:      save(folder) on the main process; load(folder) on every rank at resume
 """
 
@@ -66,6 +67,7 @@ class EvalContext:
     reduce: Callable[[torch.Tensor], torch.Tensor] | None  # sum over ranks, None with one process
     held_out_batches: Callable[[int], list[dict]]  # the first n held-out micro-batches of this rank
     step: int
+    train_batches: Callable[[int], list[dict]] | None = None  # the first n training micro-batches (same on all ranks)
 
 
 @dataclass
@@ -125,6 +127,9 @@ class Component:
 
     def end_eval(self, ctx: EvalContext) -> EvalReport:
         return EvalReport()
+
+    def finish_training(self, ctx: EvalContext) -> None:
+        pass
 
     # ------------------------------------------------------------ checkpoint
     has_state: bool = False

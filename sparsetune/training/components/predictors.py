@@ -3,6 +3,7 @@ optimized by their own AdamW, measured at every evaluation, checkpointed with th
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from sparsetune.checkpoint.state import load_torch_state
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.dynamic import dynamic_eval
 from sparsetune.models.structure import base_causal_lm, sparse_mlps
-from sparsetune.predictors.bank import PredictorBank, load_predictors
+from sparsetune.predictors.bank import PredictorBank, down_norm_reader, load_predictors
+from sparsetune.predictors.calibration import calibrate_thresholds
 from sparsetune.predictors.hooks import attach_head_hooks
 from sparsetune.predictors.metrics import ConfusionCounts
 from sparsetune.recipe.schema import Recipe
@@ -25,22 +27,6 @@ def bank_for(model, recipe: Recipe) -> PredictorBank:
     exact = sparse_mlps(model)[0].activation.exact_zeros
     return PredictorBank(recipe.predictor, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
                          cfg.num_attention_heads, exact_zeros=exact)
-
-
-def _down_norms(mlps: list):
-    """layer -> ||W_down[:, j]|| for every neuron j, read from the live weights at each call (they train); None
-    when the weights are sharded (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions): importance is then |a_j|."""
-
-    def norms(layer: int):
-        from torch.distributed.tensor import DTensor
-
-        weight = mlps[layer].projections()[2].weight
-        if hasattr(weight, "ds_id") or isinstance(weight, DTensor) or weight.numel() == 0:
-            return None
-        with torch.no_grad():
-            return weight.detach().float().norm(dim=0)
-
-    return norms
 
 
 class Predictors(Component):
@@ -68,7 +54,7 @@ class Predictors(Component):
                 f"parameters, above predictor.max_param_fraction={r.predictor.max_param_fraction:g}; "
                 "lower the rank or raise the budget")
         setup.recorder.consumers.append(self.bank)
-        self.bank.down_norms = _down_norms(sparse_mlps(setup.model))
+        self.bank.down_norms = down_norm_reader(sparse_mlps(setup.model))
         if r.predictor.heads:
             attach_head_hooks(setup.model, self.bank, setup.recorder)
         self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=r.predictor.lr, foreach=False)
@@ -126,6 +112,20 @@ class Predictors(Component):
         return EvalReport(metrics=predictor_metrics("eval", pred, dyn), row=predictor_tradeoff_fields(pred, dyn),
                           result={"predictor": pred, "dynamic": dyn})
 
+    def finish_training(self, ctx: EvalContext) -> None:
+        """Per-layer thresholds to predictor.target_recall / target_mass_recall, on training micro-batches."""
+        cfg = self.recipe.predictor
+        target = cfg.target_mass_recall if cfg.target_mass_recall is not None else cfg.target_recall
+        if target is None:
+            return
+        kind = "mass_recall" if cfg.target_mass_recall is not None else "recall"
+        thresholds = calibrate_thresholds(ctx.model, self.bank, ctx.train_batches(cfg.calibration_batches),
+                                          ctx.device, target, kind, seed=self.recipe.train.seed)
+        probs = [1 / (1 + math.exp(-min(max(t, -50.0), 50.0))) for t in thresholds]
+        print(f"sparsetune: predictors: per-layer thresholds calibrated to {kind} {target:g} on "
+              f"{cfg.calibration_batches} training micro-batches (sigmoid {min(probs):.3g}..{max(probs):.3g})",
+              flush=True)
+
     # ------------------------------------------------------------ checkpoint
     def save(self, folder: Path, last_eval: dict) -> None:
         self.bank.save(folder / "predictors", last_eval.get("predictor"))
@@ -134,4 +134,5 @@ class Predictors(Component):
     def load(self, folder: Path) -> None:
         saved = load_predictors(folder / "predictors")
         self.bank.load_state_dict(saved.state_dict())
+        self.bank.layer_thresholds, self.bank.calibration = saved.layer_thresholds, saved.calibration
         self.optimizer.load_state_dict(load_torch_state(folder / "predictor_optimizer.pt"))
