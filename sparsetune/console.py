@@ -40,6 +40,9 @@ def print_eval(result: EvalResult) -> None:
             sp = values.get("sparsity")
             dyn.add_row(mode, f"{values['perplexity']:.3f}", "-" if sp is None else f"{sp:.2%}")
         console.print(dyn)
+        kv = result.dynamic.get("heads_kv_skipped", {})
+        if "kv_policy" in kv:
+            console.print(f"heads_kv_skipped: KV entries skipped {kv['kv_sparsity']:.2%} ({kv['kv_policy']})")
         if result.decode is not None:
             d = result.decode
             dec = Table(title=f"sparse decode: {d['new_tokens']} greedy tokens after a {d['prompt_tokens']}-token "

@@ -6,6 +6,9 @@ A skipped (token t, head h) contributes no output for token t. Two ways to skip:
   kv_skipped  the head is not run for token t at all, so its key/value never reach the cache
               and no later token can attend to token t in head h: the information loss the
               dynamic-activation studies warn about.
+Under grouped-query attention several query heads share one key/value head. An engine can only leave out a KV
+entry that no query head needs, so a KV head's entry for token t is skipped only when every query head of its
+group is dropped for t (`kv_written_mask`); a query head dropped alone still gives no output.
 Implemented as an attention function registered with transformers; each attention module
 reads its current mask [batch, tokens, heads] from `module.sparsetune_head_mask`.
 """
@@ -22,6 +25,15 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 IMPL = {"kv_written": "sparsetune_heads_kv_written", "kv_skipped": "sparsetune_heads_kv_skipped"}
 
 
+def kv_written_mask(head_mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, T, H] query-head mask -> [B, T, H]: True where the head's KV head is written for the token (any query
+    head of its group runs). Query head h uses KV head h // (H / num_kv_heads), as transformers' repeat_kv lays out."""
+    b, t, h = head_mask.shape
+    groups = h // num_kv_heads
+    per_kv = head_mask.view(b, t, num_kv_heads, groups).any(-1)
+    return per_kv.repeat_interleave(groups, dim=-1)
+
+
 def _forward(mode: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         head_mask = getattr(module, "sparsetune_head_mask", None)  # [B, T, H] bool, True = run the head
@@ -30,9 +42,10 @@ def _forward(mode: str):
             s = key.shape[2]
             causal = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
             allowed = causal[None, None] if attention_mask is None else attention_mask.bool()
-            # key s is visible to head h only if head h ran (wrote its KV) at token s;
-            # a token always sees its own key when it runs the head.
-            written = head_mask.transpose(1, 2)[:, :, None, :]  # [B, H, 1, S]
+            # key s is visible to head h only if its KV head was written at token s (some query head of the group
+            # ran); a token always sees its own key when it runs the head.
+            kv_heads = key.shape[1]
+            written = kv_written_mask(head_mask, kv_heads).transpose(1, 2)[:, :, None, :]  # [B, H, 1, S]
             own = torch.eye(t, s, dtype=torch.bool, device=query.device)[None, None]
             attention_mask = allowed & (written | own)
             kwargs["is_causal"] = False

@@ -15,10 +15,10 @@ import contextlib
 
 import torch
 
-from sparsetune.dynamic.head_skipping import head_skipping
+from sparsetune.dynamic.head_skipping import head_skipping, kv_written_mask
 from sparsetune.dynamic.masked_mlp import gathered_mlp
 from sparsetune.evaluation.perplexity import evaluate
-from sparsetune.models.structure import decoder_layers
+from sparsetune.models.structure import base_causal_lm, decoder_layers
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
 from sparsetune.surgery.sparse_mlp import patched_mlps
@@ -78,15 +78,21 @@ def predicted_mask(bank: PredictorBank):
 
 
 @contextlib.contextmanager
-def _head_masks(model, bank: PredictorBank, tally: _KeptFraction | None = None):
-    """Pre-hooks that set each attention module's head mask from its input with the head predictors."""
+def _head_masks(model, bank: PredictorBank, tally: _KeptFraction | None = None,
+                kv_tally: _KeptFraction | None = None):
+    """Pre-hooks that set each attention module's head mask from its input with the head predictors. `tally`
+    counts query heads run; `kv_tally` the KV entries written under the per-KV-head rule (GQA)."""
     handles = []
+    config = base_causal_lm(model).config
+    num_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     for idx, layer in enumerate(decoder_layers(model)):
         def set_mask(module, args, kwargs, idx=idx):
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             module.sparsetune_head_mask = bank.head_mask(idx, hidden)
             if tally is not None:
                 tally.add(module.sparsetune_head_mask)
+            if kv_tally is not None:
+                kv_tally.add(kv_written_mask(module.sparsetune_head_mask, num_kv))
         handles.append(layer.self_attn.register_forward_pre_hook(set_mask, with_kwargs=True))
     try:
         yield
@@ -117,7 +123,10 @@ def dynamic_eval(model, bank: PredictorBank | None, batches, device, exact_zeros
             out["predicted"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
         if bank.heads is not None:
             for mode in ("kv_written", "kv_skipped"):
-                heads = _KeptFraction()
-                with _head_masks(model, bank, tally=heads), head_skipping(model, mode):
+                heads, kv = _KeptFraction(), _KeptFraction() if mode == "kv_skipped" else None
+                with _head_masks(model, bank, tally=heads, kv_tally=kv), head_skipping(model, mode):
                     out[f"heads_{mode}"] = {"perplexity": perplexity(), "sparsity": heads.sparsity(all_reduce)}
+                if mode == "kv_skipped":  # what an engine can leave out of the cache: whole KV heads only
+                    out[f"heads_{mode}"].update(kv_policy="per KV head: an entry is skipped only when every query "
+                                                "head sharing it is dropped", kv_sparsity=kv.sparsity(all_reduce))
     return out

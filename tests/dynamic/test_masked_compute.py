@@ -76,3 +76,31 @@ def test_head_skipping_kv_written_equals_dense_without_skips_and_kv_skipped_lose
     torch.testing.assert_close(written[:, 0], skipped[:, 0], rtol=1e-5, atol=1e-5)
     assert (written[:, 1:] - skipped[:, 1:]).abs().max() > 1e-3
     assert (written - dense).abs().max() > 1e-3
+
+
+def test_gqa_kv_entries_are_skipped_per_kv_head():
+    """Query heads 0 and 1 share KV head 0 (tiny model: 4 query heads, 2 KV heads). Dropping head 0 alone keeps
+    the KV entry (head 1 needs it), so kv_skipped equals kv_written; dropping both skips it."""
+    from sparsetune.dynamic.head_skipping import kv_written_mask
+
+    mask = torch.tensor([[[False, True, True, True], [False, False, True, False]]])  # [B=1, T=2, H=4]
+    assert kv_written_mask(mask, 2).tolist() == [[[True, True, True, True], [False, False, True, True]]]
+    model = tiny_model("llama")
+    assert model.config.num_key_value_heads == 2 and model.config.num_attention_heads == 4
+    relufy(model, relufy_config(activation="relu"))
+    ids = torch.randint(0, 512, (2, 12))
+    layers = model.config.num_hidden_layers
+
+    def run(mask, mode):
+        _set_head_masks(model, [mask] * layers)
+        with torch.no_grad(), head_skipping(model, mode):
+            return model(ids).logits
+
+    alone = torch.ones(2, 12, 4, dtype=torch.bool)
+    alone[:, :, 0] = False  # head 0 dropped everywhere, head 1 of its group runs
+    torch.testing.assert_close(run(alone, "kv_skipped"), run(alone, "kv_written"), rtol=1e-5, atol=1e-5)
+    both = torch.ones(2, 12, 4, dtype=torch.bool)
+    both[:, 3, :2] = False  # the whole group dropped at token 3: its KV entry is gone for later tokens
+    written, skipped = run(both, "kv_written"), run(both, "kv_skipped")
+    torch.testing.assert_close(written[:, :4], skipped[:, :4], rtol=1e-5, atol=1e-5)
+    assert (written[:, 4:] - skipped[:, 4:]).abs().max() > 1e-4
