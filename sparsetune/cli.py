@@ -58,7 +58,8 @@ def _cmd_export(args) -> int:
     from sparsetune.export.exporter import export
 
     out = export(args.run, args.out, measure=not args.no_eval, eval_batches_n=args.eval_batches,
-                 overwrite=args.overwrite, device=args.device, trust_remote_code=args.trust_remote_code)
+                 overwrite=args.overwrite, device=args.device, trust_remote_code=args.trust_remote_code,
+                 powerinfer=args.powerinfer)
     print(f"sparsetune: exported to {out}")
     return 0
 
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
     p.add_argument("--eval-batches", type=int, default=None, help="held-out batches for the report")
+    p.add_argument("--powerinfer", action="store_true",
+                   help="also write the neuron predictors in PowerInfer's layout (powerinfer_predictors/: "
+                        "model_N.pt with fc1/fc2 + config.json with sparse_threshold) for its "
+                        "convert-hf-to-powerinfer-gguf.py; needs predictors trained with predictor.output_bias=false")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier sparsetune export in --out (a folder sparsetune did not write is refused)")
     _add_load_options(p)

@@ -19,7 +19,7 @@ from sparsetune.recipe.schema import Recipe
 FIXED_KEYS = (
     "model.path", "model.dtype", "model.revision", "relufy", "peft", "data", "train.seed", "train.micro_batch_size",
     "train.grad_accum_steps", "output_dir", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
-    "predictor.lookahead", "predictor.heads", "predictor.head_rank",
+    "predictor.lookahead", "predictor.heads", "predictor.head_rank", "predictor.output_bias",
 )
 
 

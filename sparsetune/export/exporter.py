@@ -15,6 +15,7 @@ from sparsetune.checkpoint.store import resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.export.model_card import model_card
+from sparsetune.export.powerinfer import powerinfer_layers, write_powerinfer_predictors
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import SPEC_FILE
@@ -63,7 +64,8 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
-           overwrite: bool = False, device: str = "auto", trust_remote_code: bool = False) -> Path:
+           overwrite: bool = False, device: str = "auto", trust_remote_code: bool = False,
+           powerinfer: bool = False) -> Path:
     """Write the newest usable checkpoint of a run (or one checkpoint folder) as a plain HF folder at `out`.
     `out` is written into a temporary folder and moved into place whole; an existing `out` is replaced only
     when it is a sparsetune export holding nothing the export did not write."""
@@ -102,11 +104,15 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     bank = None
     if (ckpt / "predictors" / "predictors.json").is_file():
         bank = load_predictors(ckpt / "predictors")
+    if powerinfer:
+        if bank is None:
+            raise SparsetuneError("--powerinfer needs predictors: export a run trained with predictor.enabled=true")
+        powerinfer_layers(bank)  # refuse (one line) before anything is written
         report["predictors"] = {"files": ["predictors.safetensors", "predictors.json"], **{
             k: v for k, v in bank.spec().items() if k != "config"}, "config": bank.cfg.model_dump(mode="json"),
             "evaluation": {k: state.get("last_eval", {}).get(k) for k in ("predictor", "dynamic")}}
     texts = {"sparsity_report.json": json.dumps(report, indent=1), "recipe.yaml": recipe_to_yaml(recipe),
-             "README.md": model_card(recipe, report, note, exact)}
+             "README.md": model_card(recipe, report, note, exact, powerinfer)}
     spec = {"activation": trained_spec, "load_activation": load_spec, "plain_transformers_exact": exact,
             "source_checkpoint": str(ckpt.resolve()), "step": state.get("step"), "model_type": lm.config.model_type}
 
@@ -120,6 +126,8 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
             lm.generation_config.save_pretrained(tmp)
         if bank is not None:
             bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
+        if powerinfer:
+            write_powerinfer_predictors(bank, tmp)
         for name, text in texts.items():
             (tmp / name).write_text(text)
         # Written last: the marker of a finished export, listing what it wrote (what --overwrite may replace later).

@@ -5,7 +5,34 @@ from __future__ import annotations
 from sparsetune.recipe.schema import Recipe
 
 
-def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool) -> str:
+def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]:
+    """Which inference engines run this export as it is, so nobody is misled into a silently wrong model."""
+    silu = activation == "silu"
+    relu_family = activation in ("relu", "shifted_relu", "fatrelu", "drelu", "relu2")
+    rows = [
+        "## Inference engines",
+        "| engine | runs this export? |",
+        "| --- | --- |",
+        "| transformers | " + ("yes, exactly (`AutoModelForCausalLM`)" if exact else
+                              "only through `sparsetune.load_sparse_model` (plain transformers computes another "
+                              "activation)") + " |",
+        "| vLLM, SGLang | " + ("yes" if silu else "no: their Llama MLP refuses any `hidden_act` but `silu`") + " |",
+        "| llama.cpp | " + ("yes" if silu else "**no**: its llama architecture applies SiLU in the MLP whatever "
+                            "`hidden_act` says, so a converted file runs silently wrong") + " |",
+    ]
+    if powerinfer:
+        rows.append("| PowerInfer | with the predictors in `powerinfer_predictors/`: `python "
+                    "convert-hf-to-powerinfer-gguf.py PATH PATH/powerinfer_predictors --outfile "
+                    "model.powerinfer.gguf` (its Llama converter reads a SentencePiece `tokenizer.model`) |")
+    elif relu_family:
+        rows.append("| PowerInfer | ReLU-family models with predictors: export with `--powerinfer` (predictors "
+                    "trained with `predictor.output_bias: false`) |")
+    else:
+        rows.append("| PowerInfer | no: it needs a ReLU-family activation |")
+    return [*rows, ""]
+
+
+def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, powerinfer: bool = False) -> str:
     ev = report.get("evaluation", {})
     sparsity = ev.get("sparsity")
     ppl = ev.get("perplexity")
@@ -45,5 +72,6 @@ def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool) 
         "",
         "`sparsity_report.json` holds the per-layer numbers and the full recipe; `recipe.yaml` re-runs the training.",
         "",
+        *engines_section(recipe.relufy.activation, exact, powerinfer),
     ]
     return "\n".join(line for line in lines if line is not None)

@@ -34,7 +34,7 @@ class PredictorBank(nn.Module):
         # With lookahead, predictor j reads layer j's input and predicts layer j+1's neurons.
         self.num_neuron_predictors = num_layers - 1 if cfg.lookahead else num_layers
         self.neurons = build_predictors(self.num_neuron_predictors, hidden_size, cfg.rank, intermediate_size,
-                                        cfg.nonlinearity)
+                                        cfg.nonlinearity, cfg.output_bias)
         self.heads = (build_predictors(num_layers, hidden_size, cfg.head_rank, num_heads, cfg.nonlinearity)
                       if cfg.heads else None)
         self.reset_counts()

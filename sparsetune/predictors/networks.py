@@ -11,18 +11,21 @@ _ACTS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU}
 class LowRankPredictor(nn.Module):
     """Logits over `out_features` units (MLP neurons or attention heads) from a hidden state."""
 
-    def __init__(self, in_features: int, rank: int, out_features: int, nonlinearity: str = "none"):
+    def __init__(self, in_features: int, rank: int, out_features: int, nonlinearity: str = "none",
+                 bias: bool = True):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)
         self.act = _ACTS[nonlinearity]()
-        self.up = nn.Linear(rank, out_features, bias=True)
+        self.up = nn.Linear(rank, out_features, bias=bias)
         # Start undecided (logit 0 everywhere): the class-balanced loss then moves each unit toward its rate.
         nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        if bias:
+            nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x)))
 
 
-def build_predictors(num_layers: int, hidden: int, rank: int, out_features: int, nonlinearity: str) -> nn.ModuleList:
-    return nn.ModuleList(LowRankPredictor(hidden, rank, out_features, nonlinearity) for _ in range(num_layers))
+def build_predictors(num_layers: int, hidden: int, rank: int, out_features: int, nonlinearity: str,
+                     bias: bool = True) -> nn.ModuleList:
+    return nn.ModuleList(LowRankPredictor(hidden, rank, out_features, nonlinearity, bias) for _ in range(num_layers))

@@ -228,6 +228,10 @@ class PredictorSection(Section):
     rank: int = Field(64, ge=1, description="Low rank r of each neuron predictor: Linear(d -> r) -> Linear(r -> m).")
     nonlinearity: Literal["none", "relu", "gelu"] = Field(
         "none", description="Activation between the two predictor layers (none = DejaVu's linear low-rank form).")
+    output_bias: bool = Field(
+        True, description="Neuron predictors end in Linear(r -> m) with a bias; false gives the bias-free "
+        "fc1 -> ReLU -> fc2 form PowerInfer runs (with nonlinearity relu or none), exportable with "
+        "`sparsetune export --powerinfer`.")
     lr: float = Field(1e-2, gt=0.0, description="Learning rate of the predictors' own AdamW optimizer (constant).")
     loss: Literal["bce", "focal"] = Field(
         "bce", description="bce = class-balanced BCE (positives weighted by negatives/positives); focal = focal loss.")
