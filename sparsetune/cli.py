@@ -73,6 +73,7 @@ def _cmd_eval(args) -> int:
         activation=args.activation, near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
         predictor_threshold=args.predictor_threshold, target_recall=args.target_recall,
         target_mass_recall=args.target_mass_recall, target_sparsity=args.target_sparsity,
+        sweep=args.sweep, sweep_kind=args.sweep_kind,
         calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
         trust_remote_code=args.trust_remote_code))
     print_eval(result)
@@ -82,7 +83,24 @@ def _cmd_eval(args) -> int:
     if json_path is not None:
         write_json(result, json_path)
         print(f"sparsetune: wrote {json_path}")
+    if result.sweep is not None:
+        from sparsetune.evaluation.sweep import write_sweep
+
+        folder = json_path.parent if json_path is not None else Path(".")
+        for path in write_sweep(result.sweep, folder, f"{args.model}: predictors vs best possible"):
+            if path is not None:
+                print(f"sparsetune: wrote {path}")
     return 0
+
+
+def _targets(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated targets in (0, 1], got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"targets must lie in (0, 1], got {text!r}")
+    return values
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -95,7 +113,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from sparsetune import __version__
     from sparsetune.launch.presets import PRESETS
-    from sparsetune.recipe.schema import ACTIVATIONS
+    from sparsetune.recipe.schema import ACTIVATIONS, PredictorSection
 
     parser = argparse.ArgumentParser(prog="sparsetune", description="Sparsity-aware fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
@@ -171,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "recall on --calibration-batches training micro-batches")
     target.add_argument("--target-mass-recall", type=float, default=None, metavar="R",
                         help="the same for mass recall (the kept neurons' share of the MLP output's contribution)")
+    p.add_argument("--sweep", type=_targets, nargs="?", const=tuple(PredictorSection().sweep_targets), default=None,
+                   metavar="T1,T2,...",
+                   help="the predictors' curve: per target (default 0.9,0.95,0.98,0.99,0.995) recalibrate, measure "
+                        "skipped fraction and perplexity, beside the best any predictor could do at the same skipped "
+                        "fraction; writes sweep.json and sweep.png beside the JSON")
+    p.add_argument("--sweep-kind", choices=["mass_recall", "recall"], default="mass_recall")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
                         "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")

@@ -35,6 +35,8 @@ class EvalArgs:
     predictor_threshold: float | None = None
     target_recall: float | None = None  # recalibrate the predictors' per-layer thresholds to this recall
     target_mass_recall: float | None = None  # ... or to this mass recall
+    sweep: tuple[float, ...] | None = None  # recall / mass-recall targets of the predictor curve (sweep.json, .png)
+    sweep_kind: str = "mass_recall"
     target_sparsity: float | None = None  # with activation=cats
     calibration_batches: int = 8
     generate: int = 0  # greedy tokens decoded with dense and predicted-only MLPs
@@ -59,6 +61,7 @@ class EvalResult:
     dynamic: dict | None = None
     decode: dict | None = None
     predictor_calibration: dict | None = None
+    sweep: dict | None = None
 
     def to_json(self) -> dict:
         """eval.json: what was measured and how, the held-out figures at the top level, then the optional parts."""
@@ -158,6 +161,16 @@ def run_eval(args: EvalArgs) -> EvalResult:
                         predictor_calibration=predictor_calibration)
     if args.dynamic or args.generate:
         result.dynamic = _dynamic(model, data, args.batch_size, args.batches, bank, dev)
+    if args.sweep:
+        from sparsetune.data.batches import eval_batches
+        from sparsetune.evaluation.sweep import predictor_sweep
+
+        if bank is None:
+            raise SparsetuneError("--sweep needs predictors: evaluate an export or run trained with "
+                                  "predictor.enabled=true")
+        calibration = _training_batches(data_cfg, t.tokenizer, args.batch_size, args.calibration_batches)
+        result.sweep = predictor_sweep(model, bank, list(eval_batches(data, args.batch_size, args.batches)),
+                                       calibration, dev, args.sweep, args.sweep_kind)
     if args.generate:  # batch-1 decode kernels are measured on the CPU (the fused kernel is CPU code)
         result.decode = _decode(model.to("cpu"), data, bank.to("cpu"), args.generate, args.prompt_tokens)
     return result

@@ -244,6 +244,11 @@ class PredictorSection(Section):
         None, gt=0.0, le=1.0, description="The same for mass recall: the kept neurons' share of the MLP output's "
         "contribution |a_j| * ||W_down[:, j]|| (misses of neurons that barely matter are allowed).")
     calibration_batches: int = Field(8, ge=1, description="Training micro-batches used to calibrate thresholds.")
+    sweep_targets: list[float] = Field(
+        default_factory=lambda: [0.9, 0.95, 0.98, 0.99, 0.995],
+        description="At the end of a run with dynamic_eval_batches > 0: for each mass-recall target, recalibrate "
+        "and measure skipped fraction vs perplexity beside the best possible masks at the same skipped fraction "
+        "(sweep.json, sweep.png in output_dir, a W&B table and image); [] = no sweep.")
     label_weighting: Literal["none", "importance"] = Field(
         "none", description="bce loss: none = every active neuron alike; importance = each active neuron weighted by "
         "its contribution to the MLP output |a_j| * ||W_down[:, j]|| (mean 1 over the batch's positives), so misses "

@@ -315,17 +315,24 @@ class Trainer:
                "eval_loss": result["loss"], "sparsity": result.get("sparsity"),
                "near_zero_sparsity": result.get("near_zero")}
         ctx = self._eval_context()
+        tables, images = {}, {}
         for c in self.components:
             report = c.end_eval(ctx)
             metrics.update(report.metrics)
             row.update(report.row)
             result.update(report.result)
+            tables.update(report.tables)
+            images.update(report.images)
         self.progress.last_eval = {"step": self.progress.step, **result}
         self._log(metrics)
         if self.is_main:
             self.files.add_tradeoff(row)
             rows = [[row.get(c) for c in TRADEOFF_COLUMNS] for row in self.files.tradeoff_rows()]
             self.wandb.log_table("tradeoff", TRADEOFF_COLUMNS, rows, step=self.progress.step)
+            for name, (columns, table_rows) in tables.items():
+                self.wandb.log_table(name, columns, table_rows, step=self.progress.step)
+            for name, path in images.items():
+                self.wandb.log_image(name, path, step=self.progress.step)
         return result
 
     # ------------------------------------------------------------------ steps

@@ -190,3 +190,45 @@ def test_calibrated_thresholds_reach_the_target_on_held_out_tokens(tiny_model_di
     result = json.loads(out.read_text())
     assert result["predictor_calibration"]["target"] == 0.5
     assert result["dynamic"]["predicted"]["sparsity"] > final["eval/dynamic/predicted/sparsity"]
+
+
+def test_best_mask_keeps_the_largest_contributions():
+    from sparsetune.evaluation.sweep import best_mask
+    from sparsetune.models.structure import sparse_mlps
+    from sparsetune.recipe.schema import relufy_config
+    from sparsetune.surgery.relufy import relufy
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    mlp = relufy(model, relufy_config(activation="relu"))[0]
+    x = torch.randn(2, 5, model.config.hidden_size)
+    gate, up, down = mlp.projections()
+    a = mlp.activation(gate(x), up(x))
+    assert torch.equal(best_mask(1.0)(mlp, x), a != 0)  # keeping everything = the exact active set
+    half = best_mask(0.25)(mlp, x)
+    contribution = a.abs() * down.weight.norm(dim=0)
+    kept_min = contribution.masked_fill(~half, float("inf")).min(-1).values
+    dropped_max = contribution.masked_fill(half, -1.0).max(-1).values
+    assert (kept_min >= dropped_max).all() and (half.sum(-1) <= 32).all()  # 0.25 * 128 neurons
+    assert sparse_mlps(model)[0] is mlp
+
+
+@pytest.mark.e2e
+def test_sweep_at_the_end_of_a_run_and_on_the_command_line(tiny_model_dirs, tmp_path):
+    run = tmp_path / "run"
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=4", "predictor.enabled=true",
+                      "predictor.rank=8", "predictor.sweep_targets=[0.5,0.9,0.999]", "train.eval_every=0",
+                      "wandb.mode=disabled") == 0
+    sweep = json.loads((run / "sweep.json").read_text())
+    assert (run / "sweep.png").stat().st_size > 0
+    skipped = [p["skipped"] for p in sweep["neurons"]]
+    assert [p["target"] for p in sweep["neurons"]] == [0.5, 0.9, 0.999]
+    assert skipped == sorted(skipped, reverse=True)  # a higher target keeps more neurons
+    for p in sweep["neurons"]:  # the best masks keep at most as many neurons, and never an inactive one
+        assert p["best_skipped"] >= p["skipped"] - 0.01 and p["perplexity_best"] > 0
+    state = json.loads((CheckpointStore(run).latest_complete() / "trainer_state.json").read_text())
+    assert state["last_eval"]["sweep"]["neurons"] == sweep["neurons"]
+    out = tmp_path / "cli" / "e.json"
+    assert main(["eval", str(run), "--dynamic", "--batches", "2", "--sweep", "0.8,0.95", "--json", str(out)]) == 0
+    cli_sweep = json.loads((out.parent / "sweep.json").read_text())
+    assert [p["target"] for p in cli_sweep["neurons"]] == [0.8, 0.95] and (out.parent / "sweep.png").is_file()

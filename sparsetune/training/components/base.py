@@ -73,11 +73,13 @@ class EvalContext:
 @dataclass
 class EvalReport:
     """metrics: flat keys for metrics.jsonl / W&B; row: tradeoff.csv fields; result: kept in the run's last
-    evaluation (checkpoints, export report)."""
+    evaluation (checkpoints, export report); tables and images: logged to W&B."""
 
     metrics: dict = field(default_factory=dict)
     row: dict = field(default_factory=dict)
     result: dict = field(default_factory=dict)
+    tables: dict[str, tuple[list, list]] = field(default_factory=dict)  # W&B tables: name -> (columns, rows)
+    images: dict[str, Path] = field(default_factory=dict)  # W&B images: name -> PNG file
 
 
 class Component:

@@ -11,6 +11,7 @@ import torch
 from sparsetune.checkpoint.state import load_torch_state
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.dynamic import dynamic_eval
+from sparsetune.evaluation.sweep import predictor_sweep, sweep_table, write_sweep
 from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.predictors.bank import PredictorBank, down_norm_reader, load_predictors
 from sparsetune.predictors.calibration import calibrate_thresholds
@@ -39,6 +40,7 @@ class Predictors(Component):
         self.optimizer: torch.optim.Optimizer | None = None
         self.accelerator = None
         self._train_counts = None
+        self.pending_report: EvalReport | None = None
 
     @classmethod
     def build(cls, recipe: Recipe) -> Predictors | None:
@@ -109,12 +111,21 @@ class Predictors(Component):
                                exact_zeros=self.bank.exact_zeros,
                                silu_active_fraction=self.recipe.predictor.silu_active_fraction, all_reduce=ctx.reduce)
         self.bank.train()
-        return EvalReport(metrics=predictor_metrics("eval", pred, dyn), row=predictor_tradeoff_fields(pred, dyn),
-                          result={"predictor": pred, "dynamic": dyn})
+        report = EvalReport(metrics=predictor_metrics("eval", pred, dyn), row=predictor_tradeoff_fields(pred, dyn),
+                            result={"predictor": pred, "dynamic": dyn})
+        if self.pending_report is not None:  # the end-of-run sweep goes with the final evaluation
+            report.result.update(self.pending_report.result)
+            report.tables.update(self.pending_report.tables)
+            report.images.update(self.pending_report.images)
+            self.pending_report = None
+        return report
 
     def finish_training(self, ctx: EvalContext) -> None:
-        """Per-layer thresholds to predictor.target_recall / target_mass_recall, on training micro-batches."""
+        """The sweep curve (predictor.sweep_targets), then per-layer thresholds to predictor.target_recall /
+        target_mass_recall, both on training micro-batches."""
         cfg = self.recipe.predictor
+        if cfg.sweep_targets and cfg.dynamic_eval_batches:
+            self._sweep(ctx)
         target = cfg.target_mass_recall if cfg.target_mass_recall is not None else cfg.target_recall
         if target is None:
             return
@@ -125,6 +136,24 @@ class Predictors(Component):
         print(f"sparsetune: predictors: per-layer thresholds calibrated to {kind} {target:g} on "
               f"{cfg.calibration_batches} training micro-batches (sigmoid {min(probs):.3g}..{max(probs):.3g})",
               flush=True)
+
+    def _sweep(self, ctx: EvalContext) -> None:
+        cfg = self.recipe.predictor
+        self.bank.eval()
+        try:
+            sweep = predictor_sweep(ctx.model, self.bank, ctx.held_out_batches(cfg.dynamic_eval_batches),
+                                    ctx.train_batches(cfg.calibration_batches), ctx.device, cfg.sweep_targets,
+                                    all_reduce=ctx.reduce)
+        finally:
+            self.bank.train()
+        self.pending_report = EvalReport(result={"sweep": sweep}, tables={"predictor_sweep": sweep_table(sweep)})
+        if self.accelerator.is_main_process:
+            folder = Path(self.recipe.output_dir)
+            _, png = write_sweep(sweep, folder, f"{folder.name}: predictors vs best possible")
+            if png is not None:
+                self.pending_report.images["predictor_sweep_plot"] = png
+            print(f"sparsetune: predictors: sweep of {len(sweep['neurons'])} targets written to {folder}/sweep.json",
+                  flush=True)
 
     # ------------------------------------------------------------ checkpoint
     def save(self, folder: Path, last_eval: dict) -> None:
