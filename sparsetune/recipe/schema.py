@@ -244,6 +244,10 @@ class PredictorSection(Section):
         None, gt=0.0, le=1.0, description="The same for mass recall: the kept neurons' share of the MLP output's "
         "contribution |a_j| * ||W_down[:, j]|| (misses of neurons that barely matter are allowed).")
     calibration_batches: int = Field(8, ge=1, description="Training micro-batches used to calibrate thresholds.")
+    mask_aware_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Mask-aware fine-tuning: over this last fraction of train.max_steps the "
+        "model's MLPs compute with the predictors' masks (a * predicted mask, so the model learns to tolerate what "
+        "the predictors miss) while the predictors keep training on the true activations; 0 = off.")
     sweep_targets: list[float] = Field(
         default_factory=lambda: [0.9, 0.95, 0.98, 0.99, 0.995],
         description="At the end of a run with dynamic_eval_batches > 0: for each mass-recall target, recalibrate "
@@ -362,6 +366,9 @@ class Recipe(Section):
     def _cross_checks(self) -> Recipe:
         if self.train.freeze_model and not self.predictor.enabled:
             raise ValueError("train.freeze_model=true trains nothing unless predictor.enabled=true")
+        if self.train.freeze_model and self.predictor.mask_aware_fraction > 0:
+            raise ValueError("predictor.mask_aware_fraction > 0 adapts the model to the predictors' masks, but "
+                             "train.freeze_model=true trains only the predictors")
         if self.train.freeze_model and self.peft.method != "none":
             raise ValueError(
                 "train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")

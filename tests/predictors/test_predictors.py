@@ -232,3 +232,28 @@ def test_sweep_at_the_end_of_a_run_and_on_the_command_line(tiny_model_dirs, tmp_
     assert main(["eval", str(run), "--dynamic", "--batches", "2", "--sweep", "0.8,0.95", "--json", str(out)]) == 0
     cli_sweep = json.loads((out.parent / "sweep.json").read_text())
     assert [p["target"] for p in cli_sweep["neurons"]] == [0.8, 0.95] and (out.parent / "sweep.png").is_file()
+
+
+@pytest.mark.e2e
+def test_mask_aware_phase_changes_training_only_where_enabled_and_resumes_bitwise(tiny_model_dirs, tmp_path,
+                                                                                    monkeypatch):
+    from tests.e2e_helpers import preempt_at
+
+    base = ["train.max_steps=6", "predictor.enabled=true", "predictor.rank=8", "predictor.sweep_targets=[]",
+            "train.eval_every=0", "train.log_every=1", "wandb.mode=disabled", "train.save_every=0"]
+    plain, aware, stopped = tmp_path / "plain", tmp_path / "aware", tmp_path / "stopped"
+    assert train_tiny(tiny_model_dirs["llama"], plain, *base) == 0
+    assert train_tiny(tiny_model_dirs["llama"], aware, *base, "predictor.mask_aware_fraction=0.5") == 0
+    a, b = ({m["step"]: m["train/loss"] for m in train_logs(r)} for r in (plain, aware))
+    assert [a[s] == b[s] for s in range(1, 7)] == [True, True, True, False, False, False]  # masked from step 4
+    with monkeypatch.context() as patch:
+        preempt_at(patch, 4)
+        assert train_tiny(tiny_model_dirs["llama"], stopped, *base, "predictor.mask_aware_fraction=0.5") == 0
+    assert train_tiny(tiny_model_dirs["llama"], stopped, *base, "predictor.mask_aware_fraction=0.5",
+                      "--resume") == 0
+    assert {m["step"]: m["train/loss"] for m in train_logs(stopped)} == b
+    from sparsetune.checkpoint.resume import read_weights
+
+    wa = read_weights(CheckpointStore(aware).latest_complete() / "model")
+    ws = read_weights(CheckpointStore(stopped).latest_complete() / "model")
+    assert all(torch.equal(wa[k], ws[k]) for k in wa)

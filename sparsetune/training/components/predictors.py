@@ -3,6 +3,7 @@ optimized by their own AdamW, measured at every evaluation, checkpointed with th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from sparsetune.checkpoint.state import load_torch_state
 from sparsetune.errors import SparsetuneError
-from sparsetune.evaluation.dynamic import dynamic_eval
+from sparsetune.evaluation.dynamic import dynamic_eval, predicted_mask
 from sparsetune.evaluation.sweep import predictor_sweep, sweep_table, write_sweep
 from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.predictors.bank import PredictorBank, down_norm_reader, load_predictors
@@ -18,6 +19,7 @@ from sparsetune.predictors.calibration import calibrate_thresholds
 from sparsetune.predictors.hooks import attach_head_hooks
 from sparsetune.predictors.metrics import ConfusionCounts
 from sparsetune.recipe.schema import Recipe
+from sparsetune.surgery.sparse_mlp import patched_mlps
 from sparsetune.tracking.metrics import predictor_metrics, predictor_tradeoff_fields
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, LossTerm, Setup, StepContext
 
@@ -41,6 +43,13 @@ class Predictors(Component):
         self.accelerator = None
         self._train_counts = None
         self.pending_report: EvalReport | None = None
+        r = recipe
+        # mask-aware phase: from this step on, the MLPs compute with the predicted masks (outside evaluations)
+        self.mask_aware_from = (math.ceil(r.train.max_steps * (1 - r.predictor.mask_aware_fraction))
+                                if r.predictor.mask_aware_fraction > 0 else None)
+        self._mask_patch: contextlib.ExitStack | None = None
+        self._resume_mask_aware = False
+        self._model = None
 
     @classmethod
     def build(cls, recipe: Recipe) -> Predictors | None:
@@ -61,8 +70,35 @@ class Predictors(Component):
             attach_head_hooks(setup.model, self.bank, setup.recorder)
         self.optimizer = torch.optim.AdamW(self.bank.parameters(), lr=r.predictor.lr, foreach=False)
         self.accelerator = setup.accelerator
+        self._model = setup.model
 
     # ----------------------------------------------------------------- train
+    def begin_step(self, step: int) -> None:
+        if self.mask_aware_from is not None and step >= self.mask_aware_from and self._mask_patch is None:
+            self._set_mask_aware(True)
+
+    def _set_mask_aware(self, on: bool) -> None:
+        """While on, every SparseMLP computes down(a * predicted mask); its sink still gets the true activation,
+        so the predictors keep learning the true masks and the sparsity statistics stay those of the model."""
+        if not on:
+            if self._mask_patch is not None:
+                self._mask_patch.close()
+                self._mask_patch = None
+            return
+        choose = predicted_mask(self.bank)
+
+        def masked(mlp, x):
+            gate_proj, up_proj, down_proj = mlp.projections()
+            gate = gate_proj(x)
+            a = mlp.activation(gate, up_proj(x))
+            if mlp.sink is not None:
+                mlp.sink.record(mlp.layer_idx, a, x, gate)
+            keep = choose(mlp, x.detach())
+            return down_proj(a if keep is None else a * keep.to(a.dtype))
+
+        self._mask_patch = contextlib.ExitStack()
+        self._mask_patch.enter_context(patched_mlps(self._model, override=masked))
+
     def begin_micro(self, index: int) -> None:
         self.bank.set_position(index)
 
@@ -96,7 +132,10 @@ class Predictors(Component):
 
     # ------------------------------------------------------------------ eval
     def begin_eval(self) -> None:
-        """Evaluation counts go to fresh counters, and the bank records no loss (eval mode)."""
+        """Evaluation counts go to fresh counters, and the bank records no loss (eval mode); evaluations measure
+        the model itself, not the mask-aware forward."""
+        self._resume_mask_aware = self._mask_patch is not None
+        self._set_mask_aware(False)
         self._train_counts = (self.bank.counts, self.bank.head_counts)
         self.bank.reset_counts()
         self.bank.eval()
@@ -118,11 +157,14 @@ class Predictors(Component):
             report.tables.update(self.pending_report.tables)
             report.images.update(self.pending_report.images)
             self.pending_report = None
+        if self._resume_mask_aware:
+            self._set_mask_aware(True)
         return report
 
     def finish_training(self, ctx: EvalContext) -> None:
         """The sweep curve (predictor.sweep_targets), then per-layer thresholds to predictor.target_recall /
         target_mass_recall, both on training micro-batches."""
+        self._set_mask_aware(False)
         cfg = self.recipe.predictor
         if cfg.sweep_targets and cfg.dynamic_eval_batches:
             self._sweep(ctx)
