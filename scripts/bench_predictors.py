@@ -35,7 +35,7 @@ VARIANTS = {
 
 
 def sparsetune(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "sparsetune", *args], check=True)
+    subprocess.run([sys.executable, "-m", "sparsetune", *args], check=True, cwd=ROOT)
 
 
 def train(name: str, overrides: list[str], runs: Path) -> tuple[Path, float | None]:

@@ -41,6 +41,8 @@ def recipe_changes(saved: Recipe, current: Recipe) -> tuple[list[str], list[str]
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key) or key == "description":
             continue
+        if key == "output_dir" and Path(old[key]).resolve() == Path(new[key]).resolve():
+            continue  # the same folder written relative and absolute
         change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         if any(key == f or key.startswith(f + ".") for f in FIXED_KEYS):
             errors.append(change)

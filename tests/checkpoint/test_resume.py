@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.cli import main
 from tests.e2e_helpers import (
     TINY_TRAIN,
     child_env,
@@ -161,6 +162,15 @@ def test_recipe_changes_on_resume(tiny_model_dirs, tmp_path, capsys):
     assert train_tiny(tiny_model_dirs["llama"], fresh, *base, "--resume") == 0
     assert "holds no run yet, starting a new one" in capsys.readouterr().out
     assert CheckpointStore(fresh).latest_complete().name == "step-00000002"
+
+
+def test_output_dir_written_another_way_is_the_same_run(tiny_model_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["train.eval_every=0", "wandb.mode=disabled", "train.max_steps=1"]
+    assert main(["train", "quickstart", f"model.path={tiny_model_dirs['llama']}", "output_dir=run",
+                 *TINY_TRAIN, *base]) == 0
+    assert train_tiny(tiny_model_dirs["llama"], tmp_path / "run", *base, "train.max_steps=2", "--resume") == 0
+    assert "resuming from" in capsys.readouterr().out
 
 
 def test_checkpoint_state_loads_without_executing_code(tiny_model_dirs, tmp_path):
