@@ -44,14 +44,17 @@ class SparseMLP(nn.Module):
     def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return tuple(getattr(self, n) for n in self.layout_names)  # type: ignore[return-value]
 
-    def dense(self, x: torch.Tensor, sink: ActivationSink | None = None) -> torch.Tensor:
-        """The MLP on every neuron: down(act(gate(x), up(x))), the activation handed to `sink` if given."""
+    def dense(self, x: torch.Tensor, sink: ActivationSink | None = None,
+              mask: Callable[[SparseMLP, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The MLP on every neuron: down(act(gate(x), up(x))), the activation handed to `sink` if given. With
+        `mask(mlp, x)` (a bool mask or None), down sees a * mask: the mask-aware forward of training."""
         gate_proj, up_proj, down_proj = self.projections()
         gate = gate_proj(x)
         a = self.activation(gate, up_proj(x))
         if sink is not None:
             sink.record(self.layer_idx, a, x, gate)
-        return down_proj(a)
+        keep = mask(self, x) if mask is not None else None
+        return down_proj(a if keep is None else a * keep.to(a.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.override is not None:

@@ -85,16 +85,10 @@ class Predictors(Component):
                 self._mask_patch.close()
                 self._mask_patch = None
             return
-        choose = predicted_mask(self.bank)
+        choose = predicted_mask(self.bank)  # no gradient reaches the predictors through the mask
 
         def masked(mlp, x):
-            gate_proj, up_proj, down_proj = mlp.projections()
-            gate = gate_proj(x)
-            a = mlp.activation(gate, up_proj(x))
-            if mlp.sink is not None:
-                mlp.sink.record(mlp.layer_idx, a, x, gate)
-            keep = choose(mlp, x.detach())
-            return down_proj(a if keep is None else a * keep.to(a.dtype))
+            return mlp.dense(x, mlp.sink, mask=choose)
 
         self._mask_patch = contextlib.ExitStack()
         self._mask_patch.enter_context(patched_mlps(self._model, override=masked))
