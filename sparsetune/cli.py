@@ -86,10 +86,14 @@ def _cmd_eval(args) -> int:
     if result.sweep is not None:
         from sparsetune.evaluation.sweep import write_sweep
 
-        folder = json_path.parent if json_path is not None else Path(".")
-        for path in write_sweep(result.sweep, folder, f"{args.model}: predictors vs best possible"):
-            if path is not None:
-                print(f"sparsetune: wrote {path}")
+        if json_path is None:  # never write into the working directory unasked
+            print("sparsetune: the sweep is in the printed result only; pass --json FILE to also get "
+                  "FILE-sweep.json and FILE-sweep.png")
+        else:
+            stem = json_path.with_name(f"{json_path.stem}-sweep")
+            for path in write_sweep(result.sweep, stem, f"{args.model}: predictors vs best possible"):
+                if path is not None:
+                    print(f"sparsetune: wrote {path}")
     return 0
 
 
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="T1,T2,...",
                    help="the predictors' curve: per target (default 0.9,0.95,0.98,0.99,0.995) recalibrate, measure "
                         "skipped fraction and perplexity, beside the best any predictor could do at the same skipped "
-                        "fraction; writes sweep.json and sweep.png beside the JSON")
+                        "fraction; writes JSON-sweep.json and JSON-sweep.png beside --json")
     p.add_argument("--sweep-kind", choices=["mass_recall", "recall"], default="mass_recall")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "

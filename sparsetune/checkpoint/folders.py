@@ -20,7 +20,7 @@ from sparsetune.errors import SparsetuneError
 RUN_MARKER = "sparsetune-run.json"
 # Everything a run writes at its top level; --overwrite removes these and nothing else.
 RUN_ENTRIES = (RUN_MARKER, "recipe.yaml", "metrics.jsonl", "tradeoff.csv", "tradeoff.png", "checkpoints", "wandb",
-               "eval.json")
+               "eval.json", "eval-sweep.json", "eval-sweep.png", "sweep.json", "sweep.png")
 EXPORT_MARKER = "sparsetune.json"
 
 
@@ -110,7 +110,9 @@ def check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
         written = set(json.loads(marker.read_text()).get("files") or [])
     except (OSError, ValueError, AttributeError):
         raise SparsetuneError(f"--overwrite: {marker} is unreadable; refusing to delete {out}") from None
-    unknown = [p.name for p in out.iterdir() if p.name not in written | {EXPORT_MARKER, "eval.json"}]
+    # besides what the export wrote, what `sparsetune eval EXPORT` writes there by default
+    evaluated = {"eval.json", "eval-sweep.json", "eval-sweep.png"}
+    unknown = [p.name for p in out.iterdir() if p.name not in written | {EXPORT_MARKER} | evaluated]
     if not written or unknown:
         raise SparsetuneError(f"--overwrite: {out} holds files the previous export did not write "
                               f"({_listing(unknown) if unknown else 'no file list in ' + EXPORT_MARKER}); "

@@ -35,7 +35,7 @@ class EvalArgs:
     predictor_threshold: float | None = None
     target_recall: float | None = None  # recalibrate the predictors' per-layer thresholds to this recall
     target_mass_recall: float | None = None  # ... or to this mass recall
-    sweep: tuple[float, ...] | None = None  # recall / mass-recall targets of the predictor curve (sweep.json, .png)
+    sweep: tuple[float, ...] | None = None  # recall / mass-recall targets of the predictor curve
     sweep_kind: str = "mass_recall"
     target_sparsity: float | None = None  # with activation=cats
     calibration_batches: int = 8

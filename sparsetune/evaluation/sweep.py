@@ -87,10 +87,10 @@ def sweep_table(sweep: dict) -> tuple[list[str], list[list]]:
     return SWEEP_COLUMNS, [[p[c] for c in SWEEP_COLUMNS] for p in sweep["neurons"]]
 
 
-def write_sweep(sweep: dict, folder: Path, title: str) -> tuple[Path, Path | None]:
-    """sweep.json and sweep.png (skipped fraction vs perplexity: predicted, best possible, heads) in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path = folder / "sweep.json"
+def write_sweep(sweep: dict, stem: Path, title: str) -> tuple[Path, Path | None]:
+    """STEM.json and STEM.png (skipped fraction vs perplexity: predicted, best possible, heads)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path = stem.with_name(stem.name + ".json")
     json_path.write_text(json.dumps(sweep, indent=1))
     try:
         import matplotlib
@@ -116,7 +116,7 @@ def write_sweep(sweep: dict, folder: Path, title: str) -> tuple[Path, Path | Non
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = folder / "sweep.png"
+    png = stem.with_name(stem.name + ".png")
     fig.savefig(png, dpi=120)
     plt.close(fig)
     return json_path, png

@@ -230,8 +230,8 @@ def test_sweep_at_the_end_of_a_run_and_on_the_command_line(tiny_model_dirs, tmp_
     assert state["last_eval"]["sweep"]["neurons"] == sweep["neurons"]
     out = tmp_path / "cli" / "e.json"
     assert main(["eval", str(run), "--dynamic", "--batches", "2", "--sweep", "0.8,0.95", "--json", str(out)]) == 0
-    cli_sweep = json.loads((out.parent / "sweep.json").read_text())
-    assert [p["target"] for p in cli_sweep["neurons"]] == [0.8, 0.95] and (out.parent / "sweep.png").is_file()
+    cli_sweep = json.loads((out.parent / "e-sweep.json").read_text())
+    assert [p["target"] for p in cli_sweep["neurons"]] == [0.8, 0.95] and (out.parent / "e-sweep.png").is_file()
 
 
 @pytest.mark.e2e

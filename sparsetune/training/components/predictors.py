@@ -185,7 +185,7 @@ class Predictors(Component):
         self.pending_report = EvalReport(result={"sweep": sweep}, tables={"predictor_sweep": sweep_table(sweep)})
         if self.accelerator.is_main_process:
             folder = Path(self.recipe.output_dir)
-            _, png = write_sweep(sweep, folder, f"{folder.name}: predictors vs best possible")
+            _, png = write_sweep(sweep, folder / "sweep", f"{folder.name}: predictors vs best possible")
             if png is not None:
                 self.pending_report.images["predictor_sweep_plot"] = png
             print(f"sparsetune: predictors: sweep of {len(sweep['neurons'])} targets written to {folder}/sweep.json",
