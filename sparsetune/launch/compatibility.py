@@ -18,6 +18,11 @@ def check_launch(recipe: Recipe, strategy: str, shards_parameters: bool, num_pro
             raise SparsetuneError(
                 f"{where}: train.freeze_model=true trains only the predictors; launch with --launch ddp")
     if shards_parameters:
+        if recipe.distill.mlp_weight > 0:
+            raise SparsetuneError(
+                f"{where}: distill.mlp_weight={recipe.distill.mlp_weight:g} computes each layer's dense MLP from the "
+                "weight tensors, which are sharded under this preset; set distill.mlp_weight=0 or launch with --launch "
+                "ddp or zero2")
         if recipe.predictor.enabled and recipe.predictor.dynamic_eval_batches > 0:
             raise SparsetuneError(
                 f"{where}: predictor.dynamic_eval_batches={recipe.predictor.dynamic_eval_batches} computes MLPs from "

@@ -83,10 +83,20 @@ class ShiftedReluRelufy(Section):
 
 
 class FatReluRelufy(Section):
-    """fatrelu: gate*[gate >= threshold]*up (ProSparse's final step)."""
+    """fatrelu: gate*[gate >= threshold]*up (ProSparse's final step), one threshold or one per layer."""
 
     activation: Literal["fatrelu"]
     threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
+    thresholds: list[float] | None = Field(
+        None, description="fatrelu: per-layer thresholds on the gate, one per decoder layer; when given they "
+        "replace `threshold` (ProSparse's per-layer shift: what the `thresholds` section fits; exports carry them "
+        "in sparsetune.json, which plain transformers cannot read).")
+
+    @model_validator(mode="after")
+    def _thresholds_valid(self) -> FatReluRelufy:
+        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
+            raise ValueError("relufy.thresholds must be >= 0")
+        return self
 
 
 class DReluRelufy(Section):
@@ -212,6 +222,11 @@ class DistillSection(Section):
         0.0, ge=0.0, description="Weight of KL(teacher || student), teacher = the frozen original dense model; 0 = off."
     )
     temperature: float = Field(1.0, gt=0.0, description="Softmax temperature of the distillation loss.")
+    mlp_weight: float = Field(
+        0.0, ge=0.0, description="Weight of layer-wise MLP distillation: each sparse MLP's output is pulled toward "
+        "the original dense SiLU MLP's output on the same input (squared error over the dense output's squared norm, "
+        "mean over layers; logged as train/mlp_distill_loss); 0 = off. Not with fsdp / zero3 (sharded weights)."
+    )
 
 
 class SparsitySection(Section):
@@ -248,6 +263,11 @@ class PredictorSection(Section):
         0.0, ge=0.0, lt=1.0, description="Mask-aware fine-tuning: over this last fraction of train.max_steps the "
         "model's MLPs compute with the predictors' masks (a * predicted mask, so the model learns to tolerate what "
         "the predictors miss) while the predictors keep training on the true activations; 0 = off.")
+    only_steps: int = Field(
+        0, ge=0, description="Predictor-only continuation: after train.max_steps, this many more steps in which the "
+        "model runs forward without a graph and is not updated (no model backward, no model optimizer step) while "
+        "the predictors train on its final activations, several times cheaper per token than a training step "
+        "(scripts/bench_predictor_phase.py); the mask-aware forward stays on if it was; 0 = off.")
     sweep_targets: list[float] = Field(
         default_factory=lambda: [0.9, 0.95, 0.98, 0.99, 0.995],
         description="At the end of a run with dynamic_eval_batches > 0: for each mass-recall target, recalibrate "
@@ -284,6 +304,56 @@ class PredictorSection(Section):
     def _one_target(self) -> PredictorSection:
         if self.target_recall is not None and self.target_mass_recall is not None:
             raise ValueError("set at most one of predictor.target_recall and predictor.target_mass_recall")
+        return self
+
+
+# Which exact-zero form the `thresholds` section converts each activation to. The rule must read the gate alone, so
+# an engine can skip a neuron's up and down rows: FATReLU's gate >= t for the ReLU family it extends, CATS's
+# |SiLU(gate)| >= t for SiLU-based models (top-k keeps SiLU's values; a gate threshold would change them).
+THRESHOLD_FORMS = {"relu": "fatrelu", "fatrelu": "fatrelu", "silu": "cats", "topk": "cats", "cats": "cats"}
+
+
+class ThresholdsSection(Section):
+    """Fit per-layer thresholds during the run so the model has exact zeros without a sort at inference."""
+
+    target_sparsity: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Fit each layer's threshold so this fraction of its neurons is zero on "
+        "the calibration tokens. Set this or `cett`; neither = no conversion.")
+    cett: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Or: each layer's highest threshold whose mean CETT (relative error of "
+        "the MLP output when the neurons the threshold rule zeroes are dropped) stays within this budget, e.g. "
+        "0.2 (the dynamic-activation studies) or 0.01. Needs unsharded weights (not fsdp / zero3).")
+    kind: Literal["auto", "fatrelu", "cats"] = Field(
+        "auto", description="The exact-zero form: fatrelu = per-layer FATReLU on the gate (relu / fatrelu runs: "
+        "ProSparse's last step); cats = per-layer threshold on abs(SiLU(gate)) (silu / topk / cats runs: top-k to "
+        "exact zeros); auto = fatrelu for the ReLU family, cats for SiLU-based activations.")
+    at_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="When to convert, as a fraction of train.max_steps: 1.0 = after the last "
+        "step, before the final evaluation (training-free); < 1 = at step round(at_fraction * max_steps), then "
+        "training goes on with the thresholded activation (a recovery phase).")
+    calibration_batches: int = Field(
+        8, ge=1, description="Training micro-batches (the first ones, the same on every rank) whose activations "
+        "set the thresholds.")
+    tokens_per_layer: int = Field(
+        2048, ge=16, description="Tokens sampled per layer from the calibration batches for the fit.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_sparsity is not None or self.cett is not None
+
+    def form_for(self, activation: str) -> str:
+        """The activation this conversion gives a run of `activation` (ValueError when it has none)."""
+        natural = THRESHOLD_FORMS.get(activation)
+        form = natural if self.kind == "auto" else self.kind
+        if natural is None or form != natural:
+            raise ValueError(f"thresholds.kind={self.kind} cannot convert relufy.activation={activation}: fatrelu "
+                             "thresholds fit relu / fatrelu runs, cats thresholds fit silu / topk / cats runs")
+        return form
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ThresholdsSection:
+        if self.target_sparsity is not None and self.cett is not None:
+            raise ValueError("set one of thresholds.target_sparsity and thresholds.cett, not both")
         return self
 
 
@@ -354,6 +424,7 @@ class Recipe(Section):
     sparsity: SparsitySection = Field(default_factory=SparsitySection)
     peft: PeftSection = Field(default_factory=PeftSection)
     predictor: PredictorSection = Field(default_factory=PredictorSection)
+    thresholds: ThresholdsSection = Field(default_factory=ThresholdsSection)
     train: TrainSection = Field(default_factory=TrainSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
 
@@ -372,6 +443,8 @@ class Recipe(Section):
         if self.train.freeze_model and self.peft.method != "none":
             raise ValueError(
                 "train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")
+        if self.thresholds.enabled:
+            self.thresholds.form_for(self.relufy.activation)
         for i, stage in enumerate(self.regularizer.stages):
             if stage.end_step is not None and stage.end_step > self.train.max_steps:
                 raise ValueError(

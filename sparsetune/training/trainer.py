@@ -158,7 +158,7 @@ class Trainer:
         r = self.recipe
         self.components = build_components(r)
         setup = Setup(recipe=r, model=model, device=self.device, accelerator=self.accelerator,
-                      load_model=lambda: self._load_model()[0])
+                      load_model=lambda: self._load_model()[0], eval_context=self._eval_context)
         for c in self.components:
             c.before_surgery(setup)
         mlps = relufy(model, r.relufy)
@@ -336,11 +336,22 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ steps
-    def _loss_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    @property
+    def total_steps(self) -> int:
+        """train.max_steps model steps, then the predictor-only steps (predictor.only_steps) if any."""
+        r = self.recipe
+        return r.train.max_steps + (r.predictor.only_steps if r.predictor.enabled else 0)
+
+    def model_frozen(self, step: int) -> bool:
+        """In the predictor-only continuation (after train.max_steps) the model is not trained."""
+        return step >= self.recipe.train.max_steps
+
+    def _loss_step(self, batch: dict, frozen: bool = False) -> tuple[torch.Tensor, dict]:
         """One micro-batch's forward and its loss: the LM loss plus every component's terms, in component order.
-        Returns (the loss to backpropagate, the logged parts)."""
+        Returns (the loss to backpropagate, the logged parts). `frozen`: the model runs without a graph and only
+        the components' own losses (the predictors') are returned."""
         self.recorder.open(None)
-        with self.engine.forward_context():
+        with torch.no_grad() if frozen else self.engine.forward_context():
             out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
         self.recorder.close()
         loss, extra = out.loss, None
@@ -356,12 +367,15 @@ class Trainer:
                 else:  # a component's own loss (predictors): trains the component, not part of train/loss
                     extra = term.added if extra is None else extra + term.added
         parts["loss"] = loss.detach()
+        if frozen:
+            return extra, parts
         return (loss if extra is None else loss + extra), parts
 
     def train_step(self) -> dict:
         r = self.recipe
         accum = r.train.grad_accum_steps
         step = self.progress.step
+        frozen = self.model_frozen(step)
         for c in self.components:
             c.begin_step(step)
         sums = {"loss": 0.0, "lm_loss": 0.0, **{k: 0.0 for c in self.components for k in c.step_metric_keys}}
@@ -370,18 +384,25 @@ class Trainer:
             last = micro == accum - 1
             for c in self.components:
                 c.begin_micro(step * accum + micro)
-            with self.engine.sync_context(self.model, last), self.accelerator.autocast():
-                loss, parts = self._loss_step(batch)
-                if loss.requires_grad:
-                    self.engine.backward(loss, accum, last)
+            if frozen:  # predictor-only: no model graph, only the predictors' loss is backpropagated
+                with self.accelerator.autocast():
+                    loss, parts = self._loss_step(batch, frozen=True)
+                if loss is not None and loss.requires_grad:
+                    (loss / accum).backward()
+            else:
+                with self.engine.sync_context(self.model, last), self.accelerator.autocast():
+                    loss, parts = self._loss_step(batch)
+                    if loss.requires_grad:
+                        self.engine.backward(loss, accum, last)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
-        grad_norm = self.engine.clip(self.model, r.train.max_grad_norm) if r.train.max_grad_norm > 0 else None
+        clip = r.train.max_grad_norm > 0 and not frozen
+        grad_norm = self.engine.clip(self.model, r.train.max_grad_norm) if clip else None
         # Non-finite guard: every rank agrees, and a bad step changes no weight (its data is consumed, the LR
         # schedule moves on). DeepSpeed applies its update inside backward and skips non-finite gradients itself.
         finite = math.isfinite(sums["loss"]) and (grad_norm is None or math.isfinite(float(grad_norm)))
         bad = self._any_rank(not finite)
-        lr = self.engine.step(self.optimizer, self.scheduler, apply=not bad)
+        lr = 0.0 if frozen else self.engine.step(self.optimizer, self.scheduler, apply=not bad)
         for c in self.components:
             c.after_step(skipped=bad)
         p = self.progress
@@ -426,14 +447,16 @@ class Trainer:
         r = self.recipe
         if self.resume_from is None:
             self.evaluate()
-        elif self.progress.step >= r.train.max_steps:
+        elif self.progress.step >= self.total_steps:
             self.notice(f"the run is already complete at step {self.progress.step} (train.max_steps="
-                        f"{r.train.max_steps}); raise train.max_steps to continue it")
+                        f"{r.train.max_steps}" + (f" + predictor.only_steps={r.predictor.only_steps}"
+                                                  if self.total_steps > r.train.max_steps else "")
+                        + "); raise train.max_steps to continue it")
             if self.wandb:
                 self.wandb.finish()
             return self.progress.last_eval
         guard = PreemptionGuard().install()
-        bar = tqdm(total=r.train.max_steps, initial=self.progress.step, disable=not self.is_main, desc="train",
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         try:
             return self._loop(guard, bar)
@@ -485,14 +508,15 @@ class Trainer:
         r, p = self.recipe, self.progress
         window: list[dict] = []
         t0, tokens0 = time.perf_counter(), p.tokens_seen
-        while p.step < r.train.max_steps:
+        end = self.total_steps
+        while p.step < end:
             window.append(self.train_step())
             bar.update(1)
             self._check_bad_steps()
-            if p.step % r.train.log_every == 0 or p.step == r.train.max_steps:
+            if p.step % r.train.log_every == 0 or p.step in (r.train.max_steps, end):
                 bar.set_postfix_str(self._log_window(window, time.perf_counter() - t0, p.tokens_seen - tokens0))
                 window, t0, tokens0 = [], time.perf_counter(), p.tokens_seen
-            if p.step >= r.train.max_steps:
+            if p.step >= end:
                 break
             if r.train.eval_every and p.step % r.train.eval_every == 0:
                 self.evaluate()

@@ -100,8 +100,11 @@ def test_predictor_learns_a_planted_pattern_and_reproduces_oracle_perplexity(pla
     assert main(["eval", str(out), "--dynamic", "--batches", "2", "--batch-size", "8",
                  "--json", str(tmp_path / "dyn.json")]) == 0
     dyn = json.loads((tmp_path / "dyn.json").read_text())["dynamic"]
-    assert set(dyn) == {"dense", "oracle", "predicted"}  # no head predictors in this run
+    # no head predictors in this run; the prompt-mask modes come with --dynamic
+    assert set(dyn) == {"dense", "oracle", "predicted", "prompt", "continuation_dense", "continuation_oracle",
+                        "continuation_best"}
     assert dyn["oracle"]["perplexity"] == pytest.approx(dyn["dense"]["perplexity"], rel=1e-5)
+    assert dyn["continuation_oracle"]["perplexity"] == pytest.approx(dyn["continuation_dense"]["perplexity"], rel=1e-5)
     assert abs(dyn["predicted"]["perplexity"] - dyn["oracle"]["perplexity"]) / dyn["oracle"]["perplexity"] < 0.02
     # end-to-end sparse decoding from the export: only predicted neurons computed, same greedy text
     assert main(["eval", str(out), "--generate", "16", "--batches", "2", "--batch-size", "8",
@@ -193,7 +196,7 @@ def test_calibrated_thresholds_reach_the_target_on_held_out_tokens(tiny_model_di
 
 
 def test_best_mask_keeps_the_largest_contributions():
-    from sparsetune.evaluation.sweep import best_mask
+    from sparsetune.evaluation.dynamic import best_mask
     from sparsetune.models.structure import sparse_mlps
     from sparsetune.recipe.schema import relufy_config
     from sparsetune.surgery.relufy import relufy
@@ -226,6 +229,9 @@ def test_sweep_at_the_end_of_a_run_and_on_the_command_line(tiny_model_dirs, tmp_
     assert skipped == sorted(skipped, reverse=True)  # a higher target keeps more neurons
     for p in sweep["neurons"]:  # the best masks keep at most as many neurons, and never an inactive one
         assert p["best_skipped"] >= p["skipped"] - 0.01 and p["perplexity_best"] > 0
+        # the prompt-derived masks keep as many neurons as the predictor (continuation tokens only)
+        assert p["prompt_skipped"] == pytest.approx(p["skipped"], abs=0.01) and p["perplexity_prompt"] > 0
+    assert sweep["prompt"]["prompt_fraction"] == 0.5 and sweep["prompt"]["dense_continuation"] > 0
     state = json.loads((CheckpointStore(run).latest_complete() / "trainer_state.json").read_text())
     assert state["last_eval"]["sweep"]["neurons"] == sweep["neurons"]
     out = tmp_path / "cli" / "e.json"
@@ -257,3 +263,44 @@ def test_mask_aware_phase_changes_training_only_where_enabled_and_resumes_bitwis
     wa = read_weights(CheckpointStore(aware).latest_complete() / "model")
     ws = read_weights(CheckpointStore(stopped).latest_complete() / "model")
     assert all(torch.equal(wa[k], ws[k]) for k in wa)
+
+
+@pytest.mark.e2e
+def test_predictor_only_continuation_trains_predictors_not_the_model_and_resumes_bitwise(tiny_model_dirs, tmp_path,
+                                                                                        monkeypatch):
+    """predictor.only_steps: after train.max_steps the model is frozen (weights equal to a run that stopped at
+    max_steps) while the predictors keep training; a stop inside the continuation resumes bitwise."""
+    from safetensors.torch import load_file
+
+    from sparsetune.checkpoint.resume import read_weights
+    from tests.e2e_helpers import preempt_at
+
+    base = ["train.max_steps=4", "predictor.enabled=true", "predictor.rank=8", "predictor.sweep_targets=[]",
+            "train.eval_every=0", "train.log_every=1", "wandb.mode=disabled", "train.save_every=0"]
+    short, longer, stopped = tmp_path / "short", tmp_path / "longer", tmp_path / "stopped"
+    assert train_tiny(tiny_model_dirs["llama"], short, *base) == 0
+    assert train_tiny(tiny_model_dirs["llama"], longer, *base, "predictor.only_steps=3") == 0
+    logs = {m["step"]: m for m in train_logs(longer)}
+    assert sorted(logs) == list(range(1, 8))
+    assert [logs[s]["train/lr"] == 0.0 for s in range(2, 8)] == [False] * 3 + [True] * 3  # step 1: LR warmup
+    assert {s: m["train/loss"] for s, m in logs.items() if s <= 4} == \
+        {m["step"]: m["train/loss"] for m in train_logs(short)}
+
+    def weights(run):
+        ckpt = CheckpointStore(run).latest_complete()
+        preds = {}
+        for f in sorted((ckpt / "predictors").glob("*.safetensors")):
+            preds.update(load_file(f))
+        return read_weights(ckpt / "model"), preds
+
+    (ms, ps), (ml, pl) = weights(short), weights(longer)
+    assert all(torch.equal(ms[k], ml[k]) for k in ms)  # the model did not move in the continuation
+    assert ps.keys() == pl.keys() and any(not torch.equal(ps[k], pl[k]) for k in ps)  # the predictors did
+    with monkeypatch.context() as patch:
+        preempt_at(patch, 6)
+        assert train_tiny(tiny_model_dirs["llama"], stopped, *base, "predictor.only_steps=3") == 0
+    assert train_tiny(tiny_model_dirs["llama"], stopped, *base, "predictor.only_steps=3", "--resume") == 0
+    assert {m["step"]: m["train/loss"] for m in train_logs(stopped)} == \
+        {s: m["train/loss"] for s, m in logs.items()}
+    mr, pr = weights(stopped)
+    assert all(torch.equal(ml[k], mr[k]) for k in ml) and all(torch.equal(pl[k], pr[k]) for k in pl)

@@ -38,6 +38,7 @@ class Setup:
     device: torch.device | None = None
     accelerator: Any = None
     load_model: Callable[[], Any] | None = None  # a fresh copy of the dense model from model.path
+    eval_context: Callable[[], EvalContext] | None = None  # data access mid-run (the current step, its batches)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Distillation from the frozen original (dense SiLU) model, to keep quality while sparsifying."""
+"""Distillation from the frozen original (dense SiLU) model, to keep quality while sparsifying.
+
+Two terms, each off at weight 0: `distill_loss`, the KL from the teacher's logits (`distill.weight`), and
+`mlp_distill_loss`, layer-wise MLP distillation (`distill.mlp_weight`): every sparse MLP's output is pulled toward
+the original dense MLP's output on the same input, computed inside the training forward (no second forward).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from sparsetune.models.structure import base_causal_lm, decoder_layers, sparse_mlps
 from sparsetune.recipe.schema import Recipe
 from sparsetune.surgery.activations import SiLU
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.architectures import MLPLayout, layout_for
+from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps
 from sparsetune.training.components.base import Component, LossTerm, Setup, StepContext
 
 
@@ -27,6 +35,20 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return per_token.mean() * t * t
 
 
+def normalized_mse(student: torch.Tensor, dense: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """||student - dense||^2 / ||dense||^2, both summed over the real tokens of the batch (float32).
+
+    Normalized because MLP outputs differ in scale by orders of magnitude from layer to layer (the last layers'
+    are the largest): a plain MSE would be the last layers' alone. A ratio of sums, not a mean of per-token ratios,
+    so a token whose dense output is near zero cannot dominate."""
+    err = (student.float() - dense.float()).square().sum(-1)
+    ref = dense.float().square().sum(-1)
+    if token_mask is not None:
+        m = token_mask.to(err.dtype)
+        err, ref = err * m, ref * m
+    return err.sum() / ref.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @contextlib.contextmanager
 def dense_base(model):
     """The LoRA student as its own teacher: adapters off, dense SiLU, activations not recorded."""
@@ -37,35 +59,130 @@ def dense_base(model):
         yield
 
 
+def dense_reference(mlp: SparseMLP, layout: MLPLayout, projections: list[nn.Module] | None = None) -> SparseMLP:
+    """The original SwiGLU MLP of `mlp`'s layer: SiLU over `projections` (gate, up, down; default: `mlp`'s own,
+    LoRA adapters left out). A SparseMLP outside the model, so `dense()` is the one dense MLP computation."""
+    if projections is None:  # peft wraps a projection; its base layer holds the original, frozen weights
+        projections = [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in mlp.projections()]
+    holder = nn.Module()
+    for name, module in zip(mlp.layout_names, projections):
+        holder.add_module(name, module)
+    return SparseMLP(holder, layout, SiLU(), mlp.layer_idx).requires_grad_(False)
+
+
+class MLPTargets:
+    """Layer-wise MLP distillation, computed inside the student's forward: a forward hook on every SparseMLP runs
+    the layer's dense reference on the same input (no graph) and keeps the normalized MSE of the student's output
+    to it. Armed for the training forward only (`arm()` before it, `pop_loss()` after it), so evaluations, the LoRA
+    teacher pass and gradient checkpointing's recomputation inside backward add nothing."""
+
+    def __init__(self, references: list[SparseMLP], recorder):
+        self.references = references
+        self.recorder = recorder  # its token mask marks the real tokens of the forward
+        self.terms: list[torch.Tensor] = []
+        self.armed = False
+
+    def attach(self, student_mlps: list[SparseMLP]) -> None:
+        by_layer = {r.layer_idx: r for r in self.references}
+        for mlp in student_mlps:
+            mlp.register_forward_hook(self._hook(by_layer[mlp.layer_idx]))
+
+    def _hook(self, reference: SparseMLP):
+        weight = reference.projections()[0].weight
+
+        def hook(module, args, output):
+            if not self.armed:
+                return
+            x = args[0].detach()
+            with torch.no_grad():
+                dense = reference.dense(x.to(weight.dtype)).to(output.dtype)
+            mask = self.recorder.token_mask
+            # Keep the graph of this term outside gradient checkpointing's pack hooks: the recomputation in
+            # backward runs unarmed, so it would not save these tensors again.
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                self.terms.append(normalized_mse(output, dense, mask))
+
+        return hook
+
+    def arm(self) -> None:
+        self.terms, self.armed = [], True
+
+    def pop_loss(self) -> torch.Tensor | None:
+        """Mean over layers of this forward's terms; disarms."""
+        terms, self.terms, self.armed = self.terms, [], False
+        return torch.stack(terms).mean() if terms else None
+
+
 class Distillation(Component):
-    """Teacher logits. Full fine-tune: a frozen copy of the model taken before surgery, placed like the student
-    (sharded under ZeRO-3 and FSDP2). LoRA: the same model with adapters disabled and SiLU put back for the
-    teacher pass (no copy)."""
+    """Teacher logits (`distill.weight`). Full fine-tune: a frozen copy of the model taken before surgery, placed
+    like the student (sharded under ZeRO-3 and FSDP2). LoRA: the same model with adapters disabled and SiLU put back
+    for the teacher pass (no copy).
+
+    Layer-wise MLP targets (`distill.mlp_weight`): the original gate/up/down weights with SiLU. They come from the
+    teacher when there is one; from the student's own frozen weights under LoRA (base layers) or
+    `train.freeze_model`; otherwise from a frozen copy of the MLP weights taken before surgery. Every source is the
+    model as loaded from `model.path`, before a resume restores the trained weights, so a resumed run distills
+    toward the same targets."""
 
     name, order = "distillation", 20
-    step_metric_keys = ("distill_loss",)
 
     def __init__(self, recipe: Recipe):
         self.weight = recipe.distill.weight
         self.temperature = recipe.distill.temperature
+        self.mlp_weight = recipe.distill.mlp_weight
+        self.model_steps = recipe.train.max_steps  # after it (predictor.only_steps) the model does not train
+        self.active = True
         self.lora = recipe.peft.method != "none"
+        self.student_mlps_frozen = self.lora or recipe.train.freeze_model
+        self.step_metric_keys = (("distill_loss",) if self.weight > 0 else ()) + (
+            ("mlp_distill_loss",) if self.mlp_weight > 0 else ())
+        self.mlp_copies: list[nn.Module] | None = None  # the original MLP modules, until after_prepare
+        self.mlp_targets: MLPTargets | None = None
 
     @classmethod
     def build(cls, recipe: Recipe) -> Distillation | None:
-        return cls(recipe) if recipe.distill.weight > 0 else None
+        d = recipe.distill
+        return cls(recipe) if d.weight > 0 or d.mlp_weight > 0 else None
 
     def before_surgery(self, setup: Setup) -> None:
-        if self.lora:
-            return
-        # Under ZeRO-3 transformers may load the student already partitioned (deepspeed.zero.Init); a copy of a
-        # partitioned module holds empty tensors, so the teacher is then loaded a second time, partitioned alike.
-        partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
-        self.frozen_model = (setup.load_model() if partitioned else copy.deepcopy(setup.model)).eval()
-        self.frozen_model.requires_grad_(False)
+        if self.weight > 0 and not self.lora:
+            # Under ZeRO-3 transformers may load the student already partitioned (deepspeed.zero.Init); a copy of a
+            # partitioned module holds empty tensors, so the teacher is then loaded a second time, partitioned alike.
+            partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
+            self.frozen_model = (setup.load_model() if partitioned else copy.deepcopy(setup.model)).eval()
+            self.frozen_model.requires_grad_(False)
+        elif self.mlp_weight > 0 and not self.student_mlps_frozen:
+            # Full fine-tune without a teacher: copy only the MLP weights (not the whole model).
+            layout = layout_for(base_causal_lm(setup.model).config.model_type)
+            self.mlp_copies = [copy.deepcopy(getattr(layer, layout.mlp)).requires_grad_(False)
+                               for layer in decoder_layers(setup.model)]
 
     def after_prepare(self, setup: Setup) -> None:
         if self.frozen_model is not None:
             self.frozen_model = setup.engine.prepare_frozen(self.frozen_model)
+        if self.mlp_weight > 0:
+            self.mlp_targets = MLPTargets(self._mlp_references(setup), setup.recorder)
+            self.mlp_targets.attach(sparse_mlps(setup.model))
+
+    def _mlp_references(self, setup: Setup) -> list[SparseMLP]:
+        student = sparse_mlps(setup.model)
+        layout = layout_for(base_causal_lm(setup.model).config.model_type)
+        if self.student_mlps_frozen:
+            return [dense_reference(m, layout) for m in student]
+        if self.frozen_model is not None:  # the teacher's MLPs, as the engine placed them
+            sources = [getattr(layer, layout.mlp) for layer in decoder_layers(self.frozen_model)]
+        else:  # the copy, placed and typed like the student's weights
+            w = student[0].projections()[0].weight
+            sources, self.mlp_copies = [c.to(device=w.device, dtype=w.dtype) for c in self.mlp_copies], None
+        return [dense_reference(m, layout, [getattr(src, n) for n in m.layout_names])
+                for m, src in zip(student, sources)]
+
+    def begin_step(self, step: int) -> None:
+        self.active = step < self.model_steps  # no teacher work in the predictor-only continuation
+
+    def begin_micro(self, index: int) -> None:
+        if self.mlp_targets is not None and self.active:
+            self.mlp_targets.arm()
 
     @torch.no_grad()
     def teacher_logits(self, student_model, input_ids) -> torch.Tensor:
@@ -75,6 +192,14 @@ class Distillation(Component):
             return student_model(input_ids=input_ids).logits
 
     def loss_terms(self, ctx: StepContext) -> list[LossTerm]:
-        kl = kl_to_teacher(ctx.outputs.logits, self.teacher_logits(ctx.model, ctx.batch["input_ids"]),
-                           self.temperature)
-        return [LossTerm("distill_loss", kl, self.weight * kl)]
+        terms = []
+        if not self.active:
+            return terms
+        mlp = self.mlp_targets.pop_loss() if self.mlp_targets is not None else None  # before the teacher pass
+        if self.weight > 0:
+            kl = kl_to_teacher(ctx.outputs.logits, self.teacher_logits(ctx.model, ctx.batch["input_ids"]),
+                               self.temperature)
+            terms.append(LossTerm("distill_loss", kl, self.weight * kl))
+        if mlp is not None:
+            terms.append(LossTerm("mlp_distill_loss", mlp, self.mlp_weight * mlp))
+        return terms
