@@ -22,6 +22,7 @@ from sparsetune.models.exported import SPEC_FILE
 from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
+from sparsetune.sparsity.thresholds import read_conversion
 from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.relufy import activation_spec, restore_hf_mlps
 
@@ -57,10 +58,12 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
             "(`mlp_bias: true`, `hidden_act: relu`): plain transformers computes it exactly.")
     closest = {"shifted_relu": "relu", "fatrelu": "relu", "drelu": "relu", "topk": "silu", "cats": "silu"}[name]
     lm.config.hidden_act = closest
+    per_layer = (f" Its {len(spec['thresholds'])} per-layer thresholds are in `sparsetune.json` "
+                 "(`load_activation.thresholds`)." if spec.get("thresholds") else "")
     return False, spec, (
         f"**Plain transformers cannot express `{name}`** for model type `{lm.config.model_type}`: loaded with "
         f"`AutoModelForCausalLM` it computes `{closest}` instead and its outputs differ. Load it with "
-        "`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`) to get the trained activation.")
+        f"`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`) to get the trained activation.{per_layer}")
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
@@ -101,6 +104,9 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
                          else f"last evaluation (step {report_eval.get('step')})"),
         "recipe": recipe.model_dump(mode="json"),
     }
+    conversion, _ = read_conversion(ckpt)
+    if conversion is not None:  # the run converted to per-layer thresholds (already on the model and in its spec)
+        report["thresholds"] = conversion.to_json()
     bank = None
     if (ckpt / "predictors" / "predictors.json").is_file():
         bank = load_predictors(ckpt / "predictors")

@@ -32,6 +32,20 @@ def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]
     return [*rows, ""]
 
 
+def _conversion_lines(conversion: dict | None, step: int | None) -> list[str]:
+    """The conversion to per-layer thresholds (recipe section `thresholds`), when the run made one."""
+    if not conversion:
+        return []
+    (name, value), = conversion["criterion"].items()
+    b, a = conversion["before"], conversion["after"]
+    return ["", f"At step {conversion['step']} its `{conversion['from_activation']}` MLPs were converted to per-layer "
+            f"`{conversion['kind']}` thresholds on the gate (fitted to {name.replace('_', ' ')} {value:g}): exact "
+            "zeros an engine reads off the gate, no sort. Held-out perplexity "
+            f"{b['perplexity']:.3f} -> {a['perplexity']:.3f}, sparsity {b['sparsity']:.1%} -> {a['sparsity']:.1%} "
+            "at the conversion" + (f", then {step - conversion['step']} recovery steps." if step and
+                                   step > conversion["step"] else " (training-free, after the last step).")]
+
+
 def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, powerinfer: bool = False) -> str:
     ev = report.get("evaluation", {})
     sparsity = ev.get("sparsity")
@@ -48,6 +62,7 @@ def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, 
         f"`{recipe.relufy.activation}`, regularizer `{recipe.regularizer.type}` "
         f"({recipe.regularizer.schedule} schedule), {report.get('step')} steps, {report.get('tokens_seen')} tokens"
         f"{', LoRA merged' if recipe.peft.method == 'lora' else ''}.",
+        *_conversion_lines(report.get("thresholds"), report.get("step")),
         "",
         "## Activation",
         activation_note,
@@ -72,6 +87,6 @@ def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, 
         "",
         "`sparsity_report.json` holds the per-layer numbers and the full recipe; `recipe.yaml` re-runs the training.",
         "",
-        *engines_section(recipe.relufy.activation, exact, powerinfer),
+        *engines_section(report.get("activation", {}).get("activation", recipe.relufy.activation), exact, powerinfer),
     ]
     return "\n".join(line for line in lines if line is not None)

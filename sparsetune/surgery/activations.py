@@ -64,18 +64,23 @@ class ShiftedReLU(MLPActivation):
 
 
 class FATReLU(MLPActivation):
-    """Thresholded ReLU: gate if gate >= t else 0 (ProSparse's final step)."""
+    """Thresholded ReLU: gate if gate >= t else 0 (ProSparse's final step). The rule reads the gate alone, so an
+    engine can skip a neuron's up and down rows once its gate is below t. `per_layer`: t is this layer's own
+    threshold (one of `relufy.thresholds`), so the spec lists every layer's."""
 
     name = "fatrelu"
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, per_layer: bool = False):
         super().__init__()
         self.threshold = float(threshold)
+        self.per_layer = per_layer
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return torch.where(gate >= self.threshold, gate, torch.zeros_like(gate)) * up
 
     def spec(self) -> dict:
+        if self.per_layer:  # activation_spec() fills in every layer's threshold
+            return {"activation": self.name, "thresholds": [self.threshold]}
         return {"activation": self.name, "threshold": self.threshold}
 
 
@@ -153,13 +158,16 @@ def build_activation(cfg: RelufyConfig | dict, layer: int = 0) -> MLPActivation:
     """Activation module from the recipe's `relufy` section (or an export's stored spec) for decoder layer `layer`."""
     if isinstance(cfg, dict):
         cfg = relufy_config(cfg)
-    if cfg.activation == "cats":
+    if cfg.activation in ("cats", "fatrelu"):
         thresholds = cfg.thresholds or []
         if thresholds and len(thresholds) <= layer:
             from sparsetune.errors import SparsetuneError
 
             raise SparsetuneError(f"relufy.thresholds has {len(thresholds)} values but the model has more layers")
-        return CATS(thresholds[layer] if thresholds else float("nan"), cfg.target_sparsity)
+        if cfg.activation == "cats":
+            return CATS(thresholds[layer] if thresholds else float("nan"), cfg.target_sparsity)
+        if thresholds:
+            return FATReLU(thresholds[layer], per_layer=True)
     builders = {
         "silu": SiLU,
         "relu": ReLU,

@@ -33,10 +33,10 @@ def relufy(model: nn.Module, cfg: RelufyConfig | dict) -> list[SparseMLP]:
 
 
 def activation_spec(model: nn.Module) -> dict:
-    """The model's activation as a `relufy` section dict (per-layer thresholds for cats)."""
+    """The model's activation as a `relufy` section dict (per-layer thresholds for cats and per-layer fatrelu)."""
     mlps = sparse_mlps(model)
     spec = mlps[0].activation.spec()
-    if spec["activation"] == "cats":
+    if "thresholds" in spec:
         spec["thresholds"] = [m.activation.threshold for m in mlps]
     return spec
 

@@ -15,6 +15,32 @@ def layer_metrics(prefix: str, summary: dict) -> dict:
         out[f"{prefix}/near_zero_sparsity@{thr:g}"] = summary["near_zero"]
         out.update({f"{prefix}/near_zero_layer@{thr:g}/{i:02d}": v
                     for i, v in enumerate(summary["near_zero_per_layer"])})
+    out.update(cett_metrics(prefix, summary))
+    return out
+
+
+def cett_metrics(prefix: str, summary: dict) -> dict:
+    """Flat keys of the CETT-based effective sparsity (sparsity/cett.py `cett_report`), per budget: mean and
+    per layer, beside the exact-zero sparsity."""
+    out = {}
+    for budget, mean in summary.get("cett_sparsity", {}).items():
+        out[f"{prefix}/cett_sparsity@{budget}"] = mean
+        out.update({f"{prefix}/cett_sparsity_layer@{budget}/{i:02d}": v
+                    for i, v in enumerate(summary["cett_sparsity_per_layer"][budget])})
+    return out
+
+
+def conversion_metrics(conversion: dict) -> dict:
+    """Flat keys of a run's conversion to per-layer thresholds (sparsity/thresholds.py `Conversion`): the step,
+    held-out perplexity and sparsity just before and after, and every layer's threshold."""
+    out = {"thresholds/converted_at_step": float(conversion["step"])}
+    for when in ("before", "after"):
+        for key in ("perplexity", "sparsity"):
+            out[f"thresholds/{key}_{when}"] = conversion[when][key]
+    out.update({f"thresholds/threshold_layer/{i:02d}": t for i, t in enumerate(conversion["thresholds"])})
+    if conversion.get("fit_cett_per_layer"):
+        cetts = conversion["fit_cett_per_layer"]
+        out["thresholds/fit_cett_mean"] = sum(cetts) / len(cetts)
     return out
 
 

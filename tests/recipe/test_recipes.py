@@ -77,7 +77,8 @@ def test_relufy_keys_live_with_their_activation():
     from sparsetune.recipe.schema import ACTIVATIONS
 
     r = validate_recipe({"output_dir": "x", "relufy": {"activation": "fatrelu", "threshold": 0.2}})
-    assert r.relufy.threshold == 0.2 and r.model_dump()["relufy"] == {"activation": "fatrelu", "threshold": 0.2}
+    assert r.relufy.threshold == 0.2 and r.model_dump()["relufy"] == {"activation": "fatrelu", "threshold": 0.2,
+                                                                      "thresholds": None}
     assert validate_recipe({"output_dir": "x"}).relufy.activation == "relu"  # the default section
     with pytest.raises(SparsetuneError, match=r"'relufy.shift' does not apply to relufy.activation='relu'; it "
                                               r"belongs to relufy.activation='shifted_relu'"):

@@ -1,11 +1,15 @@
 """Sparsity regularization: a penalty on every MLP's activation (from the recorder's one capture per forward),
-weighted by the coefficient schedule."""
+weighted by the coefficient schedule; and, at the final evaluation, the CETT-based effective sparsity beside the
+exact zeros (from the same evaluation forwards: a token sample taken by the recorder)."""
 
 from __future__ import annotations
 
+from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.schema import Recipe
+from sparsetune.sparsity.cett import TokenSampler, cett_report
 from sparsetune.sparsity.regularizers import get_regularizer
 from sparsetune.sparsity.schedules import CoefficientSchedule
+from sparsetune.tracking.metrics import cett_metrics
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, LossTerm, Setup, StepContext
 
 
@@ -18,6 +22,9 @@ class SparsityRegularization(Component):
         self.schedule = CoefficientSchedule(recipe.regularizer, recipe.train.max_steps)
         self.coef = self.schedule(0)
         self.recorder = None
+        self.seed = recipe.train.seed
+        self.final = False  # the next evaluation is the final one: measure CETT too
+        self.sampler: TokenSampler | None = None
 
     @classmethod
     def build(cls, recipe: Recipe) -> SparsityRegularization:
@@ -40,5 +47,20 @@ class SparsityRegularization(Component):
     def step_metrics(self) -> dict[str, float]:
         return {"reg_coef": self.coef}
 
+    def finish_training(self, ctx: EvalContext) -> None:
+        self.final = True
+
+    def begin_eval(self) -> None:
+        if self.final:
+            self.sampler = TokenSampler(seed=self.seed)
+            self.recorder.consumers.append(self.sampler)
+
     def end_eval(self, ctx: EvalContext) -> EvalReport:
-        return EvalReport(row={"reg_coef": self.schedule(ctx.step)})
+        report = EvalReport(row={"reg_coef": self.schedule(ctx.step)})
+        if self.sampler is not None:
+            self.recorder.consumers.remove(self.sampler)
+            cett = cett_report(self.sampler, sparse_mlps(ctx.model), reduce=ctx.reduce)
+            self.sampler, self.final = None, False
+            report.metrics.update(cett_metrics("eval", cett))
+            report.result.update(cett)
+        return report

@@ -1,0 +1,212 @@
+"""Per-layer exact-zero thresholds fitted on calibration tokens: top-k to exact zeros, and ProSparse's last step.
+
+A converted layer drops neuron j when a value read from its gate alone is below the layer's threshold t, so an
+engine decides from the gate which up / down rows to skip, with no sort:
+
+  fatrelu  value = gate          a = gate * [gate >= t] * up   (ReLU-family runs; t >= 0, t = 0 is ReLU itself)
+  cats     value = |SiLU(gate)|  a = SiLU(gate) * [|SiLU(gate)| >= t] * up   (SiLU-based runs: silu, topk, cats)
+
+Each layer's t is chosen on a sample of calibration tokens, for a target sparsity (the share of values below t) or
+for a CETT budget: the highest t whose mean CETT (sparsity/cett.py) of dropping by this rule stays within the
+budget. The reference output is the elementwise activation the rule thresholds (ReLU, SiLU): for a top-k model
+that is its dense SiLU, the function top-k approximates. The calibration forwards run the model as it is (top-k
+included), so every layer sees the inputs it sees in training.
+
+The fitted result is part of a run's checkpoint (STATE_FILE, written by the `thresholds` training component), and
+`apply_saved_thresholds` puts it on a model built from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsetune.models.structure import sparse_mlps
+from sparsetune.sparsity.cett import CettLayer, readable_down_weight, threshold_for_cett
+from sparsetune.surgery.activations import CATS, FATReLU, MLPActivation, ReLU, SiLU
+from sparsetune.surgery.sparse_mlp import patched_mlps
+
+STATE_FILE = "thresholds.json"
+
+
+def rule_values(kind: str, gate: torch.Tensor) -> torch.Tensor:
+    """The per-neuron value the threshold rule compares (float32): the gate, or |SiLU(gate)|."""
+    gate = gate.detach().float()
+    return gate if kind == "fatrelu" else F.silu(gate).abs()
+
+
+def reference_activation(kind: str) -> MLPActivation:
+    """The elementwise activation the rule thresholds: ReLU for fatrelu, SiLU for cats."""
+    return ReLU() if kind == "fatrelu" else SiLU()
+
+
+def thresholded_activation(kind: str, threshold: float, sparsity: float = 0.5) -> MLPActivation:
+    """One layer's converted activation. CATS's target_sparsity is informational once its threshold is set."""
+    if kind == "fatrelu":
+        return FATReLU(threshold, per_layer=True)
+    return CATS(threshold, min(max(sparsity, 1e-3), 1 - 1e-3))
+
+
+class _GateSampler:
+    """A sink sampling token rows of each layer's rule values and, when asked, the reference activation
+    (recomputed for the sampled rows only: up_proj on their inputs)."""
+
+    def __init__(self, kind: str, tokens_per_layer: int, per_batch: int, with_activation: bool, seed: int):
+        self.kind, self.limit, self.per_batch, self.with_activation = kind, tokens_per_layer, per_batch, with_activation
+        self.generator = torch.Generator().manual_seed(seed)
+        self.reference = reference_activation(kind)
+        self.mlps: dict[int, object] = {}
+        self.values: dict[int, list[torch.Tensor]] = {}
+        self.activations: dict[int, list[torch.Tensor]] = {}
+        self.mask: torch.Tensor | None = None
+
+    def record(self, layer: int, activation: torch.Tensor, mlp_input: torch.Tensor, gate: torch.Tensor) -> None:
+        have = sum(len(v) for v in self.values.get(layer, []))
+        width = gate.shape[-1]
+        rows_g = gate[self.mask.bool()] if self.mask is not None else gate.reshape(-1, width)
+        rows_x = mlp_input[self.mask.bool()] if self.mask is not None else mlp_input.reshape(-1, mlp_input.shape[-1])
+        take = min(self.limit - have, self.per_batch, rows_g.shape[0])
+        if take <= 0:
+            return
+        idx = torch.randperm(rows_g.shape[0], generator=self.generator)[:take].to(rows_g.device)
+        g = rows_g[idx]
+        self.values.setdefault(layer, []).append(rule_values(self.kind, g))
+        if self.with_activation:
+            up = self.mlps[layer].projections()[1](rows_x[idx])
+            self.activations.setdefault(layer, []).append(self.reference(g, up).float())
+
+
+@dataclass
+class LayerFit:
+    threshold: float
+    sparsity: float  # share of the sampled values below the threshold
+    cett: float | None  # mean CETT of the rule at the threshold (None with sharded weights)
+
+
+@torch.no_grad()
+def fit_thresholds(model, batches: Iterable[dict], device, kind: str, target_sparsity: float | None = None,
+                   cett: float | None = None, tokens_per_layer: int = 2048, batches_count: int = 8,
+                   seed: int = 0) -> list[LayerFit]:
+    """Per-layer thresholds of the `kind` rule for `target_sparsity` or a `cett` budget, from tokens sampled evenly
+    over `batches` (`batches_count` of them). The model computes as it is; nothing of it changes. Identical on every
+    rank given identical batches."""
+    if (target_sparsity is None) == (cett is None):
+        raise ValueError("give exactly one of target_sparsity and cett")
+    mlps = sparse_mlps(model)
+    weights = [readable_down_weight(m) for m in mlps]
+    with_activation = all(w is not None for w in weights)
+    if cett is not None and not with_activation:
+        from sparsetune.errors import SparsetuneError
+
+        raise SparsetuneError("thresholds.cett needs the MLP weights unsharded (not fsdp / zero3); use "
+                              "thresholds.target_sparsity there")
+    per_batch = max(1, math.ceil(tokens_per_layer / max(1, batches_count)))
+    sampler = _GateSampler(kind, tokens_per_layer, per_batch, with_activation, seed)
+    sampler.mlps = {m.layer_idx: m for m in mlps}
+    was_training = model.training
+    model.eval()
+    try:
+        with patched_mlps(model, sink=sampler, override=None):
+            for batch in batches:
+                mask = batch.get("attention_mask")
+                sampler.mask = mask.to(device) if mask is not None else None
+                model(input_ids=batch["input_ids"].to(device), attention_mask=sampler.mask)
+    finally:
+        model.train(was_training)
+    floor = 0.0 if kind == "fatrelu" else None  # a negative FATReLU threshold would pass negative gates
+    fits = []
+    for m, w in zip(mlps, weights):
+        values = torch.cat(sampler.values[m.layer_idx])
+        a = torch.cat(sampler.activations[m.layer_idx]) if with_activation else None
+        if cett is not None:
+            t, err, sparsity = threshold_for_cett(a, w, cett, values=values, floor=floor, resolution=1e-4)
+            fits.append(LayerFit(t, sparsity, err))
+            continue
+        t = quantile_threshold(values, target_sparsity, floor)
+        err = CettLayer(a, w.float().to(a.device)).mean(values, torch.tensor(t)) if with_activation else None
+        fits.append(LayerFit(t, float((values < t).float().mean()), err))
+    return fits
+
+
+def quantile_threshold(values: torch.Tensor, target: float, floor: float | None = None) -> float:
+    """The threshold below which `target` of `values` lie (the (k+1)-th smallest value, k = round(target * n)), at
+    least `floor`."""
+    flat = values.reshape(-1).float()
+    k = min(max(0, round(target * flat.numel())), flat.numel())
+    if k == flat.numel():
+        top = flat.max()
+        t = float(torch.nextafter(top, top.new_tensor(float("inf"))))
+    else:
+        t = float(flat.kthvalue(k + 1).values)
+    return t if floor is None else max(t, floor)
+
+
+def apply_thresholds(model, kind: str, thresholds: list[float], sparsities: list[float] | None = None) -> None:
+    """Every SparseMLP of `model` computes the `kind` rule with its layer's threshold from now on."""
+    mlps = sparse_mlps(model)
+    if len(thresholds) != len(mlps):
+        from sparsetune.errors import SparsetuneError
+
+        raise SparsetuneError(f"{len(thresholds)} fitted thresholds for a model with {len(mlps)} MLP layers")
+    for i, m in enumerate(mlps):
+        m.activation = thresholded_activation(kind, thresholds[i], sparsities[i] if sparsities else 0.5)
+
+
+@dataclass
+class Conversion:
+    """A run's conversion to per-layer thresholds: what was fitted, and the held-out figures around it."""
+
+    step: int
+    kind: str
+    from_activation: str
+    criterion: dict  # {"target_sparsity": x} or {"cett": x}
+    calibration_batches: int
+    tokens_per_layer: int
+    thresholds: list[float]
+    fit_sparsity_per_layer: list[float]
+    fit_cett_per_layer: list[float] | None
+    before: dict  # held-out {"perplexity", "loss", "sparsity", "per_layer"} just before ...
+    after: dict  # ... and just after the conversion
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Conversion:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def apply(self, model) -> None:
+        apply_thresholds(model, self.kind, self.thresholds, self.fit_sparsity_per_layer)
+
+    def describe(self) -> str:
+        (name, value), = self.criterion.items()
+        b, a = self.before, self.after
+        return (f"thresholds: step {self.step}: {self.from_activation} -> per-layer {self.kind} fitted to "
+                f"{name.replace('_', ' ')} {value:g} on {self.calibration_batches} training micro-batches "
+                f"(thresholds {min(self.thresholds):.4g}..{max(self.thresholds):.4g}); held-out sparsity "
+                f"{b['sparsity']:.1%} -> {a['sparsity']:.1%}, perplexity {b['perplexity']:.3f} -> "
+                f"{a['perplexity']:.3f}")
+
+
+def read_conversion(folder: Path) -> tuple[Conversion | None, dict]:
+    """(the conversion saved in a checkpoint folder or None, the rest of the saved state)."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        return None, {}
+    state = json.loads(path.read_text())
+    done = state.get("conversion")
+    return (Conversion.from_json(done) if done else None), state
+
+
+def apply_saved_thresholds(model, folder: Path) -> Conversion | None:
+    """Put a checkpoint's fitted thresholds (if its run converted) on a model built from that checkpoint."""
+    conversion, _ = read_conversion(folder)
+    if conversion is not None:
+        conversion.apply(model)
+    return conversion

@@ -1,0 +1,138 @@
+"""Conversion to per-layer exact-zero thresholds during the run (recipe section `thresholds`).
+
+At step round(thresholds.at_fraction * train.max_steps) the MLPs switch to a per-layer threshold rule on the gate
+(FATReLU for ReLU-family runs: ProSparse's last step; CATS for top-k / SiLU runs: exact zeros without a sort), fitted
+on the first training micro-batches (sparsity/thresholds.py). Training then goes on with it (a recovery phase), or,
+at at_fraction 1.0, the conversion comes after the last step and before the final evaluation (training-free).
+The held-out perplexity and sparsity just before and after are printed and logged; the fitted thresholds are
+checkpointed with the run (so resume is exact on either side of the conversion) and carried by its exports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sparsetune.errors import SparsetuneError
+from sparsetune.evaluation.perplexity import evaluate
+from sparsetune.models.structure import sparse_mlps
+from sparsetune.recipe.schema import Recipe
+from sparsetune.sparsity.recorder import ActivationRecorder
+from sparsetune.sparsity.thresholds import STATE_FILE, Conversion, fit_thresholds, read_conversion
+from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.tracking.metrics import conversion_metrics
+from sparsetune.training.components.base import Component, EvalContext, EvalReport, Setup
+
+
+class ThresholdConversion(Component):
+    name, order = "thresholds", 50
+    has_state = True
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.kind = recipe.thresholds.form_for(recipe.relufy.activation)
+        self.at_step = round(recipe.thresholds.at_fraction * recipe.train.max_steps)
+        self.conversion: Conversion | None = None
+        self.pending_log = False  # converted, and the figures not yet in metrics.jsonl
+        self.model = self.accelerator = self.engine = None
+        self.eval_context = None
+
+    @classmethod
+    def build(cls, recipe: Recipe) -> ThresholdConversion | None:
+        return cls(recipe) if recipe.thresholds.enabled else None
+
+    def after_prepare(self, setup: Setup) -> None:
+        self.model, self.accelerator, self.engine = setup.model, setup.accelerator, setup.engine
+        self.eval_context = setup.eval_context
+        if self.recipe.thresholds.cett is not None and self.engine.shards_parameters:
+            raise SparsetuneError("thresholds.cett needs the MLP weights unsharded (not fsdp / zero3); use "
+                                  "thresholds.target_sparsity with this launch")
+
+    # ------------------------------------------------------------ conversion
+    def begin_step(self, step: int) -> None:
+        # at_fraction 1.0: step max_steps begins only when predictor-only steps follow the model's (they then train on
+        # the converted model); otherwise finish_training converts
+        if self.conversion is None and step >= self.at_step:
+            self._convert(self.eval_context())
+
+    def finish_training(self, ctx: EvalContext) -> None:
+        if self.conversion is None:
+            self._convert(ctx)
+
+    def _convert(self, ctx: EvalContext) -> None:
+        cfg, r = self.recipe.thresholds, self.recipe
+        held = self._held_out(ctx, r.train.eval_batches)
+        before = self._measure(ctx, held)
+        fits = fit_thresholds(ctx.model, ctx.train_batches(cfg.calibration_batches), ctx.device, self.kind,
+                              cfg.target_sparsity, cfg.cett, cfg.tokens_per_layer, cfg.calibration_batches,
+                              seed=r.train.seed)
+        criterion = {"target_sparsity": cfg.target_sparsity} if cfg.cett is None else {"cett": cfg.cett}
+        cetts = [f.cett for f in fits]
+        conversion = Conversion(
+            step=ctx.step, kind=self.kind, from_activation=r.relufy.activation, criterion=criterion,
+            calibration_batches=cfg.calibration_batches, tokens_per_layer=cfg.tokens_per_layer,
+            thresholds=[f.threshold for f in fits], fit_sparsity_per_layer=[f.sparsity for f in fits],
+            fit_cett_per_layer=None if any(c is None for c in cetts) else cetts, before=before, after={})
+        conversion.apply(ctx.model)
+        conversion.after = self._measure(ctx, held)
+        self.conversion, self.pending_log = conversion, True
+        if self.accelerator.is_main_process:
+            print(f"sparsetune: {conversion.describe()}", flush=True)
+
+    def _held_out(self, ctx: EvalContext, n: int) -> list[dict]:
+        """This rank's first n held-out micro-batches; under sharded weights (every forward collective) padded with
+        label-less batches to the longest rank's count, as the trainer's evaluation does."""
+        batches = ctx.held_out_batches(n)
+        if self.engine.shards_parameters and self.accelerator.num_processes > 1:
+            count = torch.tensor(len(batches), device=ctx.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            ids = ctx.train_batches(1)[0]["input_ids"][:1]
+            batches += [{"input_ids": ids, "labels": torch.full_like(ids, -100)}] * (int(count) - len(batches))
+        return batches
+
+    @staticmethod
+    def _measure(ctx: EvalContext, batches: list[dict]) -> dict:
+        """Held-out perplexity and exact-zero sparsity of the model as it computes now (its own recorder: the run's
+        statistics and predictors see nothing of it)."""
+        recorder = ActivationRecorder(len(sparse_mlps(ctx.model)), None, None)
+        with patched_mlps(ctx.model, sink=recorder, override=None):
+            result = evaluate(ctx.model, batches, recorder, ctx.device, all_reduce=ctx.reduce)
+        return {"perplexity": result["perplexity"], "loss": result["loss"], "tokens": result["tokens"],
+                "sparsity": result.get("sparsity", 0.0), "per_layer": result.get("per_layer", [])}
+
+    # --------------------------------------------------------------- logging
+    def _pending_metrics(self) -> dict[str, float]:
+        if not self.pending_log:
+            return {}
+        self.pending_log = False
+        return conversion_metrics(self.conversion.to_json())
+
+    def log_metrics(self, reduce) -> dict[str, float]:
+        return self._pending_metrics()
+
+    def end_eval(self, ctx: EvalContext) -> EvalReport:
+        if self.conversion is None:
+            return EvalReport()
+        return EvalReport(metrics=self._pending_metrics(), result={"thresholds": self.conversion.to_json()})
+
+    # ------------------------------------------------------------ checkpoint
+    def save(self, folder: Path, last_eval: dict) -> None:
+        state = {"conversion": self.conversion.to_json() if self.conversion else None,
+                 "pending_log": self.pending_log, "at_step": self.at_step}
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def load(self, folder: Path) -> None:
+        """A checkpoint written after the conversion puts the fitted thresholds back on the model; one written
+        before it (or before the section was added) leaves the conversion to its step."""
+        conversion, state = read_conversion(folder)
+        if conversion is not None:
+            conversion.apply(self.model)
+            cfg = self.recipe.thresholds
+            asked = {"target_sparsity": cfg.target_sparsity} if cfg.cett is None else {"cett": cfg.cett}
+            if (asked, self.kind) != (conversion.criterion, conversion.kind) and self.accelerator.is_main_process:
+                print(f"sparsetune: resume: the run converted at step {conversion.step} to {conversion.kind} "
+                      f"thresholds fitted to {conversion.criterion}; the recipe now asks {asked}: the fitted "
+                      "thresholds stay", flush=True)
+        self.conversion, self.pending_log = conversion, bool(state.get("pending_log", False))
