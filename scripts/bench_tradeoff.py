@@ -3,6 +3,8 @@
 
     python scripts/bench_tradeoff.py                       # everything, ~1 h on 2 CPU cores
     python scripts/bench_tradeoff.py --steps 40 --only relu_l1,cats70 --out runs/bench_small
+    python scripts/bench_tradeoff.py --tasks arc_easy,hellaswag --limit 500   # + accuracy columns (needs internet)
+    python scripts/bench_tradeoff.py --tasks sparsetune_tiny_mc --include-path tests/evaluation/lm_eval_tasks
 
 Every trained variant starts from the embedded SmolLM2-135M-Instruct and gets the same token budget
 (--steps x micro-batch 2 x 256 tokens, lr 3e-4, 10 warmup steps, cosine), trained by `sparsetune train`
@@ -11,6 +13,10 @@ Each model is measured on two held-out texts:
 
   code-docs   the stdlib-docs eval split (modules never trained on; the training domain)
   legal       the licence texts in /usr/share/common-licenses (GPL, Apache, MPL, ...: another domain)
+
+With --tasks, each model (as sparsetune runs it: CATS thresholds, top-k, dReLU included) is also scored by
+lm-evaluation-harness, one accuracy column per task; a rerun reuses the scores a model already has (with the same
+--tasks settings, or any when --tasks is left out).
 
 Writes docs/tradeoff.md (table), docs/tradeoff.json (all numbers) and docs/tradeoff.png (the frontier).
 """
@@ -77,13 +83,25 @@ def train(name: str, overrides: list[str], args) -> tuple[Path, float]:
     return run, seconds
 
 
-def measure(target: str, activation, target_sparsity, data_path, batches: int) -> dict:
+def measure(target: str, activation, target_sparsity, data_path, batches: int, args=None) -> tuple[dict, dict | None]:
+    """Held-out figures on `data_path`, and with `args` (--tasks ...) the harness's scores per task."""
     from sparsetune.evaluation.command import EvalArgs, run_eval
 
-    r = run_eval(EvalArgs(target, data=data_path, seq_len=256, batches=batches, batch_size=2,
-                          activation=activation, target_sparsity=target_sparsity)).held_out
+    tasks = dict(tasks=tuple(args.tasks.split(",")), include_path=args.include_path, num_fewshot=args.num_fewshot,
+                 limit=args.limit) if args is not None else {}
+    result = run_eval(EvalArgs(target, data=data_path, seq_len=256, batches=batches, batch_size=2,
+                               activation=activation, target_sparsity=target_sparsity, **tasks))
     keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer")
-    return {k: r[k] for k in keep if k in r}
+    held = {k: result.held_out[k] for k in keep if k in result.held_out}
+    return held, (result.downstream["tasks"] if result.downstream else None)
+
+
+def downstream_settings(args, entry: dict) -> dict | None:
+    """What a variant's harness scores depend on; equal settings in results.json mean they can be reused."""
+    if not args.tasks:
+        return None
+    return {"tasks": args.tasks, "include_path": args.include_path, "num_fewshot": args.num_fewshot,
+            "limit": args.limit, "model": args.model, "train_seconds": entry.get("train_seconds")}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -125,17 +143,29 @@ def results_budget(results: dict) -> str:
 
 
 def table(results: dict) -> str:
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("downstream", {}).get("tasks", {})))
     lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | legal perplexity "
-             "| legal sparsity | train time |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| legal sparsity | train time |" + "".join(f" {t} acc |" for t in tasks),
+             "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
     for res in results.values():
         code, legal = res["eval"]["code-docs"], res["eval"]["legal"]
         def sp(m):
             s = f"{100 * m.get('sparsity', 0.0):.1f}%"
             return s + (f" (near-zero {100 * m['near_zero']:.1f}%)" if "near_zero" in m else "")
         t = f"{res['train_seconds'] / 60:.1f} min" if res["kind"] == "train" else "-"
+        scores = res.get("downstream", {}).get("tasks", {})
+        accs = "".join(f" {acc(scores.get(task))} |" for task in tasks)
         lines.append(f"| {res['label']} | {res.get('train_tokens', 0):,} | {code['perplexity']:.2f} | {sp(code)} | "
-                     f"{legal['perplexity']:.2f} | {sp(legal)} | {t} |")
+                     f"{legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
     return "\n".join(lines) + "\n"
+
+
+def acc(scores: dict | None) -> str:
+    """acc ± stderr (acc_norm beside it when the task has one); '-' when not measured."""
+    if not scores or scores.get("acc") is None:
+        return "-"
+    text = f"{scores['acc']:.3f}" + (f" ± {scores['acc_stderr']:.3f}" if scores.get("acc_stderr") is not None else "")
+    return text + (f" (norm {scores['acc_norm']:.3f})" if scores.get("acc_norm") is not None else "")
 
 
 def main() -> None:
@@ -146,7 +176,16 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_tradeoff")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--tasks", default=None, metavar="T1,T2,...",
+                   help="lm-evaluation-harness tasks scored per variant (one accuracy column each; needs lm-eval; the "
+                        "harness's own tasks need internet)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a folder of your own lm-eval task YAML files")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="examples per task (a fraction when < 1); the whole task by default")
     args = p.parse_args()
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
     names = args.only.split(",") if args.only else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -166,8 +205,19 @@ def main() -> None:
         else:
             entry = {"label": label, "kind": "eval", "activation": how[1], "target_sparsity": how[2]}
             target, activation, ts = args.model, how[1], how[2]
-        entry["eval"] = {"code-docs": measure(target, activation, ts, None, args.batches),
-                         "legal": measure(target, activation, ts, legal, args.batches)}
+        settings = downstream_settings(args, entry)
+        previous = results.get(name, {}).get("downstream")
+        if settings is None:  # no --tasks: earlier scores of this very model are kept
+            same_model = previous and all(previous["settings"].get(k) == v for k, v in
+                                          (("model", args.model), ("train_seconds", entry.get("train_seconds"))))
+            reuse = previous if same_model else None
+        else:
+            reuse = previous if previous and previous["settings"] == settings else None
+        code_docs, scores = measure(target, activation, ts, None, args.batches,
+                                    args if settings is not None and reuse is None else None)
+        entry["eval"] = {"code-docs": code_docs, "legal": measure(target, activation, ts, legal, args.batches)[0]}
+        if reuse is not None or scores is not None:
+            entry["downstream"] = reuse or {"settings": settings, "tasks": scores}
         results[name] = entry
         c = entry["eval"]["code-docs"]
         print(f"[{name}] code-docs perplexity {c['perplexity']:.2f}, sparsity {100 * c.get('sparsity', 0):.1f}%  "
@@ -177,7 +227,8 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "steps": args.steps, "tokens_per_step": 512, "held_out_batches": args.batches,
             "held_out": {"code-docs": "stdlib-docs eval split", "legal": str(LICENSES)},
-            "command": "python scripts/bench_tradeoff.py " + " ".join(sys.argv[1:]), "torch_threads": os.cpu_count()}
+            "command": "python scripts/bench_tradeoff.py " + " ".join(sys.argv[1:]), "torch_threads": os.cpu_count(),
+            "downstream": downstream_settings(args, {})}
     (args.docs / "tradeoff.json").write_text(json.dumps({"meta": meta, "results": ordered}, indent=1))
     (args.docs / "tradeoff.md").write_text(table(ordered))
     plot(ordered, args.docs / "tradeoff.png")
