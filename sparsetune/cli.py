@@ -1,4 +1,4 @@
-"""The `sparsetune` command line: train, export, eval, recipes, validate."""
+"""The `sparsetune` command line: train, export, eval, analyze, recipes, validate."""
 
 from __future__ import annotations
 
@@ -73,9 +73,11 @@ def _cmd_eval(args) -> int:
         activation=args.activation, near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
         predictor_threshold=args.predictor_threshold, target_recall=args.target_recall,
         target_mass_recall=args.target_mass_recall, target_sparsity=args.target_sparsity,
-        sweep=args.sweep, sweep_kind=args.sweep_kind,
+        sweep=args.sweep, sweep_kind=args.sweep_kind, prompt_fraction=args.prompt_fraction,
+        prompt_keep=args.prompt_keep, prompt_mass=args.prompt_mass,
         calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
-        trust_remote_code=args.trust_remote_code))
+        trust_remote_code=args.trust_remote_code, tasks=args.tasks, include_path=args.include_path,
+        num_fewshot=args.num_fewshot, limit=args.limit, lm_eval_batch_size=args.lm_eval_batch_size))
     print_eval(result)
     json_path = Path(args.json) if args.json else None
     if json_path is None and Path(args.model).is_dir():
@@ -105,6 +107,21 @@ def _targets(text: str) -> tuple[float, ...]:
     if not values or any(not 0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"targets must lie in (0, 1], got {text!r}")
     return values
+
+
+def _task_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated lm-eval task names, e.g. arc_easy,hellaswag")
+    return names
+
+
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of examples or a fraction, got {text!r}") from None
+    return int(value) if value >= 1 and value == int(value) else value
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -199,19 +216,86 @@ def build_parser() -> argparse.ArgumentParser:
                         "skipped fraction and perplexity, beside the best any predictor could do at the same skipped "
                         "fraction; writes JSON-sweep.json and JSON-sweep.png beside --json")
     p.add_argument("--sweep-kind", choices=["mass_recall", "recall"], default="mass_recall")
+    prompt = p.add_argument_group(
+        "prompt-derived masks (with --dynamic / --sweep): the prompt runs densely, the continuation computes only "
+        "the neurons most active over the prompt; perplexity over the continuation tokens")
+    prompt.add_argument("--prompt-fraction", type=float, default=0.5, metavar="F",
+                        help="share of each held-out sequence that is the prompt (default 0.5; 0: no prompt mode)")
+    keep = prompt.add_mutually_exclusive_group()
+    keep.add_argument("--prompt-keep", type=float, default=None, metavar="K",
+                      help="keep this fraction of each layer's neurons, the prompt's most active (default 0.5)")
+    keep.add_argument("--prompt-mass", type=float, default=None, metavar="M",
+                      help="keep the fewest neurons carrying this share of the prompt's activation mass instead")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
                         "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")
+    harness = p.add_argument_group(
+        "downstream tasks (lm-evaluation-harness, `pip install lm-eval`; the model is scored as sparsetune runs it)")
+    harness.add_argument("--tasks", type=_task_names, default=None, metavar="T1,T2,...",
+                         help="lm-eval task or group names (arc_easy,hellaswag: their data comes from the hub), glob "
+                              "patterns (arc_*), .yaml task files, or tasks of --include-path; reports acc / acc_norm "
+                              "with stderr per task")
+    harness.add_argument("--include-path", default=None, metavar="DIR",
+                         help="a folder of your own lm-eval task YAML files (e.g. tests/evaluation/lm_eval_tasks)")
+    harness.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                         help="few-shot examples per prompt (default: each task's own, usually 0)")
+    harness.add_argument("--limit", type=_limit, default=None, metavar="N",
+                         help="only the first N examples of each task (a fraction when < 1): for quick checks, "
+                              "not for reported results")
+    harness.add_argument("--lm-eval-batch-size", type=int, default=8, metavar="N",
+                         help="sequences per forward pass in the harness (default 8)")
     p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
     _add_load_options(p)
     p.set_defaults(func=_cmd_eval)
+    _add_analyze_parser(sub)
     return parser
+
+
+def _cmd_analyze(args) -> int:
+    from sparsetune.analysis.command import AnalyzeArgs, run_analysis
+    from sparsetune.analysis.report import summary
+
+    result, files = run_analysis(AnalyzeArgs(
+        target=args.model, data=args.data, out=args.out, seq_len=args.seq_len, batches=args.batches,
+        batch_size=args.batch_size, activation=args.activation, prompt_fraction=args.prompt_fraction,
+        cett_tokens=args.cett_tokens, wandb=args.wandb, wandb_project=args.wandb_project, device=args.device,
+        trust_remote_code=args.trust_remote_code))
+    print(f"sparsetune: {summary(result)}")
+    print(f"sparsetune: wrote {files[1]} (with {files[0].name} and {len(files) - 2} figures)")
+    return 0
+
+
+def _add_analyze_parser(sub) -> None:
+    from sparsetune.recipe.schema import ACTIVATIONS
+
+    p = sub.add_parser("analyze", help="activation structure of a model: sparsity and CETT, inertia, history "
+                                       "dependence, prompt-to-continuation overlap, head activity (report + figures)")
+    p.add_argument("model", help="export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id")
+    p.add_argument("--data", help="held-out text (same forms as data.path); default: the run's or stdlib-docs")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="report folder: analysis.md, analysis.json, PNG figures (default: MODEL/analysis for a "
+                        "folder; required otherwise)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the data's, 256)")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2, help="sequences per batch (batches x batch size sequences "
+                                                             "are analyzed; default 4 x 2)")
+    p.add_argument("--activation", default=None, choices=[a for a in ACTIVATIONS if a != "cats"],
+                   help="swap the MLP activation first (relu: the untrained ReLU swap)")
+    p.add_argument("--prompt-fraction", type=float, default=0.5, metavar="F",
+                   help="share of each sequence that is the prompt for the prompt-to-continuation overlap")
+    p.add_argument("--cett-tokens", type=int, default=256, metavar="N",
+                   help="tokens per layer the CETT thresholds are fitted on (default 256)")
+    p.add_argument("--wandb", nargs="?", const="auto", default=None, choices=["auto", "online", "offline"],
+                   help="also log the report to W&B in DIR/wandb (auto: online with an API key, else offline)")
+    p.add_argument("--wandb-project", default="sparsetune")
+    _add_load_options(p)
+    p.set_defaults(func=_cmd_analyze)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "export", "eval"):
+    if args.command in ("train", "export", "eval", "analyze"):
         import torch
 
         if not torch.cuda.is_available():  # DeepSpeed would warn that it falls back to its CPU accelerator

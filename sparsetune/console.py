@@ -20,16 +20,25 @@ def print_eval(result: EvalResult) -> None:
     summary.add_row("activation sparsity (exact zeros)", f"{held.get('sparsity', 0):.2%}")
     if "near_zero" in held:
         summary.add_row(f"near-zero activations (|a| <= {held['near_zero_threshold']:g})", f"{held['near_zero']:.2%}")
+    cett = held.get("cett_sparsity", {})
+    for budget, value in cett.items():
+        summary.add_row(f"effective sparsity at CETT {budget} ({held['cett_tokens_per_layer']} tokens/layer)",
+                        f"{value:.2%}")
+    if result.downstream is not None:
+        _downstream_rows(summary, result.downstream)
     console.print(summary)
     layers = Table(title="per-layer activation sparsity")
     layers.add_column("layer", justify="right")
     layers.add_column("exact zeros", justify="right")
     if "near_zero" in held:
         layers.add_column("near-zero", justify="right")
+    for budget in cett:
+        layers.add_column(f"CETT {budget}", justify="right")
     for i, v in enumerate(held.get("per_layer", [])):
         row = [str(i), f"{v:.2%}"]
         if "near_zero" in held:
             row.append(f"{held['near_zero_per_layer'][i]:.2%}")
+        row += [f"{held['cett_sparsity_per_layer'][b][i]:.2%}" for b in cett]
         layers.add_row(*row)
     console.print(layers)
     if result.dynamic is not None:
@@ -61,3 +70,20 @@ def print_eval(result: EvalResult) -> None:
                           f"{result.dynamic.get('predicted', {}).get('perplexity', float('nan')):.2f} predicted")
         if "predicted" not in result.dynamic:
             console.print("no predictors found (train with predictor.enabled=true): dense and oracle modes only")
+
+
+def _downstream_rows(summary: Table, downstream: dict) -> None:
+    """One row per task and metric (acc, acc_norm, ...), value with its standard error, beside perplexity."""
+    summary.add_section()
+    for task, row in downstream["tasks"].items():
+        shots = row.get("num_fewshot")
+        n, total = row.get("examples", "?"), row.get("task_examples")
+        how = f"{'' if shots is None else f'{shots}-shot, '}{n}{'' if total in (None, n) else f' of {total}'} examples"
+        for metric, value in row.items():
+            if metric in ("examples", "task_examples", "num_fewshot") or metric.endswith("_stderr") \
+                    or "_stderr," in metric:
+                continue
+            err = row.get(metric.replace(",", "_stderr,", 1) if "," in metric else f"{metric}_stderr")
+            shown = "-" if value is None else f"{value:.4f}" + ("" if err is None else f" ± {err:.4f}")
+            summary.add_row(f"{task} {metric} ({how})", shown)
+    summary.caption = f"downstream: {downstream['harness']}, the model as evaluated above"

@@ -1,4 +1,5 @@
-"""`sparsetune eval`: perplexity and activation sparsity of a model, run, checkpoint or export."""
+"""`sparsetune eval`: perplexity and activation sparsity of a model, run, checkpoint or export, and optionally its
+accuracy on lm-evaluation-harness tasks (`downstream.py`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from sparsetune.models.exported import activation_for_hf_config, load_activation
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.schema import DataSection, relufy_config
+from sparsetune.sparsity.cett import TokenSampler, cett_report
 from sparsetune.surgery.calibration import needs_calibration
 from sparsetune.surgery.relufy import activation_spec, relufy
+from sparsetune.surgery.sparse_mlp import patched_mlps
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
 
 
@@ -41,14 +44,23 @@ class EvalArgs:
     calibration_batches: int = 8
     generate: int = 0  # greedy tokens decoded with dense and predicted-only MLPs
     prompt_tokens: int = 32
+    prompt_fraction: float = 0.5  # --dynamic / --sweep prompt-mask mode: share of each sequence that is the prompt
+    prompt_keep: float | None = None  # prompt masks keep this fraction of neurons (default 0.5) ...
+    prompt_mass: float | None = None  # ... or the fewest carrying this share of the prompt's activation mass
     device: str = "auto"
     trust_remote_code: bool = False
+    tasks: tuple[str, ...] | None = None  # lm-evaluation-harness tasks: names, glob patterns or .yaml files
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAML files
+    num_fewshot: int | None = None  # default: each task's own
+    limit: int | float | None = None  # examples per task (a fraction when < 1); for quick checks, not for results
+    lm_eval_batch_size: int = 8
 
 
 @dataclass
 class EvalResult:
     """The measurements of one `sparsetune eval`. `held_out` is the perplexity / sparsity summary
-    (loss, perplexity, tokens, sparsity, per_layer, near_zero...); the others are present when asked for."""
+    (loss, perplexity, tokens, sparsity, per_layer, near_zero..., cett_sparsity: the CETT-based
+    effective sparsity per budget); the others are present when asked for."""
 
     target: str
     what: str
@@ -62,6 +74,7 @@ class EvalResult:
     decode: dict | None = None
     predictor_calibration: dict | None = None
     sweep: dict | None = None
+    downstream: dict | None = None  # lm-evaluation-harness scores per task (DownstreamRun.to_json())
 
     def to_json(self) -> dict:
         """eval.json: what was measured and how, the held-out figures at the top level, then the optional parts."""
@@ -76,6 +89,10 @@ class EvalResult:
                **layer_metrics(prefix, self.held_out)}
         if self.dynamic:
             out.update(predictor_metrics(prefix, {}, self.dynamic))
+        if self.downstream:
+            from sparsetune.evaluation.downstream import downstream_metrics
+
+            out.update(downstream_metrics(prefix, self.downstream))
         return out
 
 
@@ -88,7 +105,7 @@ class _Target:
     predictors: Path | None
 
 
-def _load_target(args: EvalArgs) -> _Target:
+def load_target(args: EvalArgs) -> _Target:
     """The model to measure. Remote code runs only when the caller passes `trust_remote_code` (the command
     line), never because a checkpoint's or export's own recipe asks for it."""
     target, trust = args.target, args.trust_remote_code
@@ -131,7 +148,9 @@ def _load_target(args: EvalArgs) -> _Target:
 
 def run_eval(args: EvalArgs) -> EvalResult:
     dev = resolve_device(args.device)
-    t = _load_target(args)
+    tasks = _downstream_tasks(args)  # before the model: a wrong task name or unreachable data fails at once
+    prompt = _prompt_masks(args)  # a bad --prompt-* option fails before the model loads
+    t = load_target(args)
     model = t.model.to(dev)
     if args.generate and t.predictors is None:
         raise SparsetuneError("--generate needs predictors: evaluate an export or run trained with "
@@ -148,19 +167,17 @@ def run_eval(args: EvalArgs) -> EvalResult:
         if bank is None:
             raise SparsetuneError("--target-recall / --target-mass-recall need --dynamic or --generate and predictors")
         predictor_calibration = _calibrate_predictors(model, bank, data_cfg, t.tokenizer, args, dev)
-    if args.data:  # a local file is held out whole; a hub dataset gives its validation/test split
-        from sparsetune.data.text_datasets import _looks_local
-
-        update = ({"eval_path": args.data, "eval_split": None} if _looks_local(args.data)
-                  else {"path": args.data, "eval_path": None, "eval_split": None})
-        data_cfg = data_cfg.model_copy(update=update)
+    data_cfg = with_held_out(data_cfg, args.data)
     data = held_out_data(data_cfg, t.tokenizer)
-    held = evaluate_held_out(model, data, args.batch_size, args.batches, args.near_zero_threshold, device=dev)
+    cett = TokenSampler()  # a token sample of the same forwards: CETT-based effective sparsity beside exact zeros
+    with patched_mlps(model, override=cett.tee):
+        held = evaluate_held_out(model, data, args.batch_size, args.batches, args.near_zero_threshold, device=dev)
+    held.update(cett_report(cett, sparse_mlps(model)))
     result = EvalResult(target=args.target, what=t.what, activation=activation_spec(model), device=str(dev),
                         data=data_cfg.path, seq_len=data_cfg.seq_len, held_out=held, calibration=calibration,
                         predictor_calibration=predictor_calibration)
     if args.dynamic or args.generate:
-        result.dynamic = _dynamic(model, data, args.batch_size, args.batches, bank, dev)
+        result.dynamic = _dynamic(model, data, args.batch_size, args.batches, bank, dev, prompt)
     if args.sweep:
         from sparsetune.data.batches import eval_batches
         from sparsetune.evaluation.sweep import predictor_sweep
@@ -170,10 +187,34 @@ def run_eval(args: EvalArgs) -> EvalResult:
                                   "predictor.enabled=true")
         calibration = _training_batches(data_cfg, t.tokenizer, args.batch_size, args.calibration_batches)
         result.sweep = predictor_sweep(model, bank, list(eval_batches(data, args.batch_size, args.batches)),
-                                       calibration, dev, args.sweep, args.sweep_kind)
+                                       calibration, dev, args.sweep, args.sweep_kind, prompt=prompt)
+    if tasks is not None:  # the model as measured above: its activation, calibration and device
+        from sparsetune.evaluation.downstream import evaluate_tasks
+
+        result.downstream = evaluate_tasks(model, t.tokenizer, tasks, num_fewshot=args.num_fewshot,
+                                           limit=args.limit, batch_size=args.lm_eval_batch_size).to_json()
     if args.generate:  # batch-1 decode kernels are measured on the CPU (the fused kernel is CPU code)
         result.decode = _decode(model.to("cpu"), data, bank.to("cpu"), args.generate, args.prompt_tokens)
     return result
+
+
+def _downstream_tasks(args: EvalArgs):
+    """The lm-eval tasks of --tasks, resolved and with their data loaded (None without --tasks)."""
+    if not args.tasks:
+        given = [opt for opt, value in (("--include-path", args.include_path), ("--num-fewshot", args.num_fewshot),
+                                        ("--limit", args.limit)) if value is not None]
+        if given:
+            raise SparsetuneError(f"{', '.join(given)} apply with --tasks only")
+        return None
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise SparsetuneError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and args.limit != int(args.limit))):
+        raise SparsetuneError(f"--limit must be a whole number of examples or a fraction in (0, 1), got {args.limit:g}")
+    if args.lm_eval_batch_size < 1:
+        raise SparsetuneError(f"--lm-eval-batch-size must be >= 1, got {args.lm_eval_batch_size}")
+    from sparsetune.evaluation.downstream import load_tasks
+
+    return load_tasks(list(args.tasks), args.include_path)
 
 
 def _predictors(folder, threshold: float | None):
@@ -229,12 +270,41 @@ def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> d
             "thresholds": thresholds}
 
 
-def _dynamic(model, data, batch_size, batches, bank, device) -> dict:
+def _dynamic(model, data, batch_size, batches, bank, device, prompt=None) -> dict:
     from sparsetune.data.batches import eval_batches
     from sparsetune.evaluation.dynamic import dynamic_eval
     exact = sparse_mlps(model)[0].activation.exact_zeros
     frac = bank.cfg.silu_active_fraction if bank is not None else 0.3
-    return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), device, exact, frac)
+    return dynamic_eval(model, bank, eval_batches(data, batch_size, batches), device, exact, frac, prompt=prompt)
+
+
+def _prompt_masks(args: EvalArgs):
+    """The prompt-mask mode of --dynamic / --sweep (None with --prompt-fraction 0)."""
+    from sparsetune.evaluation.dynamic import PromptMasks
+
+    for option, value in (("--prompt-keep", args.prompt_keep), ("--prompt-mass", args.prompt_mass)):
+        if value is not None and not 0 < value <= 1:
+            raise SparsetuneError(f"{option} must lie in (0, 1], got {value}")
+    if args.prompt_keep is not None and args.prompt_mass is not None:
+        raise SparsetuneError("--prompt-keep and --prompt-mass exclude each other")
+    if not 0 <= args.prompt_fraction < 1:
+        raise SparsetuneError(f"--prompt-fraction must lie in [0, 1) (0: no prompt masks), got {args.prompt_fraction}")
+    if args.prompt_fraction == 0:
+        return None
+    keep = None if args.prompt_mass is not None else (args.prompt_keep or 0.5)
+    return PromptMasks(args.prompt_fraction, keep=keep, mass=args.prompt_mass)
+
+
+def with_held_out(data_cfg: DataSection, data: str | None) -> DataSection:
+    """`data_cfg` with its held-out text replaced by `data` (--data): a local file is held out whole, a hub
+    dataset gives its validation/test split. Unchanged when `data` is None."""
+    if not data:
+        return data_cfg
+    from sparsetune.data.text_datasets import _looks_local
+
+    update = ({"eval_path": data, "eval_split": None} if _looks_local(data)
+              else {"path": data, "eval_path": None, "eval_split": None})
+    return data_cfg.model_copy(update=update)
 
 
 def write_json(result: EvalResult, path: Path) -> None:

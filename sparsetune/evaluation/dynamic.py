@@ -4,6 +4,10 @@ Modes (the same held-out batches each time):
   dense       every neuron and head computed
   oracle      MLPs compute only the truly active neurons (known from the dense activation)
   predicted   MLPs compute only the neurons the predictor keeps (sparse products over the kept pairs, not masked after)
+  prompt      prompt-derived masks (TDA / GRIFFIN): the first part of each sequence is the prompt, run densely; each
+              layer keeps, per sequence, the neurons that carried the most of the prompt's MLP output, and the rest
+              of the sequence computes only those. Measured on the continuation tokens only, beside dense, oracle
+              and the best per-token masks at the same skipped fraction on the same tokens (`continuation_*`)
   heads_kv_written / heads_kv_skipped
               dense MLPs; attention heads the head predictor drops are skipped, with their KV
               entries still written / not written (see head_skipping.py)
@@ -12,6 +16,8 @@ Modes (the same held-out batches each time):
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -21,10 +27,13 @@ from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.models.structure import base_causal_lm, decoder_layers
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.sparsity.cett import contributions
+from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps
 
 
-class _KeptFraction:
+class KeptFraction:
+    """Kept / total counts of (token, unit) pairs while masks are applied: the skipped fraction of a mode."""
+
     def __init__(self):
         self.kept = 0.0
         self.total = 0.0
@@ -41,17 +50,32 @@ class _KeptFraction:
         return 1.0 - kept / total if total else None
 
 
-@contextlib.contextmanager
-def _mlp_override(model, choose_mask, tally: _KeptFraction):
-    """Every SparseMLP computes only the neurons `choose_mask(mlp, x)` keeps."""
+def neuron_contributions(mlp: SparseMLP, a: torch.Tensor) -> torch.Tensor:
+    """Each neuron's contribution to the MLP output, |a_j| * ||W_down[:, j]|| (`sparsity.cett.contributions`)."""
+    return contributions(a, mlp.projections()[2].weight.detach().float().norm(dim=0))
 
-    def override(mlp, x):
+
+def _masked(mlp: SparseMLP, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    g, u, d = mlp.projections()
+    return gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise())
+
+
+@contextlib.contextmanager
+def mlp_override(model, choose_mask, tally: KeptFraction, start: int = 0):
+    """Every SparseMLP computes only the neurons `choose_mask(mlp, x)` keeps. With `start`, the first `start`
+    positions of every sequence (a prompt) are computed densely and not counted; masks cover the rest."""
+
+    def masked(mlp, x):
         keep = choose_mask(mlp, x)
         if keep is None:  # no mask for this layer (e.g. layer 0 under lookahead): dense
             return mlp.dense(x)
         tally.add(keep)
-        g, u, d = mlp.projections()
-        return gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise())
+        return _masked(mlp, x, keep)
+
+    def override(mlp, x):
+        if not start:
+            return masked(mlp, x)
+        return torch.cat([mlp.dense(x[:, :start]), masked(mlp, x[:, start:])], dim=1)
 
     with patched_mlps(model, override=override):
         yield
@@ -77,9 +101,111 @@ def predicted_mask(bank: PredictorBank):
     return choose
 
 
+def best_mask(keep_fraction: float):
+    """Per token, the ceil(keep_fraction * m) neurons of largest output contribution (active ones only): the
+    best any per-token mask skipping that fraction could do (known only after computing every neuron)."""
+
+    def choose(mlp, x):
+        gate, up, _ = mlp.projections()
+        a = mlp.activation(gate(x), up(x))
+        k = max(1, min(a.shape[-1], math.ceil(keep_fraction * a.shape[-1])))
+        importance = neuron_contributions(mlp, a)
+        keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, importance.topk(k, dim=-1).indices, True)
+        return keep & (a != 0)
+
+    return choose
+
+
+@dataclass(frozen=True)
+class PromptMasks:
+    """Prompt-derived masks: the first `fraction` of each sequence is the prompt. Each layer scores a neuron by
+    its contribution summed over the prompt's tokens (its share of the prompt's MLP output mass) and keeps, per
+    sequence, the top `keep` fraction of neurons (exactly that many: keep=1 is dense), or (with `mass`) the fewest
+    that carry that share of the prompt's mass, never one silent over the whole prompt."""
+
+    fraction: float = 0.5
+    keep: float | None = 0.5
+    mass: float | None = None
+
+    def prompt_len(self, seq_len: int) -> int:
+        """Prompt tokens of a `seq_len`-token sequence (at least one, and at least one token after it)."""
+        return min(seq_len - 1, max(1, round(self.fraction * seq_len)))
+
+    def select(self, prompt_mass: torch.Tensor) -> torch.Tensor:
+        """[..., m] summed prompt contributions -> [..., m] bool: the neurons kept for the continuation."""
+        m = prompt_mass.shape[-1]
+        order = prompt_mass.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(m, device=order.device).expand_as(order))
+        if self.mass is None:
+            return rank < max(1, min(m, math.ceil((self.keep or 0.0) * m)))
+        ranked = prompt_mass.gather(-1, order).cumsum(-1)
+        k = (ranked < self.mass * ranked[..., -1:]).sum(-1, keepdim=True) + 1  # the fewest reaching the target
+        return (rank < k) & (prompt_mass > 0)
+
+    def describe(self) -> dict:
+        return {"prompt_fraction": self.fraction, **({"mass": self.mass} if self.mass is not None
+                                                      else {"keep": self.keep})}
+
+
 @contextlib.contextmanager
-def _head_masks(model, bank: PredictorBank, tally: _KeptFraction | None = None,
-                kv_tally: _KeptFraction | None = None):
+def prompt_override(model, masks: PromptMasks, tally: KeptFraction):
+    """Every SparseMLP runs the prompt positions densely and the rest of each sequence with only the neurons
+    `masks` derives from the prompt's activations (one mask per sequence and layer). Equivalent to a dense
+    prefill followed by masked decoding: attention is causal, so the prompt never sees what comes after it."""
+
+    def override(mlp, x):
+        p = masks.prompt_len(x.shape[1])
+        gate, up, down = mlp.projections()
+        a = mlp.activation(gate(x[:, :p]), up(x[:, :p]))
+        rest = x[:, p:]
+        keep = masks.select(neuron_contributions(mlp, a).sum(dim=1))[:, None, :].expand(-1, rest.shape[1], -1)
+        tally.add(keep)
+        return torch.cat([down(a), _masked(mlp, rest, keep)], dim=1)
+
+    with patched_mlps(model, override=override):
+        yield
+
+
+def continuation_batches(batches: list[dict], masks: PromptMasks) -> list[dict]:
+    """The same batches labelled on the continuation only: the tokens predicted from a position after the prompt
+    (the first continuation token is predicted from the prompt's last position, computed densely)."""
+    out = []
+    for batch in batches:
+        labels = batch["labels"].clone()
+        labels[:, : masks.prompt_len(labels.shape[1]) + 1] = -100
+        out.append({**batch, "labels": labels})
+    return out
+
+
+@torch.no_grad()
+def prompt_eval(model, batches: list[dict], device, masks: PromptMasks, exact_zeros: bool,
+                silu_active_fraction: float = 0.3, all_reduce=None) -> dict:
+    """{'prompt', 'continuation_dense', 'continuation_oracle', 'continuation_best'}: perplexity over the
+    continuation tokens with prompt-derived masks, and on the same tokens (prompt dense each time) with every
+    neuron, with the truly active neurons, and with the best per-token masks at the prompt masks' skipped
+    fraction."""
+    cont = continuation_batches(batches, masks)
+    start = masks.prompt_len(cont[0]["labels"].shape[1]) if cont else 0
+
+    def perplexity() -> float:
+        return evaluate(model, cont, None, device, all_reduce=all_reduce)["perplexity"]
+
+    out = {"continuation_dense": {"perplexity": perplexity(), "sparsity": 0.0}}
+    tally = KeptFraction()
+    with prompt_override(model, masks, tally):
+        out["prompt"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce), **masks.describe()}
+    tally = KeptFraction()
+    with mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally, start=start):
+        out["continuation_oracle"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
+    tally = KeptFraction()
+    with mlp_override(model, best_mask(1.0 - (out["prompt"]["sparsity"] or 0.0)), tally, start=start):
+        out["continuation_best"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
+    return out
+
+
+@contextlib.contextmanager
+def head_masks(model, bank: PredictorBank, tally: KeptFraction | None = None,
+               kv_tally: KeptFraction | None = None):
     """Pre-hooks that set each attention module's head mask from its input with the head predictors. `tally`
     counts query heads run; `kv_tally` the KV entries written under the per-KV-head rule (GQA)."""
     handles = []
@@ -105,28 +231,31 @@ def _head_masks(model, bank: PredictorBank, tally: _KeptFraction | None = None,
 
 @torch.no_grad()
 def dynamic_eval(model, bank: PredictorBank | None, batches, device, exact_zeros: bool,
-                 silu_active_fraction: float = 0.3, all_reduce=None) -> dict:
-    """{mode: {'perplexity', 'sparsity'}} for every mode that applies. With several processes, `all_reduce`
-    (a sum over ranks) makes every figure one over all ranks' batches, not this rank's."""
+                 silu_active_fraction: float = 0.3, all_reduce=None, prompt: PromptMasks | None = None) -> dict:
+    """{mode: {'perplexity', 'sparsity'}} for every mode that applies (`prompt`: the prompt-mask modes, see
+    `prompt_eval`). With several processes, `all_reduce` (a sum over ranks) makes every figure one over all ranks'
+    batches, not this rank's."""
     batches = list(batches)
 
     def perplexity() -> float:
         return evaluate(model, batches, None, device, all_reduce=all_reduce)["perplexity"]
 
     out = {"dense": {"perplexity": perplexity(), "sparsity": 0.0}}
-    tally = _KeptFraction()
-    with _mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally):
+    tally = KeptFraction()
+    with mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally):
         out["oracle"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
     if bank is not None:
-        tally = _KeptFraction()
-        with _mlp_override(model, predicted_mask(bank), tally):
+        tally = KeptFraction()
+        with mlp_override(model, predicted_mask(bank), tally):
             out["predicted"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
         if bank.heads is not None:
             for mode in ("kv_written", "kv_skipped"):
-                heads, kv = _KeptFraction(), _KeptFraction() if mode == "kv_skipped" else None
-                with _head_masks(model, bank, tally=heads, kv_tally=kv), head_skipping(model, mode):
+                heads, kv = KeptFraction(), KeptFraction() if mode == "kv_skipped" else None
+                with head_masks(model, bank, tally=heads, kv_tally=kv), head_skipping(model, mode):
                     out[f"heads_{mode}"] = {"perplexity": perplexity(), "sparsity": heads.sparsity(all_reduce)}
                 if mode == "kv_skipped":  # what an engine can leave out of the cache: whole KV heads only
                     out[f"heads_{mode}"].update(kv_policy="per KV head: an entry is skipped only when every query "
                                                 "head sharing it is dropped", kv_sparsity=kv.sparsity(all_reduce))
+    if prompt is not None:
+        out.update(prompt_eval(model, batches, device, prompt, exact_zeros, silu_active_fraction, all_reduce))
     return out

@@ -6,19 +6,30 @@ best way: per token, keep the neurons with the largest contribution |a_j| * ||W_
 computing them all, so no real predictor reaches it) — the gap is what better predictors could still win. The best
 masks never keep an inactive neuron, so where the predictor keeps more neurons than are active they skip more
 (`best_skipped`) and are exact. With head predictors, the global head threshold is swept with KV entries written
-and not written.
+and not written. With `prompt` masks, each point also has the prompt-derived masks keeping the same fraction of
+neurons (`prompt_skipped`, `perplexity_prompt`), measured on the continuation tokens, whose dense perplexity is
+`prompt.dense_continuation`.
 """
 
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sparsetune.dynamic.head_skipping import head_skipping
-from sparsetune.evaluation.dynamic import _head_masks, _KeptFraction, _mlp_override, predicted_mask
+from sparsetune.evaluation.dynamic import (
+    KeptFraction,
+    PromptMasks,
+    best_mask,
+    continuation_batches,
+    head_masks,
+    mlp_override,
+    predicted_mask,
+    prompt_override,
+)
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.models.structure import sparse_mlps
 from sparsetune.predictors.bank import PredictorBank, down_norm_reader
@@ -27,50 +38,48 @@ from sparsetune.predictors.calibration import calibrate_thresholds
 HEAD_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # sigmoid values
 
 
-def best_mask(keep_fraction: float):
-    """Per token, the ceil(keep_fraction * m) neurons of largest output contribution (active ones only)."""
-
-    def choose(mlp, x):
-        gate, up, down = mlp.projections()
-        a = mlp.activation(gate(x), up(x))
-        importance = a.abs().float() * down.weight.detach().float().norm(dim=0)
-        k = max(1, min(a.shape[-1], math.ceil(keep_fraction * a.shape[-1])))
-        keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, importance.topk(k, dim=-1).indices, True)
-        return keep & (a != 0)
-
-    return choose
-
-
 @torch.no_grad()
 def predictor_sweep(model, bank: PredictorBank, batches: list[dict], calibration: list[dict], device,
-                    targets, kind: str = "mass_recall", all_reduce=None) -> dict:
-    """{'dense', 'neurons': [points], 'heads': [points]}; the bank's thresholds are restored afterwards."""
+                    targets, kind: str = "mass_recall", all_reduce=None,
+                    prompt: PromptMasks | None = PromptMasks()) -> dict:
+    """{'dense', 'neurons': [points], 'heads': [points], 'prompt'}; the bank's thresholds are restored afterwards.
+    `prompt` gives the prompt length of the prompt-mask curve (its keep / mass are set per point); None: no curve."""
     saved = (bank.layer_thresholds, bank.calibration, bank.down_norms, bank.cfg.threshold)
     bank.down_norms = down_norm_reader(sparse_mlps(model))
 
-    def perplexity() -> float:
-        return evaluate(model, batches, None, device, all_reduce=all_reduce)["perplexity"]
+    def perplexity(on: list[dict] = batches) -> float:
+        return evaluate(model, on, None, device, all_reduce=all_reduce)["perplexity"]
 
     out = {"kind": kind, "dense": perplexity(), "neurons": [], "heads": []}
+    continuation = continuation_batches(batches, prompt) if prompt is not None else None
+    if prompt is not None:
+        out["prompt"] = {"prompt_fraction": prompt.fraction, "dense_continuation": perplexity(continuation),
+                         "tokens": "continuation (after the prompt) only"}
     try:
         for target in targets:
             calibrate_thresholds(model, bank, calibration, device, target, kind)
-            tally = _KeptFraction()
-            with _mlp_override(model, predicted_mask(bank), tally):
+            tally = KeptFraction()
+            with mlp_override(model, predicted_mask(bank), tally):
                 ppl = perplexity()
             skipped = tally.sparsity(all_reduce)
-            best = _KeptFraction()
-            with _mlp_override(model, best_mask(1.0 - skipped), best):
+            best = KeptFraction()
+            with mlp_override(model, best_mask(1.0 - skipped), best):
                 best_ppl = perplexity()
-            out["neurons"].append({"target": target, "skipped": skipped, "perplexity_predicted": ppl,
-                                   "best_skipped": best.sparsity(all_reduce), "perplexity_best": best_ppl})
+            point = {"target": target, "skipped": skipped, "perplexity_predicted": ppl,
+                     "best_skipped": best.sparsity(all_reduce), "perplexity_best": best_ppl}
+            if prompt is not None:  # the prompt's neurons, as many as the predictor keeps
+                kept = KeptFraction()
+                with prompt_override(model, replace(prompt, keep=1.0 - skipped, mass=None), kept):
+                    point["perplexity_prompt"] = perplexity(continuation)
+                point["prompt_skipped"] = kept.sparsity(all_reduce)
+            out["neurons"].append(point)
         if bank.heads is not None:
             for t in HEAD_THRESHOLDS:
                 bank.cfg.threshold = t
                 point = {"threshold": t}
                 for mode in ("kv_written", "kv_skipped"):
-                    heads = _KeptFraction()
-                    with _head_masks(model, bank, tally=heads), head_skipping(model, mode):
+                    heads = KeptFraction()
+                    with head_masks(model, bank, tally=heads), head_skipping(model, mode):
                         point[f"perplexity_{mode}"] = perplexity()
                     point["skipped"] = heads.sparsity(all_reduce)
                 out["heads"].append(point)
@@ -80,11 +89,13 @@ def predictor_sweep(model, bank: PredictorBank, batches: list[dict], calibration
 
 
 SWEEP_COLUMNS = ["target", "skipped", "perplexity_predicted", "best_skipped", "perplexity_best"]
+PROMPT_COLUMNS = ["prompt_skipped", "perplexity_prompt"]
 
 
 def sweep_table(sweep: dict) -> tuple[list[str], list[list]]:
-    """The neuron points as a W&B table."""
-    return SWEEP_COLUMNS, [[p[c] for c in SWEEP_COLUMNS] for p in sweep["neurons"]]
+    """The neuron points as a W&B table (with the prompt-mask columns when the sweep has them)."""
+    columns = SWEEP_COLUMNS + (PROMPT_COLUMNS if "prompt" in sweep else [])
+    return columns, [[p.get(c) for c in columns] for p in sweep["neurons"]]
 
 
 def write_sweep(sweep: dict, stem: Path, title: str) -> tuple[Path, Path | None]:
@@ -105,6 +116,12 @@ def write_sweep(sweep: dict, stem: Path, title: str) -> tuple[Path, Path | None]
             label=f"MLP neurons, predicted ({sweep['kind']} targets)")
     ax.plot([p["best_skipped"] for p in pts], [p["perplexity_best"] for p in pts], "s--",
             label="MLP neurons, best possible (largest contributions)")
+    if "prompt" in sweep:
+        ax.plot([p["prompt_skipped"] for p in pts], [p["perplexity_prompt"] for p in pts], "D-.", color="tab:red",
+                label=f"MLP neurons, prompt-derived masks (continuation tokens, prompt "
+                      f"{sweep['prompt']['prompt_fraction']:.0%})")
+        ax.axhline(sweep["prompt"]["dense_continuation"], color="tab:red", lw=0.8, ls=":",
+                   label="dense, continuation tokens")
     for mode, marker in (("kv_written", "^:"), ("kv_skipped", "v:")):
         if sweep["heads"]:
             ax.plot([p["skipped"] for p in sweep["heads"]], [p[f"perplexity_{mode}"] for p in sweep["heads"]],

@@ -21,6 +21,7 @@ from sparsetune.predictors.labels import balanced_bce, focal, head_norms, neuron
 from sparsetune.predictors.metrics import ConfusionCounts
 from sparsetune.predictors.networks import build_predictors
 from sparsetune.recipe.schema import PredictorSection
+from sparsetune.sparsity.cett import contributions
 
 
 class PredictorBank(nn.Module):
@@ -94,9 +95,7 @@ class PredictorBank(nn.Module):
 
     def neuron_importance(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         """Each neuron's contribution to the MLP output: |a_j| * ||W_down[:, j]|| (|a_j| without the norms)."""
-        importance = a.detach().abs().float()
-        norms = self.down_norms(layer) if self.down_norms is not None else None
-        return importance if norms is None else importance * norms
+        return contributions(a, self.down_norms(layer) if self.down_norms is not None else None)
 
     def observe_mlp(self, layer: int, a: torch.Tensor, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         labels = neuron_labels(a.detach(), self.exact_zeros, self.cfg.silu_active_fraction)
