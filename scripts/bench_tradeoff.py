@@ -53,6 +53,14 @@ VARIANTS = {
     "drelu_l1": ("dReLU + progressive L1", ("train", ["relufy.activation=drelu", *PROSPARSE])),
     "topk10": ("top-k 10% (straight-through)", ("train", ["relufy.activation=topk", "relufy.top_k_fraction=0.1",
                                                           "regularizer.type=none"])),
+    # issue 13: a dense per-layer signal (layer-wise MLP distillation) and conversions to exact zeros without a sort
+    "relu_l1_mlp_shift": ("ReLU + progressive L1 + MLP distillation + FATReLU shift (CETT 0.1)",
+                          ("train", ["relufy.activation=relu", *PROSPARSE, "distill.mlp_weight=1.0",
+                                     "thresholds.cett=0.1", "thresholds.at_fraction=1.0"])),
+    "topk10_mlp_cats": ("top-k 10% + MLP distillation -> CATS 88% at half-way + recovery",
+                        ("train", ["relufy.activation=topk", "relufy.top_k_fraction=0.1", "regularizer.type=none",
+                                   "distill.mlp_weight=1.0", "thresholds.target_sparsity=0.88",
+                                   "thresholds.at_fraction=0.5"])),
 }
 
 
@@ -91,7 +99,7 @@ def measure(target: str, activation, target_sparsity, data_path, batches: int, a
                  limit=args.limit) if args is not None else {}
     result = run_eval(EvalArgs(target, data=data_path, seq_len=256, batches=batches, batch_size=2,
                                activation=activation, target_sparsity=target_sparsity, **tasks))
-    keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer")
+    keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer", "cett_sparsity")
     held = {k: result.held_out[k] for k in keep if k in result.held_out}
     return held, (result.downstream["tasks"] if result.downstream else None)
 
@@ -144,9 +152,9 @@ def results_budget(results: dict) -> str:
 
 def table(results: dict) -> str:
     tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("downstream", {}).get("tasks", {})))
-    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | legal perplexity "
-             "| legal sparsity | train time |" + "".join(f" {t} acc |" for t in tasks),
-             "| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
+    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | CETT sparsity 1% / 20% "
+             "| legal perplexity | legal sparsity | train time |" + "".join(f" {t} acc |" for t in tasks),
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
     for res in results.values():
         code, legal = res["eval"]["code-docs"], res["eval"]["legal"]
         def sp(m):
@@ -156,8 +164,15 @@ def table(results: dict) -> str:
         scores = res.get("downstream", {}).get("tasks", {})
         accs = "".join(f" {acc(scores.get(task))} |" for task in tasks)
         lines.append(f"| {res['label']} | {res.get('train_tokens', 0):,} | {code['perplexity']:.2f} | {sp(code)} | "
-                     f"{legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
+                     f"{cett_cell(code)} | {legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
     return "\n".join(lines) + "\n"
+
+
+def cett_cell(m: dict) -> str:
+    """Effective sparsity at 1% and 20% relative MLP-output error (CETT), or '-' when not measured."""
+    c = m.get("cett_sparsity") or {}
+    lo, hi = c.get("0.01"), c.get("0.2")
+    return "-" if lo is None or hi is None else f"{100 * lo:.1f}% / {100 * hi:.1f}%"
 
 
 def acc(scores: dict | None) -> str:
@@ -194,6 +209,10 @@ def main() -> None:
     legal = str(legal_text(args.out))
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    published = args.docs / "tradeoff.json"
+    if not results and published.is_file():  # the measured record: variants not asked for again keep their numbers
+        results = json.loads(published.read_text())["results"]
+        print(f"reusing {len(results)} measured variants from {published} (rerun one with --only NAME)", flush=True)
     start = time.time()
     for name in names:
         label, how = VARIANTS[name]

@@ -50,6 +50,10 @@ def print_eval(result: EvalResult) -> None:
             dyn.add_row(mode, f"{values['perplexity']:.3f}", "-" if sp is None else f"{sp:.2%}")
         console.print(dyn)
         kv = result.dynamic.get("heads_kv_skipped", {})
+        pred = result.dynamic.get("predicted", {})
+        if pred.get("recall") is not None:
+            console.print(f"predicted masks on these tokens: recall {pred['recall']:.2%}, mass recall "
+                          f"{pred['mass_recall']:.2%}")
         if "kv_policy" in kv:
             console.print(f"heads_kv_skipped: KV entries skipped {kv['kv_sparsity']:.2%} ({kv['kv_policy']})")
         if result.decode is not None:

@@ -50,6 +50,33 @@ class KeptFraction:
         return 1.0 - kept / total if total else None
 
 
+class MaskRecall:
+    """Recall and mass recall of the masks a mode applies, on the tokens it is measured on: the share of truly
+    active neurons kept, and the share of their output contribution |a_j| * ||W_down[:, j]|| the kept ones carry."""
+
+    def __init__(self, exact_zeros: bool, active_fraction: float):
+        self.exact_zeros, self.active_fraction = exact_zeros, active_fraction
+        self.sums = torch.zeros(4, dtype=torch.float64)  # kept active, active, kept mass, mass
+
+    def scored(self, choose_mask):
+        def choose(mlp, x):
+            keep = choose_mask(mlp, x)
+            if keep is not None:
+                g, u, _ = mlp.projections()
+                a = mlp.activation(g(x), u(x))
+                active = neuron_labels(a, self.exact_zeros, self.active_fraction)
+                mass = neuron_contributions(mlp, a) * active
+                self.sums += torch.tensor([float((keep & active).sum()), float(active.sum()),
+                                           float((mass * keep).sum()), float(mass.sum())], dtype=torch.float64)
+            return keep
+        return choose
+
+    def summary(self, all_reduce=None) -> dict:
+        sums = all_reduce(self.sums.clone()) if all_reduce is not None else self.sums
+        kept, active, kept_mass, mass = (float(v) for v in sums)
+        return {"recall": kept / active if active else None, "mass_recall": kept_mass / mass if mass else None}
+
+
 def neuron_contributions(mlp: SparseMLP, a: torch.Tensor) -> torch.Tensor:
     """Each neuron's contribution to the MLP output, |a_j| * ||W_down[:, j]|| (`sparsity.cett.contributions`)."""
     return contributions(a, mlp.projections()[2].weight.detach().float().norm(dim=0))
@@ -245,9 +272,10 @@ def dynamic_eval(model, bank: PredictorBank | None, batches, device, exact_zeros
     with mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally):
         out["oracle"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
     if bank is not None:
-        tally = KeptFraction()
-        with mlp_override(model, predicted_mask(bank), tally):
-            out["predicted"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
+        tally, scores = KeptFraction(), MaskRecall(exact_zeros, silu_active_fraction)
+        with mlp_override(model, scores.scored(predicted_mask(bank)), tally):
+            out["predicted"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce),
+                                **scores.summary(all_reduce)}
         if bank.heads is not None:
             for mode in ("kv_written", "kv_skipped"):
                 heads, kv = KeptFraction(), KeptFraction() if mode == "kv_skipped" else None

@@ -55,7 +55,7 @@ def predictor_metrics(prefix: str, pred: dict, dyn: dict | None) -> dict:
                 out[f"{prefix}/predictor_{kind}_layer/{key}/{i:02d}"] = layer[key]
     for mode, values in (dyn or {}).items():
         out[f"{prefix}/dynamic/{mode}/perplexity"] = values["perplexity"]
-        for key in ("sparsity", "kv_sparsity"):  # kv_sparsity: KV entries left out (per KV head, under GQA)
+        for key in ("sparsity", "kv_sparsity", "recall", "mass_recall"):  # kv_sparsity: per KV head
             if values.get(key) is not None:
                 out[f"{prefix}/dynamic/{mode}/{key}"] = values[key]
     return out

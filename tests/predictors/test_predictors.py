@@ -106,6 +106,9 @@ def test_predictor_learns_a_planted_pattern_and_reproduces_oracle_perplexity(pla
     assert dyn["oracle"]["perplexity"] == pytest.approx(dyn["dense"]["perplexity"], rel=1e-5)
     assert dyn["continuation_oracle"]["perplexity"] == pytest.approx(dyn["continuation_dense"]["perplexity"], rel=1e-5)
     assert abs(dyn["predicted"]["perplexity"] - dyn["oracle"]["perplexity"]) / dyn["oracle"]["perplexity"] < 0.02
+    # recall of the masks actually applied, on the same held-out tokens: close to the run's own evaluation
+    assert dyn["predicted"]["recall"] == pytest.approx(spec["metrics"]["neurons"]["mean"]["recall"], abs=0.03)
+    assert dyn["predicted"]["recall"] <= dyn["predicted"]["mass_recall"] + 0.05 and dyn["predicted"]["mass_recall"] <= 1
     # end-to-end sparse decoding from the export: only predicted neurons computed, same greedy text
     assert main(["eval", str(out), "--generate", "16", "--batches", "2", "--batch-size", "8",
                  "--json", str(tmp_path / "gen.json")]) == 0
