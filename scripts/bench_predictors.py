@@ -7,7 +7,8 @@
 Variants (each trained with `sparsetune train recipes/predicted_sparsity.yaml` plus overrides; a finished variant is
 reused, an interrupted one continues with --resume):
 
-  full            importance-weighted labels, mask-aware last 30% of steps, thresholds calibrated to 99% mass recall
+  full            the recipe as shipped: importance-weighted labels, mask-aware last 40% of the model steps, 120
+                  predictor-only steps, thresholds calibrated to 98.5% mass recall
   no_importance   plain class-balanced BCE (predictor.label_weighting=none)
   no_mask_aware   no mask-aware phase (predictor.mask_aware_fraction=0)
 
