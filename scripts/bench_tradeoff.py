@@ -129,7 +129,7 @@ def plot(results: dict, path: Path) -> None:
             marker = "o" if trained else ("s" if name.startswith("cats") else "^")
             ax.scatter(100 * m.get("sparsity", 0.0), m["perplexity"], marker=marker, s=60,
                        color="tab:green" if trained else "tab:gray")
-            ax.annotate(res["label"], (100 * m.get("sparsity", 0.0), m["perplexity"]), fontsize=7,
+            ax.annotate(name, (100 * m.get("sparsity", 0.0), m["perplexity"]), fontsize=7,  # labels: docs table
                         xytext=(4, 3), textcoords="offset points")
         dense_ft = results.get("dense_ft", {}).get("eval", {}).get(domain)
         if dense_ft:
@@ -158,7 +158,7 @@ def table(results: dict) -> str:
     lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | CETT sparsity 1% / 20% "
              "| legal perplexity | legal sparsity | train time |" + "".join(f" {t} acc |" for t in tasks),
              "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
-    for res in results.values():
+    for name, res in results.items():
         code, legal = res["eval"]["code-docs"], res["eval"]["legal"]
         def sp(m):
             s = f"{100 * m.get('sparsity', 0.0):.1f}%"
@@ -166,7 +166,8 @@ def table(results: dict) -> str:
         t = f"{res['train_seconds'] / 60:.1f} min" if res["kind"] == "train" else "-"
         scores = res.get("downstream", {}).get("tasks", {})
         accs = "".join(f" {acc(scores.get(task))} |" for task in tasks)
-        lines.append(f"| {res['label']} | {res.get('train_tokens', 0):,} | {code['perplexity']:.2f} | {sp(code)} | "
+        lines.append(f"| {res['label']} (`{name}`) | {res.get('train_tokens', 0):,} | {code['perplexity']:.2f} | "
+                     f"{sp(code)} | "
                      f"{cett_cell(code)} | {legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
     return "\n".join(lines) + "\n"
 
@@ -194,6 +195,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_tradeoff")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--replot", action="store_true",
+                   help="only rewrite tradeoff.md / tradeoff.png from DOCS/tradeoff.json (nothing is measured)")
     p.add_argument("--tasks", default=None, metavar="T1,T2,...",
                    help="lm-evaluation-harness tasks scored per variant (one accuracy column each; needs lm-eval; the "
                         "harness's own tasks need internet)")
@@ -202,6 +205,12 @@ def main() -> None:
     p.add_argument("--limit", type=float, default=None,
                    help="examples per task (a fraction when < 1); the whole task by default")
     args = p.parse_args()
+    if args.replot:
+        published = json.loads((args.docs / "tradeoff.json").read_text())["results"]
+        (args.docs / "tradeoff.md").write_text(table(published))
+        plot(published, args.docs / "tradeoff.png")
+        print(f"rewrote {args.docs / 'tradeoff.md'} and tradeoff.png from tradeoff.json")
+        return
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
     names = args.only.split(",") if args.only else list(VARIANTS)
