@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,12 @@ def read_wandb_run(run_folder: Path) -> dict:
     return {"run_ids": [r["run"]["run_id"] for r in records if r["type"] == "run"],
             "history": [r["history"]["item"] for r in records if r["type"] == "history"]}
 
+
+def one_error(capsys, code: int, pattern: str) -> str:
+    """The command exited 2 with exactly one `error:` line matching `pattern` and no traceback."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err[-2000:]
+    return lines[0]

@@ -1,25 +1,17 @@
 """`sparsetune eval --tasks`: lm-evaluation-harness scores the model sparsetune loaded, offline, on a local task."""
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from sparsetune.cli import main
+from tests.e2e_helpers import one_error
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"  # sparsetune_tiny_mc: 20 made-up questions, 2 to 4 choices
 TASK = "sparsetune_tiny_mc"
 
-
-def _one_error(capsys, code: int, pattern: str) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    assert len(lines) == 1 and re.search(pattern, lines[0]), err[-2000:]
-    return lines[0]
 
 
 def test_local_task_through_the_cli(tiny_model_dirs, tmp_path, monkeypatch, capsys):
@@ -77,12 +69,12 @@ def test_scores_follow_the_model(tiny_model_dirs):
 
 def test_bad_input_is_one_line(tiny_model_dirs, tmp_path, monkeypatch, capsys):
     model = str(tiny_model_dirs["llama"])
-    line = _one_error(capsys, main(["eval", model, "--tasks", "sparsetune_tiny_mcq", "--include-path", str(TASKS)]),
+    line = one_error(capsys, main(["eval", model, "--tasks", "sparsetune_tiny_mcq", "--include-path", str(TASKS)]),
                       r"unknown lm-eval task 'sparsetune_tiny_mcq' \(did you mean sparsetune_tiny_mc")
     assert "--include-path" in line and "internet" in line
-    _one_error(capsys, main(["eval", model, "--tasks", TASK, "--include-path", str(tmp_path / "nope")]),
+    one_error(capsys, main(["eval", model, "--tasks", TASK, "--include-path", str(tmp_path / "nope")]),
                r"--include-path: no such folder: .*nope")
-    _one_error(capsys, main(["eval", model, "--limit", "5"]), r"--limit apply with --tasks only")
+    one_error(capsys, main(["eval", model, "--limit", "5"]), r"--limit apply with --tasks only")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
-    _one_error(capsys, main(["eval", model, "--tasks", TASK, "--include-path", str(TASKS)]),
+    one_error(capsys, main(["eval", model, "--tasks", TASK, "--include-path", str(TASKS)]),
                r"needs lm-evaluation-harness, which is not installed .*pip install lm-eval")

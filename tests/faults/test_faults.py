@@ -19,21 +19,12 @@ import torch
 
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
-from tests.e2e_helpers import run_cli, train_logs, train_steps, train_tiny
+from tests.e2e_helpers import one_error, run_cli, train_logs, train_steps, train_tiny
 
 pytestmark = pytest.mark.e2e
 
 QUIET = ["train.eval_every=0", "wandb.mode=disabled"]
 
-
-def one_error(capsys, code: int, pattern: str) -> str:
-    """The command exited 2 with exactly one `error:` line matching `pattern` and no traceback."""
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    assert len(lines) == 1 and re.search(pattern, lines[0]), err[-2000:]
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:
