@@ -13,7 +13,6 @@ TASKS = Path(__file__).parent / "lm_eval_tasks"  # sparsetune_tiny_mc: 20 made-u
 TASK = "sparsetune_tiny_mc"
 
 
-
 def test_local_task_through_the_cli(tiny_model_dirs, tmp_path, monkeypatch, capsys):
     # Another working directory: the task finds its data beside its YAML, not relative to where eval runs.
     monkeypatch.chdir(tmp_path)
