@@ -26,7 +26,6 @@ pytestmark = pytest.mark.e2e
 QUIET = ["train.eval_every=0", "wandb.mode=disabled"]
 
 
-
 def snapshot(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` by relative path (what "nothing was lost" is checked against)."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
