@@ -15,12 +15,15 @@ from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
+from sparsetune.checkpoint.locks import RUN_LOCK
 from sparsetune.errors import SparsetuneError
 
 RUN_MARKER = "sparsetune-run.json"
 # Everything a run writes at its top level; --overwrite removes these and nothing else.
-RUN_ENTRIES = (RUN_MARKER, "recipe.yaml", "metrics.jsonl", "tradeoff.csv", "tradeoff.png", "checkpoints", "wandb",
-               "eval.json", "eval-sweep.json", "eval-sweep.png", "sweep.json", "sweep.png")
+# The marker comes last: a kill while clearing leaves a marked folder that --overwrite can clear again.
+RUN_ENTRIES = ("recipe.yaml", "recipe-history.jsonl", "metrics.jsonl", "tradeoff.csv", "tradeoff.png", "checkpoints",
+               "wandb", "eval.json", "eval-sweep.json", "eval-sweep.png", "sweep.json", "sweep.png",
+               RUN_MARKER)
 EXPORT_MARKER = "sparsetune.json"
 
 
@@ -42,7 +45,7 @@ def inspect_run_folder(run_dir: Path) -> RunFolder:
         return RunFolder.ABSENT
     if not run_dir.is_dir():
         raise SparsetuneError(f"output_dir {run_dir} exists and is not a folder")
-    entries = [p.name for p in run_dir.iterdir()]
+    entries = [p.name for p in run_dir.iterdir() if p.name != RUN_LOCK]  # the lock alone: left by a kill
     if not entries:
         return RunFolder.EMPTY
     if RUN_MARKER in entries:
@@ -52,8 +55,21 @@ def inspect_run_folder(run_dir: Path) -> RunFolder:
     return RunFolder.FOREIGN
 
 
+def resolve_link(path: Path, what: str, notice: Callable[[str], None] | None = None) -> Path:
+    """A symlinked output folder is judged and written by what it points to (a dangling link: a new folder
+    there). The path as given otherwise."""
+    path = Path(path)
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if notice is not None:
+        notice(f"{what} {path} is a symlink; using its target {target}"
+               + ("" if target.exists() else " (absent: it will be created)"))
+    return target
+
+
 def foreign_error(run_dir: Path, why: str) -> SparsetuneError:
-    entries = [p.name for p in run_dir.iterdir()]
+    entries = [p.name for p in run_dir.iterdir() if p.name != RUN_LOCK]
     return SparsetuneError(f"output_dir {run_dir} {why}: it holds files sparsetune did not create "
                            f"({_listing(entries)}) and no {RUN_MARKER}; choose a new or empty output_dir")
 
@@ -76,7 +92,7 @@ def clear_run(run_dir: Path, notice: Callable[[str], None]) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    kept = [p.name for p in run_dir.iterdir()]
+    kept = [p.name for p in run_dir.iterdir() if p.name != RUN_LOCK]
     if kept:
         notice(f"--overwrite: removed the previous run from {run_dir}; kept what the run did not write: "
                f"{_listing(kept)}")
@@ -120,7 +136,9 @@ def check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
-    """Put the finished `tmp` folder at `out`, replacing a previous export whole (checked by check_export_target)."""
+    """Put the finished `tmp` folder at `out`, replacing a previous export whole (checked by check_export_target).
+    A kill between the two renames leaves the previous export as `.<name>.old<pid>`: the next export into `out`
+    puts it back first (clean_export_debris)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         old = out.with_name(f".{out.name}.old{os.getpid()}")
@@ -129,3 +147,22 @@ def replace_folder(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+def clean_export_debris(out: Path, notice: Callable[[str], None]) -> None:
+    """Before an export into `out` (under its lock): restore a previous export a kill left in `.<name>.old*` when
+    `out` is missing, and remove the unfinished `.<name>.tmp*` copies of killed exports."""
+    if not out.parent.is_dir():
+        return
+    olds = sorted(out.parent.glob(f".{out.name}.old*"))
+    if olds and not out.exists():
+        os.replace(olds[0], out)
+        notice(f"export: restored the previous export {out} from {olds[0].name} (an earlier export was stopped "
+               "while replacing it)")
+        olds = olds[1:]
+    debris = [*olds, *out.parent.glob(f".{out.name}.tmp*")]
+    for path in debris:
+        shutil.rmtree(path, ignore_errors=True)
+    if debris:
+        notice(f"export: removed {len(debris)} unfinished copy(ies) left by a stopped export: "
+               f"{_listing([d.name for d in debris])}")

@@ -15,12 +15,23 @@ from sparsetune.recipe.schema import Recipe
 
 # Keys whose change would make the saved state meaningless: other weights, other training rows or data order
 # (every data key decides which rows are trained on: the held-out split is cut out of the same documents), or
-# predictors of another shape than the saved ones.
+# predictors of another shape than the saved ones. `output_dir` is not one: a run folder moved or copied
+# elsewhere resumes there (with a notice).
 FIXED_KEYS = (
     "model.path", "model.dtype", "model.revision", "relufy", "peft", "data", "train.seed", "train.micro_batch_size",
-    "train.grad_accum_steps", "output_dir", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
+    "train.grad_accum_steps", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
     "predictor.lookahead", "predictor.heads", "predictor.head_rank", "predictor.output_bias",
 )
+# Changed keys that resume applies to restored state (optimizer hyper-parameters, the LR schedule), and how.
+APPLIED_ON_RESUME = {
+    "train.lr": "set on the restored optimizer and LR schedule",
+    "train.weight_decay": "set on the restored optimizer",
+    "train.adam_beta1": "set on the restored optimizer",
+    "train.adam_beta2": "set on the restored optimizer",
+    "train.max_steps": "the cosine LR schedule is re-stretched to the new length from the current step",
+    "train.lr_warmup_steps": "the LR schedule is recomputed from the current step",
+    "predictor.lr": "set on the restored predictor optimizer",
+}
 
 
 def _flatten(obj, prefix: str = "") -> dict:
@@ -41,8 +52,10 @@ def recipe_changes(saved: Recipe, current: Recipe) -> tuple[list[str], list[str]
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key) or key == "description":
             continue
-        if key == "output_dir" and Path(old[key]).resolve() == Path(new[key]).resolve():
-            continue  # the same folder written relative and absolute
+        if key == "output_dir":
+            if Path(old[key]).resolve() != Path(new[key]).resolve():
+                notices.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+            continue  # the same folder written relative and absolute, or a moved run folder
         change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         if any(key == f or key.startswith(f + ".") for f in FIXED_KEYS):
             errors.append(change)
@@ -71,6 +84,7 @@ class RunPlan:
 
     resume_from: Path | None = None
     clear: bool = False
+    restart: bool = False  # --resume of a run stopped before its first checkpoint: the same run from step 0
 
 
 def plan_output_dir(run_dir: Path, resume: bool | str | None, overwrite: bool, report) -> RunPlan:
@@ -97,6 +111,10 @@ def plan_output_dir(run_dir: Path, resume: bool | str | None, overwrite: bool, r
             return RunPlan()
         if state is RunFolder.FOREIGN:
             raise foreign_error(run_dir, "holds no sparsetune run to resume")
+        if state is RunFolder.RUN and not skipped and not CheckpointStore(run_dir).folders() and not explicit:
+            report(f"--resume: {run_dir} holds a run stopped before its first checkpoint; starting it again from "
+                   "step 0 (same recipe and seed)")
+            return RunPlan(clear=True, restart=True)
         damaged = "; ".join(s.removeprefix("skipping damaged checkpoint ") for s in skipped) or "none were written"
         raise SparsetuneError(
             f"--resume: no usable checkpoint in {run_dir}/checkpoints ({damaged}); nothing was deleted: repair or "
@@ -123,7 +141,10 @@ def check_process_count(ckpt: Path, num_processes: int, sharded_optimizer: bool)
             f"{num_processes}; relaunch with --num-processes {saved}")
 
 
-def check_recipe(ckpt: Path, current: Recipe, report) -> None:
+def check_recipe(ckpt: Path, current: Recipe, report) -> list[str]:
+    """Refuse changes the checkpoint cannot follow (one line naming the keys); report the others with what resume
+    does with them. Returns the applied changes (for the run's recipe history). `ckpt`: a checkpoint folder, or a
+    run folder whose recipe.yaml is the run's (a restart before the first checkpoint)."""
     saved = read_recipe(ckpt)
     if current.relufy.activation == "cats" == saved.relufy.activation and current.relufy.thresholds is None:
         current.relufy.thresholds = saved.relufy.thresholds  # calibrated at the run's start: reuse them
@@ -134,9 +155,13 @@ def check_recipe(ckpt: Path, current: Recipe, report) -> None:
             "restore these keys or start a new run in another output_dir"
         )
     for change in notices:
-        extra = (" (the cosine LR schedule is re-stretched to the new length)"
-                 if change.startswith("train.max_steps") else "")
-        report(f"resume: using the new value of {change}{extra}")
+        key = change.split(":", 1)[0]
+        if key == "output_dir":
+            report(f"resume: the run folder moved ({change.split(': ', 1)[1]}); continuing in the new place")
+            continue
+        how = APPLIED_ON_RESUME.get(key)
+        report(f"resume: using the new value of {change}" + (f" ({how})" if how else ""))
+    return notices
 
 
 def read_weights(folder: Path) -> dict:

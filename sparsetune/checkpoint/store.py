@@ -25,7 +25,7 @@ from pathlib import Path
 MARKER = "checkpoint.json"
 LATEST = "latest"
 ABANDONED = "abandoned"
-_NAME = re.compile(r"^step-(\d{8})$")
+_NAME = re.compile(r"^step-(\d{8,})$")  # zero-padded to 8 digits; longer past 10^8 steps
 
 
 def step_of(folder: Path) -> int:
@@ -107,7 +107,7 @@ class CheckpointStore:
         """All step folders directly under checkpoints/, oldest first (complete or not, in the lineage or not)."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=step_of)
 
     def latest_name(self) -> str | None:
         """The folder `latest` names, when it holds a well-formed name."""
@@ -121,7 +121,10 @@ class CheckpointStore:
         """Step folders up to and including `latest` (all of them when there is no pointer), oldest first."""
         latest = self.latest_name()
         folders = self.folders()
-        return folders if latest is None else [f for f in folders if f.name <= latest]
+        if latest is None:
+            return folders
+        last = int(_NAME.match(latest).group(1))
+        return [f for f in folders if step_of(f) <= last]
 
     def latest_complete(self, report: Callable[[str], None] | None = None, verify: bool = True) -> Path | None:
         """Newest usable checkpoint of the lineage; damaged ones are reported (one line each) and skipped."""
@@ -193,9 +196,36 @@ class CheckpointStore:
         """Keep the newest `keep` complete checkpoints of the lineage; abandoned/ and damaged folders stay."""
         complete = [f for f in self.lineage() if checkpoint_problem(f, verify=False) is None]
         for folder in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(folder, ignore_errors=True)
+            # renamed first: a kill during the deletion leaves a `.del-` folder, never a half-deleted checkpoint
+            doomed = self.root / f".del-{folder.name}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
+
+    def clean_debris(self, report: Callable[[str], None]) -> None:
+        """What killed runs left (main process, under the run's lock, before a run writes anything): unfinished
+        `.tmp-` checkpoints and `.del-` folders of an interrupted pruning are removed; a checkpoint a kill left as
+        `.old-` while it was being replaced is put back when its step folder is missing."""
+        if not self.root.is_dir():
+            return
+        removed, restored = [], []
+        for old in sorted(self.root.glob(".old-step-*")):
+            final = self.root / old.name.removeprefix(".old-")
+            if not final.exists() and checkpoint_problem(old, verify=False) is None:
+                os.replace(old, final)
+                restored.append(final.name)
+        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".del-*"), *self.root.glob(".old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale.name)
+        for name in self.root.glob(f".{LATEST}.tmp*"):
+            name.unlink(missing_ok=True)
+        if restored:
+            report(f"put back checkpoint(s) {', '.join(restored)} that a stopped run left while replacing them")
+        if removed:
+            report(f"removed {len(removed)} unfinished folder(s) a stopped run left in {self.root}: "
+                   f"{', '.join(sorted(removed)[:4])}" + (" ..." if len(removed) > 4 else ""))
 
 
 def resolve_checkpoint(path: Path) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sparsetune.checkpoint.parts import CheckpointPart
+from sparsetune.checkpoint.storage import first_line, storage_failure
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.errors import SparsetuneError
 
@@ -27,11 +28,13 @@ class Checkpointer:
     def save(self, parts: list[CheckpointPart], step: int, keep: int, meta: dict,
              before_error: Callable[[], None]) -> Path | None:
         """Write checkpoint `step`; the committed folder on the main process (None elsewhere)."""
-        error: OSError | None = None
+        # Any exception of a write is caught (torch reports a full disk as RuntimeError, safetensors as
+        # SafetensorError), so the unfinished folder is always removed and every rank stops together.
+        error: Exception | None = None
         try:
             if self.is_main:
                 self.store.begin(step)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001
             error = exc
         self.accelerator.wait_for_everyone()
         tmp = self.store.tmp_for(step)
@@ -40,31 +43,32 @@ class Checkpointer:
                 continue
             try:
                 part.save(tmp)  # a collective part runs on every rank even after this rank failed a write
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001
                 error = error or exc
         self._stop_if_failed(error, step, before_error)
         path = None
         try:
             if self.is_main:
                 path = self.store.commit(step, keep=keep, meta=meta)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001
             error = exc
         self._stop_if_failed(error, step, before_error)
         self.accelerator.wait_for_everyone()
         return path
 
-    def _stop_if_failed(self, error: OSError | None, step: int, before_error: Callable[[], None]) -> None:
+    def _stop_if_failed(self, error: Exception | None, step: int, before_error: Callable[[], None]) -> None:
         if not self.any_rank(error is not None):
             return
         if self.is_main:
             self.store.discard(step)
         previous = self.store.latest_name() or "none yet"
-        what = (f"{error.strerror or error} ({error.filename})" if error is not None and error.filename
-                else str(error) if error is not None else "another process failed to write its part")
+        storage = storage_failure(error, self.store.tmp_for(step)) if error is not None else None
+        what = (storage or first_line(error) if error is not None else "another process failed to write its part")
+        fix = "free space and continue" if storage and "space" in storage.lower() else "fix that and continue"
         before_error()
         raise SparsetuneError(
             f"could not write checkpoint step {step} in {self.store.root}: {what}; the previous checkpoint "
-            f"({previous}) and checkpoints/latest are intact; free space and continue with: "
+            f"({previous}) and checkpoints/latest are intact (the unfinished copy was removed); {fix} with: "
             f"{self.resume_command} --resume")
 
     @staticmethod

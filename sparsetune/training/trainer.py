@@ -7,8 +7,8 @@ strategy is an engine chosen once (`training/engines.py`); neither appears as a 
 
 from __future__ import annotations
 
+import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from sparsetune.checkpoint.folders import clear_run, inspect_run_folder, mark_run
+from sparsetune.checkpoint.folders import clear_run, inspect_run_folder, mark_run, resolve_link
+from sparsetune.checkpoint.locks import FolderLock, run_lock
 from sparsetune.checkpoint.parts import CheckpointPart
 from sparsetune.checkpoint.resume import check_process_count, check_recipe, plan_output_dir
 from sparsetune.checkpoint.state import (
@@ -29,6 +30,7 @@ from sparsetune.checkpoint.state import (
     set_rng_state,
     write_json,
 )
+from sparsetune.checkpoint.storage import storage_failure
 from sparsetune.checkpoint.store import CheckpointStore, write_atomic
 from sparsetune.data.batches import BatchStream, eval_batch_counts, eval_batches, padding_batch
 from sparsetune.data.text_datasets import load_text_splits, pack
@@ -50,6 +52,7 @@ from sparsetune.training.checkpointing import Checkpointer
 from sparsetune.training.components import build_components
 from sparsetune.training.components.base import Component, EvalContext, Setup, StepContext
 from sparsetune.training.engines import Engine
+from sparsetune.training.optim import apply_recipe_after_restore
 from sparsetune.training.preemption import PreemptionGuard
 from sparsetune.training.progress import TrainingProgress
 
@@ -74,6 +77,11 @@ class Trainer:
         self.progress = TrainingProgress()
         self.resume_from: Path | None = None
         self.clear_run_dir = False
+        self.recipe_changes: list[str] = []  # what a resume changed (recorded in recipe-history.jsonl)
+        # what this process made, and only that, is removed when setup fails (main process)
+        self.lock: FolderLock | None = None
+        self.created_dirs: list[Path] = []
+        self.written: list[Path] = []
         # built by setup()
         self.accelerator: Accelerator | None = None
         self.engine: Engine | None = None
@@ -95,7 +103,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        inspect_run_folder(self.run_dir)  # a file where the folder should be: one line before any process group
+        inspect_run_folder(resolve_link(self.run_dir, "output_dir"))  # a file there: one line before any process group
         self._setup_distributed()
         self._plan_output_dir()
         set_seed(self.recipe.train.seed)
@@ -122,22 +130,74 @@ class Trainer:
         decision: list = [None]
         if self.is_main:
             try:
+                self._claim_run_dir()
                 plan = plan_output_dir(self.run_dir, self.resume, self.overwrite, report=self.notice)
                 if plan.resume_from is not None:
-                    check_recipe(plan.resume_from, r, report=self.notice)
+                    self.recipe_changes = check_recipe(plan.resume_from, r, report=self.notice)
                     check_process_count(plan.resume_from, self.accelerator.num_processes,
                                         self.engine.saves_optimizer_itself())
-                decision[0] = ("ok", plan, getattr(r.relufy, "thresholds", None))
+                elif plan.restart and (self.run_dir / "recipe.yaml").is_file():
+                    self.recipe_changes = check_recipe(self.run_dir, r, report=self.notice)
+                decision[0] = ("ok", plan, getattr(r.relufy, "thresholds", None), str(self.run_dir))
             except SparsetuneError as exc:
-                decision[0] = ("error", str(exc), None)
+                decision[0] = ("error", str(exc), None, None)
         if self.accelerator.num_processes > 1:
             broadcast_object_list(decision)
-        status, plan, thresholds = decision[0]
+        status, plan, thresholds, run_dir = decision[0]
         if status == "error":
             raise SparsetuneError(plan)
+        self._use_run_dir(Path(run_dir))
         self.resume_from, self.clear_run_dir = plan.resume_from, plan.clear
         if thresholds is not None:  # CATS thresholds reused from the checkpoint (check_recipe ran on main)
             r.relufy.thresholds = thresholds
+
+    def _use_run_dir(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.store = CheckpointStore(run_dir)
+        self.files = MetricFiles(run_dir)
+
+    def _claim_run_dir(self) -> None:
+        """Main process: make output_dir (what it creates is recorded, and only that is removed if setup fails)
+        and take its lock for the whole run, before anything reads or writes in it. A symlinked output_dir is
+        its target."""
+        run_dir = resolve_link(self.run_dir, "output_dir", self.notice)
+        self._use_run_dir(run_dir)
+        inspect_run_folder(run_dir)
+        missing = [d for d in [run_dir, *run_dir.parents] if not d.exists()]
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()  # atomic: succeeds for exactly one process, so "this process made it" is true
+                self.created_dirs.append(folder)
+        except FileExistsError:
+            pass  # another process made it first: it is not ours
+        except OSError as exc:
+            raise SparsetuneError(f"cannot create output_dir {run_dir}: {storage_failure(exc) or exc}") from None
+        try:
+            self.lock = run_lock(run_dir).acquire(self.command)
+        except OSError as exc:
+            self._undo_claim()
+            raise SparsetuneError(f"cannot write into output_dir {run_dir}: {storage_failure(exc) or exc}") from None
+        except SparsetuneError:
+            self._undo_claim()
+            raise
+
+    def _undo_claim(self) -> None:
+        """Setup failed or was stopped before the run started: remove the files this process wrote and the
+        folders it made, if they are empty now; nothing else (a file someone put there meanwhile stays)."""
+        if not self.is_main:
+            return
+        for path in reversed(self.written):
+            path.unlink(missing_ok=True)
+        self.written.clear()
+        if self.lock is not None:
+            self.lock.release(remove=self.lock.created_file)
+            self.lock = None
+        for folder in reversed(self.created_dirs):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+        self.created_dirs.clear()
 
     def _load_model(self):
         r = self.recipe
@@ -190,24 +250,46 @@ class Trainer:
                     f"on {n} training micro-batches (range {min(thresholds):.4g}..{max(thresholds):.4g})")
 
     def _open_run_dir(self) -> None:
+        failed: list = [None]
         if self.is_main:
-            if self.clear_run_dir:
-                clear_run(self.run_dir, self.notice)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            mark_run(self.run_dir, self.command)
-            write_atomic(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
-            if self.resume_from is not None:
-                # A resume starts the lineage at its checkpoint: newer checkpoints are set aside (never deleted),
-                # and what was logged after the checkpoint is dropped, so no step is logged twice.
-                self.store.set_aside_after(self.progress.step, self.notice)
-                if self.resume_from.parent.resolve() == self.store.root.resolve():
-                    self.store.point_latest_at(self.resume_from)
-                self.files.drop_torn_lines(self.notice)
-                self.files.truncate_after(self.progress.step)
+            try:
+                self._write_run_dir()
+            except OSError as exc:  # a full or read-only disk: one line, on every rank
+                failed[0] = f"cannot write into output_dir {self.run_dir}: {storage_failure(exc) or exc}"
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(failed)
+        if failed[0]:
+            raise SparsetuneError(failed[0])
         self.accelerator.wait_for_everyone()
         if self.is_main:
             self.wandb = WandbRun(self.recipe.wandb, self.run_dir, self.recipe.model_dump(mode="json"),
                                   run_id=self.progress.wandb_run_id)
+
+    def _write_run_dir(self) -> None:
+        self.store.clean_debris(self.notice)  # under the lock: nothing here belongs to a live process
+        if self.clear_run_dir:
+            clear_run(self.run_dir, self.notice)
+        marker = self.run_dir / "sparsetune-run.json"
+        if not marker.exists():
+            mark_run(self.run_dir, self.command)
+            self.written.append(marker)
+        recipe_file = self.run_dir / "recipe.yaml"
+        if not recipe_file.exists():
+            self.written.append(recipe_file)
+        write_atomic(recipe_file, recipe_to_yaml(self.recipe))
+        if self.recipe_changes:  # what the resume changed, and from which step: the recipe's history
+            with open(self.run_dir / "recipe-history.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.progress.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "from": str(self.resume_from or "a restart before the first checkpoint"),
+                                    "changes": self.recipe_changes}) + "\n")
+        if self.resume_from is not None:
+            # A resume starts the lineage at its checkpoint: newer checkpoints are set aside (never deleted),
+            # and what was logged after the checkpoint is dropped, so no step is logged twice.
+            self.store.set_aside_after(self.progress.step, self.notice)
+            if self.resume_from.parent.resolve() == self.store.root.resolve():
+                self.store.point_latest_at(self.resume_from)
+            self.files.drop_torn_lines(self.notice)
+            self.files.truncate_after(self.progress.step)
 
     # ------------------------------------------------------------- checkpoint
     def _checkpoint_parts(self) -> list[CheckpointPart]:
@@ -255,6 +337,8 @@ class Trainer:
 
     def _restore(self, ckpt: Path) -> None:
         Checkpointer.restore(self._checkpoint_parts(), ckpt)
+        if self.scheduler is not None:  # the recipe's LR, weight decay, betas and schedule, not the saved ones
+            apply_recipe_after_restore(self.scheduler, self.recipe.train)
         self.notice(f"resuming from {ckpt} at step {self.progress.step} ({self.progress.tokens_seen} tokens seen)")
 
     def save_checkpoint(self) -> Path | None:
@@ -435,18 +519,40 @@ class Trainer:
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict:
-        created = not self.run_dir.exists()
+        # Installed first: SIGTERM / SIGINT during setup or the initial evaluation stop the run cleanly too.
+        guard = PreemptionGuard().install()
+        try:
+            return self._run(guard)
+        finally:
+            guard.uninstall()
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def _run(self, guard: PreemptionGuard) -> dict:
         try:
             self.setup()
+            if self._stop_requested(guard):  # nothing of the run written yet: leave nothing behind
+                self._undo_claim()
+                if self.is_main:
+                    self.notice(f"stopped during setup ({guard.signal_name}); nothing was written; start it again "
+                                f"with: {self.command} --resume")
+                return {}
             self._open_run_dir()
         except BaseException:
-            if created and self.is_main and self.run_dir.exists():
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            self._undo_claim()
             raise
+        self.written.clear()  # the run exists from here on: its files are kept whatever happens
         self._announce()
         r = self.recipe
         if self.resume_from is None:
             self.evaluate()
+            if self._stop_requested(guard):
+                if self.is_main:
+                    self.wandb.finish()
+                    self.notice(f"stopped before step 1 ({guard.signal_name}): nothing to checkpoint yet; resume "
+                                f"with: {self.command} --resume (starts the same run again from step 0)")
+                return self.progress.last_eval
         elif self.progress.step >= self.total_steps:
             self.notice(f"the run is already complete at step {self.progress.step} (train.max_steps="
                         f"{r.train.max_steps}" + (f" + predictor.only_steps={r.predictor.only_steps}"
@@ -455,14 +561,12 @@ class Trainer:
             if self.wandb:
                 self.wandb.finish()
             return self.progress.last_eval
-        guard = PreemptionGuard().install()
         bar = tqdm(total=self.total_steps, initial=self.progress.step, disable=not self.is_main, desc="train",
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         try:
             return self._loop(guard, bar)
         finally:  # an error line must start on a line of its own, not after the progress bar
             bar.close()
-            guard.uninstall()
 
     def _announce(self) -> None:
         r = self.recipe
