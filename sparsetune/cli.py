@@ -64,10 +64,26 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _eval_json_path(args) -> Path | None:
+    """Where eval writes its JSON: --json (checked before anything is computed), else MODEL/eval.json only when
+    MODEL is a run or an export sparsetune made; never into a folder of the user's."""
+    from sparsetune.checkpoint.folders import check_output_file, made_by_sparsetune
+
+    if args.json:
+        return check_output_file(Path(args.json), "--json")
+    if made_by_sparsetune(Path(args.model)):
+        return check_output_file(Path(args.model) / "eval.json", "eval result")
+    if Path(args.model).is_dir():
+        print(f"sparsetune: {args.model} is not a run or export sparsetune made, so nothing is written into it; "
+              "pass --json FILE to keep the result")
+    return None
+
+
 def _cmd_eval(args) -> int:
     from sparsetune.console import print_eval
     from sparsetune.evaluation.command import EvalArgs, run_eval, write_json
 
+    json_path = _eval_json_path(args)
     result = run_eval(EvalArgs(
         target=args.model, data=args.data, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
         activation=args.activation, near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
@@ -79,9 +95,6 @@ def _cmd_eval(args) -> int:
         trust_remote_code=args.trust_remote_code, tasks=args.tasks, include_path=args.include_path,
         num_fewshot=args.num_fewshot, limit=args.limit, lm_eval_batch_size=args.lm_eval_batch_size))
     print_eval(result)
-    json_path = Path(args.json) if args.json else None
-    if json_path is None and Path(args.model).is_dir():
-        json_path = Path(args.model) / "eval.json"
     if json_path is not None:
         write_json(result, json_path)
         print(f"sparsetune: wrote {json_path}")
@@ -97,6 +110,30 @@ def _cmd_eval(args) -> int:
                 if path is not None:
                     print(f"sparsetune: wrote {path}")
     return 0
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= `minimum` (a count of batches, tokens, sequences...)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+_POSITIVE, _NON_NEGATIVE = _count(1), _count(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one `error:` line (exit 2) like every other error, naming the option."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _targets(text: str) -> tuple[float, ...]:
@@ -136,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparsetune.launch.presets import PRESETS
     from sparsetune.recipe.schema import ACTIVATIONS, PredictorSection
 
-    parser = argparse.ArgumentParser(prog="sparsetune", description="Sparsity-aware fine-tuning of LLMs.")
+    parser = _Parser(prog="sparsetune", description="Sparsity-aware fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("train", help="run a recipe: sparsetune train RECIPE.yaml [KEY=VALUE ...]")
     p.add_argument("recipe", help="recipe file, or the name of a built-in recipe (see `sparsetune recipes`)")
@@ -152,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch = p.add_argument_group("multi-process launch (runs the same command under `accelerate launch`)")
     launch.add_argument("--launch", metavar="PRESET", choices=list(PRESETS),
                         help=f"{' | '.join(PRESETS)} (sparsetune/launch/presets/)")
-    launch.add_argument("--num-processes", type=int, default=None,
+    launch.add_argument("--num-processes", type=_POSITIVE, default=None,
                         help="processes per machine (default: the number of GPUs, else 2 on CPU)")
-    launch.add_argument("--num-machines", type=int, default=1)
-    launch.add_argument("--machine-rank", type=int, default=0)
+    launch.add_argument("--num-machines", type=_POSITIVE, default=1)
+    launch.add_argument("--machine-rank", type=_NON_NEGATIVE, default=0)
     launch.add_argument("--main-process-ip", default=None, help="address of machine rank 0 (multi-node)")
     launch.add_argument("--main-process-port", type=int, default=None)
     p.set_defaults(func=_cmd_train)
@@ -173,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run's output_dir (its newest complete checkpoint) or one checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
-    p.add_argument("--eval-batches", type=int, default=None, help="held-out batches for the report")
+    p.add_argument("--eval-batches", type=_POSITIVE, default=None, help="held-out batches for the report")
     p.add_argument("--powerinfer", action="store_true",
                    help="also write the neuron predictors in PowerInfer's layout (powerinfer_predictors/: "
                         "model_N.pt with fc1/fc2 + config.json with sparse_threshold) for its "
@@ -186,16 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and activation sparsity of a model, run or export")
     p.add_argument("model", help="export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id")
     p.add_argument("--data", help="held-out text (same forms as data.path); default: the run's or stdlib-docs")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batches", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=_count(2), default=None)
+    p.add_argument("--batches", type=_POSITIVE, default=16)
+    p.add_argument("--batch-size", type=_POSITIVE, default=4)
     p.add_argument("--activation", default=None,
                    choices=ACTIVATIONS,
                    help="swap the MLP activation before measuring (relu: the untrained ReLU baseline; cats: "
                         "training-free thresholds calibrated to --target-sparsity)")
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="with --activation cats: fraction of |SiLU(gate)| to zero per layer (default 0.5)")
-    p.add_argument("--calibration-batches", type=int, default=8,
+    p.add_argument("--calibration-batches", type=_POSITIVE, default=8,
                    help="training-split batches used to calibrate thresholds (--activation cats, --target-*recall)")
     p.add_argument("--near-zero-threshold", type=float, default=1e-3)
     p.add_argument("--dynamic", action="store_true",
@@ -226,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep this fraction of each layer's neurons, the prompt's most active (default 0.5)")
     keep.add_argument("--prompt-mass", type=float, default=None, metavar="M",
                       help="keep the fewest neurons carrying this share of the prompt's activation mass instead")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--generate", type=_NON_NEGATIVE, default=0, metavar="N",
                    help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
                         "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")
     harness = p.add_argument_group(
@@ -237,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "with stderr per task")
     harness.add_argument("--include-path", default=None, metavar="DIR",
                          help="a folder of your own lm-eval task YAML files (e.g. tests/evaluation/lm_eval_tasks)")
-    harness.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+    harness.add_argument("--num-fewshot", type=_NON_NEGATIVE, default=None, metavar="N",
                          help="few-shot examples per prompt (default: each task's own, usually 0)")
     harness.add_argument("--limit", type=_limit, default=None, metavar="N",
                          help="only the first N examples of each task (a fraction when < 1): for quick checks, "
                               "not for reported results")
-    harness.add_argument("--lm-eval-batch-size", type=int, default=8, metavar="N",
+    harness.add_argument("--lm-eval-batch-size", type=_POSITIVE, default=8, metavar="N",
                          help="sequences per forward pass in the harness (default 8)")
     p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
     _add_load_options(p)
@@ -275,15 +312,15 @@ def _add_analyze_parser(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="report folder: analysis.md, analysis.json, PNG figures (default: MODEL/analysis for a "
                         "folder; required otherwise)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the data's, 256)")
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=2, help="sequences per batch (batches x batch size sequences "
-                                                             "are analyzed; default 4 x 2)")
+    p.add_argument("--seq-len", type=_count(2), default=None, help="tokens per sequence (default: the data's, 256)")
+    p.add_argument("--batches", type=_POSITIVE, default=4)
+    p.add_argument("--batch-size", type=_POSITIVE, default=2,
+                   help="sequences per batch (batches x batch size sequences are analyzed; default 4 x 2)")
     p.add_argument("--activation", default=None, choices=[a for a in ACTIVATIONS if a != "cats"],
                    help="swap the MLP activation first (relu: the untrained ReLU swap)")
     p.add_argument("--prompt-fraction", type=float, default=0.5, metavar="F",
                    help="share of each sequence that is the prompt for the prompt-to-continuation overlap")
-    p.add_argument("--cett-tokens", type=int, default=256, metavar="N",
+    p.add_argument("--cett-tokens", type=_POSITIVE, default=256, metavar="N",
                    help="tokens per layer the CETT thresholds are fitted on (default 256)")
     p.add_argument("--wandb", nargs="?", const="auto", default=None, choices=["auto", "online", "offline"],
                    help="also log the report to W&B in DIR/wandb (auto: online with an API key, else offline)")
@@ -305,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     except SparsetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        # A full, read-only or unwritable disk met where no caller expected it (a metrics line, a W&B file, a
+        # report): one line, whatever library raised it. Anything else is a bug and keeps its traceback.
+        from sparsetune.checkpoint.storage import storage_failure
+
+        storage = storage_failure(exc)
+        if storage is None:
+            raise
+        print(f"error: could not write: {storage}; free space or choose a writable place, then run the command "
+              "again (a run continues with --resume)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sparsetune: interrupted", file=sys.stderr)
         return 130

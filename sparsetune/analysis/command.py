@@ -40,12 +40,16 @@ class AnalyzeArgs:
 
 
 def out_dir(args: AnalyzeArgs) -> Path:
+    """The report folder, checked before anything is computed: --out, else MODEL/analysis when MODEL is a run or
+    an export sparsetune made (never a folder of the user's)."""
+    from sparsetune.checkpoint.folders import check_output_folder, made_by_sparsetune
+
     if args.out:
-        return Path(args.out)
-    if Path(args.target).is_dir():
-        return Path(args.target) / "analysis"
+        return check_output_folder(Path(args.out), "--out")
+    if made_by_sparsetune(Path(args.target)):
+        return check_output_folder(Path(args.target) / "analysis", "report folder")
     raise SparsetuneError(f"analyze {args.target}: pass --out DIR (the report goes into MODEL/analysis only when "
-                          "MODEL is a folder)")
+                          "MODEL is a run or export sparsetune made)")
 
 
 def _check(args: AnalyzeArgs) -> None:

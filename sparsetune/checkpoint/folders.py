@@ -166,3 +166,56 @@ def clean_export_debris(out: Path, notice: Callable[[str], None]) -> None:
     if debris:
         notice(f"export: removed {len(debris)} unfinished copy(ies) left by a stopped export: "
                f"{_listing([d.name for d in debris])}")
+
+
+def made_by_sparsetune(folder: Path) -> bool:
+    """A run folder or an export: where eval and analyze may write their results by default."""
+    folder = Path(folder)
+    return folder.is_dir() and ((folder / RUN_MARKER).is_file() or (folder / EXPORT_MARKER).is_file())
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise SparsetuneError(f"{what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        reason = "is on a read-only filesystem" if os.statvfs(parent).f_flag & os.ST_RDONLY else "is not writable"
+        raise SparsetuneError(f"{what} {path}: {parent} {reason}; choose a writable place")
+
+
+def check_output_file(path: Path, what: str) -> Path:
+    """Before any computation: `path` can be written as a file (not a folder, a writable place, a valid name)."""
+    path = resolve_link(Path(path), what)
+    check_name(path, what)
+    if path.is_dir():
+        raise SparsetuneError(f"{what} {path} is a folder; name a file, e.g. {path / 'eval.json'}")
+    target = path if path.exists() else path.parent
+    if path.exists() and not os.access(target, os.W_OK):
+        raise SparsetuneError(f"{what} {path} is not writable")
+    _writable_parent(path, what)
+    return path
+
+
+def check_output_folder(path: Path, what: str) -> Path:
+    """Before any computation: `path` can be a folder of results (absent or a folder, in a writable place)."""
+    path = resolve_link(Path(path), what)
+    check_name(path, what)
+    if path.exists() and not path.is_dir():
+        raise SparsetuneError(f"{what} {path} exists and is not a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            ro = os.statvfs(path).f_flag & os.ST_RDONLY
+            raise SparsetuneError(f"{what} {path} " + ("is on a read-only filesystem" if ro else "is not writable"))
+    else:
+        _writable_parent(path, what)
+    return path
+
+
+def check_name(path: Path, what: str) -> None:
+    text = str(path)
+    if "\x00" in text:
+        raise SparsetuneError(f"{what} {text!r} contains a NUL byte")
+    long = next((part for part in Path(text).parts if len(part.encode()) > 255), None)
+    if long is not None:
+        raise SparsetuneError(f"{what}: the name {long[:40]}... has {len(long.encode())} bytes; at most 255 are "
+                              "allowed")

@@ -64,10 +64,13 @@ class FolderLock:
             raise SparsetuneError(f"{self.what}: could not take the lock {self.path}; another process keeps "
                                   "replacing it")
         self._lock = lock
-        with open(self.path, "r+") as f:  # who holds it, for the refusal a second process prints
-            f.truncate()
-            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        try:  # who holds it, for the refusal a second process prints (the lock works without it: a full disk)
+            with open(self.path, "r+") as f:
+                f.truncate()
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        except OSError:
+            pass
         return self
 
     def _same_file(self, lock) -> bool:

@@ -240,7 +240,11 @@ def resolve_checkpoint(path: Path) -> Path:
         if problem:
             raise SparsetuneError(f"checkpoint is not usable: {problem}")
         return path
-    found = CheckpointStore(path).latest_complete(report=lambda m: print(f"sparsetune: {m}", flush=True))
+    store = CheckpointStore(path)
+    found = store.latest_complete(report=lambda m: print(f"sparsetune: {m}", flush=True))
+    if found is None and not store.folders() and (path / "sparsetune-run.json").is_file():
+        raise SparsetuneError(f"{path} is a sparsetune run with no checkpoint yet (it stopped before its first one); "
+                              "continue it with `sparsetune train RECIPE output_dir=... --resume`")
     if found is None:
         raise SparsetuneError(f"{path} holds no usable checkpoint (expected {path}/checkpoints/step-*/{MARKER})")
     return found

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sparsetune.checkpoint.folders import RUN_MARKER
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
@@ -110,7 +111,8 @@ def load_target(args: EvalArgs) -> _Target:
     line), never because a checkpoint's or export's own recipe asks for it."""
     target, trust = args.target, args.trust_remote_code
     path = Path(target)
-    is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file())
+    is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
+                                or (path / RUN_MARKER).is_file())
     predictors = None
     if is_run:
         ckpt = resolve_checkpoint(path)
@@ -174,8 +176,8 @@ def run_eval(args: EvalArgs) -> EvalResult:
         held = evaluate_held_out(model, data, args.batch_size, args.batches, args.near_zero_threshold, device=dev)
     held.update(cett_report(cett, sparse_mlps(model)))
     result = EvalResult(target=args.target, what=t.what, activation=activation_spec(model), device=str(dev),
-                        data=data_cfg.path, seq_len=data_cfg.seq_len, held_out=held, calibration=calibration,
-                        predictor_calibration=predictor_calibration)
+                        data=data_cfg.eval_path or data_cfg.path, seq_len=data_cfg.seq_len, held_out=held,
+                        calibration=calibration, predictor_calibration=predictor_calibration)
     if args.dynamic or args.generate:
         result.dynamic = _dynamic(model, data, args.batch_size, args.batches, bank, dev, prompt)
     if args.sweep:

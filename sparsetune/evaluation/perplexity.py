@@ -63,11 +63,19 @@ def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_thre
                       device: torch.device | None = None) -> dict:
     """Measure `model` (which has SparseMLPs, already on `device`; default CPU) on packed held-out `data`."""
     from sparsetune.data.batches import eval_batches
+    from sparsetune.errors import SparsetuneError
     from sparsetune.models.structure import sparse_mlps
     from sparsetune.sparsity.recorder import ActivationRecorder
     from sparsetune.surgery.sparse_mlp import patched_mlps
 
+    if batch_size < 1 or batches < 1:  # a figure from no tokens (perplexity 1.0) is never reported
+        raise SparsetuneError(f"held-out evaluation needs at least 1 batch of at least 1 sequence, got {batches} "
+                              f"batch(es) of {batch_size}")
     mlps = sparse_mlps(model)
     recorder = ActivationRecorder.for_mlps(mlps, None, near_zero_threshold)
     with patched_mlps(model, sink=recorder):
-        return evaluate(model, eval_batches(data, batch_size, batches), recorder, device or torch.device("cpu"))
+        result = evaluate(model, eval_batches(data, batch_size, batches), recorder, device or torch.device("cpu"))
+    if result["tokens"] == 0:
+        raise SparsetuneError("the held-out data gave no token to evaluate (every row is padding or shorter than "
+                              "2 tokens); give more held-out text or a shorter --seq-len")
+    return result

@@ -10,7 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsetune.checkpoint.folders import check_export_target, replace_folder
+from sparsetune.checkpoint.folders import (
+    check_export_target,
+    check_name,
+    clean_export_debris,
+    replace_folder,
+    resolve_link,
+)
+from sparsetune.checkpoint.locks import export_lock
+from sparsetune.checkpoint.storage import first_line, storage_failure
 from sparsetune.checkpoint.store import resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
@@ -72,10 +80,33 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     """Write the newest usable checkpoint of a run (or one checkpoint folder) as a plain HF folder at `out`.
     `out` is written into a temporary folder and moved into place whole; an existing `out` is replaced only
     when it is a sparsetune export holding nothing the export did not write."""
-    out = Path(out)
+    if eval_batches_n is not None and eval_batches_n < 1:
+        raise SparsetuneError(f"--eval-batches must be a positive number of batches, got {eval_batches_n}")
+    # judged by what it is: `.` is the working folder, a symlink its target
+    out = Path(os.path.abspath(resolve_link(Path(out), "--out", _notice)))
+    check_name(out, "--out")
     ckpt = resolve_checkpoint(Path(run_or_checkpoint))
     check_export_target(out, ckpt, overwrite)
     dev = resolve_device(device)
+    lock = export_lock(out)  # one export at a time into `out`; held until it is in place
+    try:
+        lock.acquire(f"sparsetune export {run_or_checkpoint} --out {out}")
+    except OSError as exc:
+        raise SparsetuneError(f"cannot write the export {out}: {storage_failure(exc) or exc}") from None
+    try:
+        clean_export_debris(out, _notice)
+        check_export_target(out, ckpt, overwrite)  # again, under the lock: another export may just have finished
+        return _export(ckpt, out, measure, eval_batches_n, dev, trust_remote_code, powerinfer)
+    finally:
+        lock.release()
+
+
+def _notice(message: str) -> None:
+    print(f"sparsetune: {message}", flush=True)
+
+
+def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, dev, trust_remote_code: bool,
+            powerinfer: bool) -> Path:
     model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust_remote_code)
     if recipe.peft.method == "lora":
         model = model.merge_and_unload()
@@ -140,8 +171,11 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
         spec["files"] = sorted(p.name for p in tmp.iterdir())
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         replace_folder(tmp, out)
-    except OSError as exc:  # disk full, permissions: the previous export (if any) is untouched
+    except Exception as exc:  # noqa: BLE001 - a full disk is OSError, RuntimeError (torch), SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SparsetuneError(f"could not write the export {out}: {exc.strerror or exc} "
-                              f"({exc.filename or tmp}); nothing was replaced") from None
+        storage = storage_failure(exc, tmp)
+        if storage is None and not isinstance(exc, OSError):
+            raise
+        raise SparsetuneError(f"could not write the export {out}: {storage or first_line(exc)}; nothing was "
+                              "replaced (the unfinished copy was removed)") from None
     return out

@@ -38,6 +38,10 @@ def model_from_checkpoint(folder: Path, trust_remote_code: bool = False):
     if is_lora_checkpoint(folder):
         from peft import PeftModel
 
+        from sparsetune.checkpoint.base_model import check_base_unchanged
+
+        check_base_unchanged(folder, recipe.model.path)  # the adapter is merged into the weights it was trained on
+
         base, tokenizer = load_model_and_tokenizer(recipe.model.path, recipe.model.dtype, recipe.model.revision,
                                                    trust_remote_code)
         relufy(base, recipe.relufy)

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from sparsetune.checkpoint.base_model import base_fingerprint, check_base_unchanged, write_base_fingerprint
 from sparsetune.checkpoint.folders import clear_run, inspect_run_folder, mark_run, resolve_link
 from sparsetune.checkpoint.locks import FolderLock, run_lock
 from sparsetune.checkpoint.parts import CheckpointPart
@@ -82,6 +83,7 @@ class Trainer:
         self.lock: FolderLock | None = None
         self.created_dirs: list[Path] = []
         self.written: list[Path] = []
+        self.base_fingerprint: dict | None = None  # LoRA: the base model's files by sha256 (checkpoint part)
         # built by setup()
         self.accelerator: Accelerator | None = None
         self.engine: Engine | None = None
@@ -132,6 +134,10 @@ class Trainer:
             try:
                 self._claim_run_dir()
                 plan = plan_output_dir(self.run_dir, self.resume, self.overwrite, report=self.notice)
+                if r.peft.method == "lora":
+                    if plan.resume_from is not None:
+                        check_base_unchanged(plan.resume_from, r.model.path)
+                    self.base_fingerprint = base_fingerprint(r.model.path)
                 if plan.resume_from is not None:
                     self.recipe_changes = check_recipe(plan.resume_from, r, report=self.notice)
                     check_process_count(plan.resume_from, self.accelerator.num_processes,
@@ -299,6 +305,7 @@ class Trainer:
                            save=lambda f: self.engine.save_state(self.model, self.optimizer, f),
                            load=lambda f: self.engine.load_state(self.model, self.optimizer, f)),
             CheckpointPart("tokenizer", save=lambda f: self.tokenizer.save_pretrained(f / "tokenizer")),
+            CheckpointPart("base model", save=lambda f: write_base_fingerprint(f, self.base_fingerprint)),
         ]
         if self.scheduler is not None:
             parts.append(CheckpointPart(

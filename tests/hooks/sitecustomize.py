@@ -37,3 +37,8 @@ if os.environ.get("SPARSETUNE_TEST_KILL_IN_SAVE"):
             os.kill(os.getpid(), signal.SIGKILL)
 
     engines.Engine.save_state = save_state
+
+if os.environ.get("SPARSETUNE_TEST_SIGNAL") or os.environ.get("SPARSETUNE_TEST_PAUSE"):
+    import fault_points  # tests/hooks/fault_points.py: real signals and pauses at a phase of the run
+
+    fault_points.install_from_env()

@@ -201,3 +201,5 @@ class Predictors(Component):
         self.bank.load_state_dict(saved.state_dict())
         self.bank.layer_thresholds, self.bank.calibration = saved.layer_thresholds, saved.calibration
         self.optimizer.load_state_dict(load_torch_state(folder / "predictor_optimizer.pt"))
+        for group in self.optimizer.param_groups:  # the recipe's predictor.lr, not the saved one (a resume change)
+            group["lr"] = self.recipe.predictor.lr

@@ -1,0 +1,64 @@
+"""The base model a LoRA checkpoint needs, recorded by hash: a LoRA checkpoint holds only the adapter, so the
+weights it is exported or resumed with are those of `model.path` at that time. The checkpoint records the sha256
+of the base's weight and config files when the run starts; export, eval and resume refuse a base that changed
+(an export written over it, a re-downloaded file) instead of merging the adapter into other weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from sparsetune.errors import SparsetuneError
+
+BASE_FILE = "base_model.json"
+_WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "config.json")
+
+
+def _local_base(model_path: str) -> Path | None:
+    path = Path(model_path)
+    if path.exists():
+        return path
+    from sparsetune.models.loading import ALIASES, alias_file
+
+    return alias_file(model_path) if model_path in ALIASES else None  # None: a hub id (model.revision pins it)
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def base_fingerprint(model_path: str) -> dict | None:
+    """{"path", "sha256": {file: digest}} of a local base model (a folder's weights and config, or a file), or
+    None for a hub id."""
+    base = _local_base(model_path)
+    if base is None:
+        return None
+    files = [base] if base.is_file() else sorted({f for pattern in _WEIGHTS for f in base.glob(pattern)})
+    return {"path": str(base.resolve()), "sha256": {f.name: _digest(f) for f in files}}
+
+
+def write_base_fingerprint(folder: Path, fingerprint: dict | None) -> None:
+    if fingerprint is not None:
+        (folder / BASE_FILE).write_text(json.dumps(fingerprint, indent=1))
+
+
+def check_base_unchanged(ckpt: Path, model_path: str) -> None:
+    """Refuse (one line) when the base model of a LoRA checkpoint is not the one it was trained on."""
+    recorded_file = ckpt / BASE_FILE
+    if not recorded_file.is_file():
+        return  # written before sparsetune recorded bases, or a hub base
+    recorded = json.loads(recorded_file.read_text())
+    now = base_fingerprint(model_path)
+    if now is None:
+        raise SparsetuneError(f"the LoRA checkpoint {ckpt} needs its base model {recorded['path']}, which is gone; "
+                              "restore it at model.path")
+    changed = sorted(name for name in set(recorded["sha256"]) | set(now["sha256"])
+                     if recorded["sha256"].get(name) != now["sha256"].get(name))
+    if changed:
+        raise SparsetuneError(
+            f"the LoRA checkpoint {ckpt} was trained on the base model {recorded['path']}, which changed since "
+            f"({', '.join(changed[:3])}: sha256 differs from the one recorded in {BASE_FILE}); restore that base "
+            "(e.g. re-export it from its own run into another folder), or the adapter would be merged into other "
+            "weights")
