@@ -59,6 +59,7 @@ def resolve_link(path: Path, what: str, notice: Callable[[str], None] | None = N
     """A symlinked output folder is judged and written by what it points to (a dangling link: a new folder
     there). The path as given otherwise."""
     path = Path(path)
+    check_name(path, what)  # before any system call: a NUL byte or an over-long name is one line
     if not path.is_symlink():
         return path
     target = Path(os.path.realpath(path))

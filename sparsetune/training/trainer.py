@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from sparsetune.checkpoint.base_model import base_fingerprint, check_base_unchanged, write_base_fingerprint
-from sparsetune.checkpoint.folders import clear_run, inspect_run_folder, mark_run, resolve_link
+from sparsetune.checkpoint.folders import check_name, clear_run, inspect_run_folder, mark_run, resolve_link
 from sparsetune.checkpoint.locks import FolderLock, run_lock
 from sparsetune.checkpoint.parts import CheckpointPart
 from sparsetune.checkpoint.resume import check_process_count, check_recipe, plan_output_dir
@@ -105,6 +105,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        check_name(self.run_dir, "output_dir")  # a NUL byte, a name over 255 bytes: one line, not an OS error
         inspect_run_folder(resolve_link(self.run_dir, "output_dir"))  # a file there: one line before any process group
         self._setup_distributed()
         self._plan_output_dir()

@@ -359,6 +359,15 @@ def test_no_figure_from_nothing(finished_run, tmp_path, capsys, argv, pattern):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("name, pattern", [("bad\x00name", r"contains a NUL byte"),
+                                           ("a" * 256, r"the name a+\.\.\. has 256 bytes; at most 255")])
+def test_output_names_the_os_cannot_hold(model, finished_run, tmp_path, capsys, name, pattern):
+    one_error(capsys, train_tiny(model, tmp_path / name, *QUIET), r"output_dir.*(NUL byte|256 bytes)")
+    one_error(capsys, export(finished_run, tmp_path / name), rf"--out.*{pattern}")
+    one_error(capsys, main(["eval", str(finished_run), "--json", str(tmp_path / name)]), rf"--json.*{pattern}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_export_api_refuses_zero_eval_batches(finished_run, tmp_path):
     from sparsetune.errors import SparsetuneError
     from sparsetune.export.exporter import export as export_api
