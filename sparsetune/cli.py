@@ -329,6 +329,15 @@ def _add_analyze_parser(sub) -> None:
     p.set_defaults(func=_cmd_analyze)
 
 
+def _check_target_names(args) -> None:
+    """The model / run argument of eval, analyze and export: a NUL byte or an over-long name is one line."""
+    from sparsetune.checkpoint.folders import check_name
+
+    for name in ("model", "run"):
+        if isinstance(getattr(args, name, None), str):
+            check_name(Path(getattr(args, name)), {"model": "MODEL", "run": "RUN"}[name])
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -338,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():  # DeepSpeed would warn that it falls back to its CPU accelerator
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
+        _check_target_names(args)
         return args.func(args)
     except SparsetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -350,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         storage = storage_failure(exc)
         if storage is None:
             raise
-        print(f"error: could not write: {storage}; free space or choose a writable place, then run the command "
-              "again (a run continues with --resume)", file=sys.stderr)
+        print(f"error: a file could not be written: {storage}; free space or choose a writable place, then run the "
+              "command again (a run continues with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sparsetune: interrupted", file=sys.stderr)

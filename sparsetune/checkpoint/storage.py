@@ -17,8 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
-           errno.ENAMETOOLONG, errno.ENOTDIR}
+_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 # torch's stream writer does not say why a write failed; these are its words for a short write
 _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
 

@@ -16,7 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from sparsetune.paths import cache_dir
+from sparsetune.paths import cache_dir, unwritable_cache
 
 CORPUS_ALIAS = "stdlib-docs"
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
@@ -73,5 +73,10 @@ def corpus_files() -> dict[str, Path]:
     out = cache_dir("data", f"{CORPUS_ALIAS}-py{version}")
     paths = {"train": out / "train.jsonl", "eval": out / "eval.jsonl"}
     if not all(p.is_file() for p in paths.values()):
-        paths = build_corpus(out)
+        try:
+            paths = build_corpus(out)
+        except OSError as exc:  # the folder exists but cannot be written (read-only cache, full disk)
+            for leftover in out.glob(f"*.tmp{os.getpid()}"):
+                leftover.unlink(missing_ok=True)
+            raise unwritable_cache(out, exc) from None
     return paths

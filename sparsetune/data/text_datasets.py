@@ -22,7 +22,7 @@ from filelock import FileLock
 
 from sparsetune.data.corpus import CORPUS_ALIAS, corpus_files
 from sparsetune.errors import SparsetuneError
-from sparsetune.paths import cache_dir
+from sparsetune.paths import cache_dir, check_path_text, unwritable_cache
 from sparsetune.recipe.schema import DataSection
 
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -33,7 +33,115 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in _LOCAL_BUILDERS or Path(path).exists()
 
 
-def _load_local(path: str, key: str) -> datasets.Dataset:
+_CHUNK = 1 << 20  # bytes read at a time when looking for what is wrong with a file
+_JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+               type(None): "null"}
+
+
+def _encoding_problem(file: Path) -> str | None:
+    """Why `file` is no UTF-8 text: its first byte that is not UTF-8, or a NUL byte (binary data)."""
+    offset, carry = 0, b""
+    with open(file, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            data, carry, bad = carry + chunk, b"", None
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if exc.reason == "unexpected end of data" and exc.end == len(data):
+                    carry = data[exc.start:]  # a character cut by the chunk boundary: the next chunk completes it
+                else:
+                    bad = exc.start
+            nul = data.find(b"\0")
+            if nul >= 0 and (bad is None or nul < bad):
+                return f"is binary data, not text (a NUL byte at offset {offset + nul})"
+            if bad is not None:
+                return (f"is not UTF-8 text (byte 0x{data[bad]:02x} at offset {offset + bad}): binary data, or text "
+                        "in another encoding such as Latin-1")
+            offset += len(data) - len(carry)
+    return f"is not UTF-8 text (it ends inside a character at offset {offset})" if carry else None
+
+
+def _record_problem(record, where: str, text_field: str) -> str | None:
+    """What makes one JSON record unusable: not an object, or no string in `text_field`."""
+    if not isinstance(record, dict):
+        return f"{where} is a JSON {_JSON_KINDS.get(type(record))}, not an object"
+    if text_field not in record:
+        fields = ", ".join(list(record)[:8]) or "no fields"
+        return f"{where} has no field {text_field!r} (data.text_field; it has: {fields})"
+    if not isinstance(record[text_field], str):
+        return (f"{where}: field {text_field!r} (data.text_field) is a JSON {_JSON_KINDS.get(type(record[text_field]))}"
+                ", not a string")
+    return None
+
+
+def _json_problem(file: Path, text_field: str) -> str | None:
+    """The first record of a UTF-8 .json/.jsonl file that is not valid JSON, not an object or lacks `text_field`.
+
+    A .jsonl file holds one object per line; a .json file may also be one JSON array of objects (or one object)."""
+    if file.suffix == ".json":
+        try:
+            document = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": more than one value, i.e. JSON lines: checked below
+                return f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        else:
+            records = document if isinstance(document, list) else [document]
+            return next((p for i, r in enumerate(records) if (p := _record_problem(r, f"record {i + 1}", text_field))),
+                        None)
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg} at column {exc.colno})"
+            if problem := _record_problem(record, f"line {number}", text_field):
+                return problem + ("; a .jsonl file holds one JSON object per line" if isinstance(record, list) else "")
+    return None
+
+
+def _file_problem(file: Path, builder: str, text_field: str) -> str | None:
+    """What is wrong with a local data file, as precisely as the bytes tell (None: nothing found)."""
+    if file.stat().st_size == 0:
+        return "is empty"
+    if builder == "parquet":
+        return None  # binary by design; `datasets` says what is wrong with it
+    return _encoding_problem(file) or (_json_problem(file, text_field) if builder == "json" else None)
+
+
+def _column_problem(ds: datasets.Dataset, text_field: str) -> str | None:
+    """What `datasets` let through that tokenizing would trip on: no documents, text that is missing, not a
+    string, not UTF-8 or binary. Arrow-level checks, cheap enough to run on every load."""
+    if len(ds) == 0:
+        return "holds no documents"
+    if text_field not in ds.column_names:
+        return None  # load_text_splits names the columns there are
+    if ds.features[text_field] not in (datasets.Value("string"), datasets.Value("large_string")):
+        return f"field {text_field!r} (data.text_field) holds {ds.features[text_field]}, not text"
+    column = ds.data.column(text_field)
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        return f"record {row + 1} has no field {text_field!r} (data.text_field)"
+    try:
+        column.validate(full=True)  # pyarrow's JSON reader does not check that strings are UTF-8
+    except pa.ArrowInvalid:
+        return "is not UTF-8 text"
+    if pc.any(pc.match_substring(column, "\0")).as_py():
+        return "is binary data, not text (it holds NUL bytes)"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    if isinstance(exc, datasets.exceptions.DatasetGenerationError):  # "An error occurred while generating..."
+        exc = exc.__cause__ or exc.__context__ or exc
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_local(path: str, key: str, text_field: str) -> datasets.Dataset:
+    """A local .txt/.json/.jsonl/.parquet file as a dataset; a one-line error naming `key`, the file and what is
+    wrong with it (where in the file, when the bytes tell)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise SparsetuneError(f"{key}: file not found: {path}")
@@ -42,11 +150,25 @@ def _load_local(path: str, key: str) -> datasets.Dataset:
         raise SparsetuneError(
             f"{key}: unsupported file type {file.suffix!r} for {path} (expected {', '.join(_LOCAL_BUILDERS)})"
         )
+    with open(file, "rb") as f:
+        starts_with_array = f.read(4096).lstrip()[:1] == b"["
+    # `datasets` takes an empty file as an error and any JSON array as rows (of strings, even): check first.
+    if file.stat().st_size == 0 or (builder == "json" and starts_with_array):
+        if problem := _file_problem(file, builder, text_field):
+            raise SparsetuneError(f"{key}: {path} {problem}")
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error before raising: said below
     try:
-        return datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
+        ds = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for malformed files
-        raise SparsetuneError(f"{key}: could not read {path}: {str(exc).splitlines()[0]}") from None
+        problem = _file_problem(file, builder, text_field) or f"could not be read: {_first_line(exc)}"
+        raise SparsetuneError(f"{key}: {path} {problem}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if problem := _column_problem(ds, text_field):
+        raise SparsetuneError(f"{key}: {path} {_file_problem(file, builder, text_field) or problem}")
+    return ds
 
 
 def _load_hub(path: str, name: str | None, split: str, key: str) -> datasets.Dataset:
@@ -66,15 +188,36 @@ def _hub_splits(path: str, name: str | None) -> list[str]:
         return []
 
 
+def _check_eval_split(cfg: DataSection) -> None:
+    """data.eval_split names a split of the held-out source (data.eval_path, else data.path). Only hub datasets
+    have named splits, and stdlib-docs its 'eval' split: refuse any other value rather than ignore it."""
+    if cfg.eval_split is None:
+        return
+    key, source = ("data.eval_path", cfg.eval_path) if cfg.eval_path else ("data.path", cfg.path)
+    if source == CORPUS_ALIAS:
+        if cfg.eval_split != "eval":
+            raise SparsetuneError(f"data.eval_split={cfg.eval_split!r}: {key} {CORPUS_ALIAS} has the splits train and "
+                                  "eval, and holds out 'eval'; set data.eval_split=eval or leave it unset")
+    elif _looks_local(source):
+        raise SparsetuneError(
+            f"data.eval_split={cfg.eval_split!r}: {key} {source} is a local file, which has no named splits; leave "
+            "data.eval_split unset (held-out text comes from data.eval_path, else data.eval_fraction of data.path)"
+        )
+
+
 def load_text_splits(cfg: DataSection) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, held-out) datasets with the text in `cfg.text_field`."""
+    for key, value in (("data.path", cfg.path), ("data.eval_path", cfg.eval_path)):
+        if value is not None:
+            check_path_text(value, f"{key} =")
+    _check_eval_split(cfg)
     if cfg.path == CORPUS_ALIAS:
         files = corpus_files()
         train = datasets.load_dataset("json", data_files=str(files["train"]), split="train")
         held = datasets.load_dataset("json", data_files=str(files["eval"]), split="train")
         held_from_train = False
     elif _looks_local(cfg.path):
-        train = _load_local(cfg.path, "data.path")
+        train = _load_local(cfg.path, "data.path", cfg.text_field)
         held, held_from_train = None, True
     else:
         train = _load_hub(cfg.path, cfg.name, cfg.split, "data.path")
@@ -88,16 +231,15 @@ def load_text_splits(cfg: DataSection) -> tuple[datasets.Dataset, datasets.Datas
         if cfg.eval_path == CORPUS_ALIAS:
             held = datasets.load_dataset("json", data_files=str(corpus_files()["eval"]), split="train")
         elif _looks_local(cfg.eval_path):
-            held = _load_local(cfg.eval_path, "data.eval_path")
+            held = _load_local(cfg.eval_path, "data.eval_path", cfg.text_field)
         else:
             held = _load_hub(cfg.eval_path, None, cfg.eval_split or "validation", "data.eval_path")
         held_from_train = False
 
-    for ds, key in ((train, "data.path"),) + (((held, "data.eval_path"),) if held is not None else ()):
-        if cfg.text_field not in ds.column_names:
-            raise SparsetuneError(
-                f"data.text_field: column {cfg.text_field!r} not found in {key} (columns: {', '.join(ds.column_names)})"
-            )
+    for ds, key, path in ((train, "data.path", cfg.path), (held, "data.eval_path", cfg.eval_path or cfg.path)):
+        if ds is not None and cfg.text_field not in ds.column_names:
+            raise SparsetuneError(f"data.text_field: column {cfg.text_field!r} not found in {key} "
+                                  f"(columns: {', '.join(ds.column_names)}), read from {path}")
     if held_from_train:
         if len(train) < 2:
             raise SparsetuneError(
@@ -241,21 +383,25 @@ def pack(ds: datasets.Dataset, tokenizer, text_field: str, seq_len: int, what: s
     file lock: a concurrent call (another rank, another command) waits, then maps the same file. The result is
     the same as packing in memory, so the batch at a step (a function of seed and position) is unchanged.
     """
-    if not datasets.is_caching_enabled():
-        # Fingerprints are random with caching off: a cached file could never be found again, so build a
-        # private one and unlink it at once (the memory map keeps it readable until the last reference goes).
-        private = Path(tempfile.mkdtemp(dir=packed_cache_dir(), prefix=".uncached-"))
-        try:
-            _build(ds, tokenizer, text_field, seq_len, what, "uncached", private / "rows.npy")
-            return _map_rows(private / "rows.npy")
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
-    key = pack_key(ds, tokenizer, text_field, seq_len)
-    dest = packed_cache_dir() / f"{key}-L{seq_len}.npy"
-    if not dest.is_file():
-        with FileLock(f"{dest}.lock"):
-            if not dest.is_file():  # not built by whoever held the lock before us
-                for stale in dest.parent.glob(f".{key}-*"):  # left by a killed build: nobody else builds this key
-                    shutil.rmtree(stale, ignore_errors=True)
-                _build(ds, tokenizer, text_field, seq_len, what, key, dest)
+    folder = packed_cache_dir()
+    try:
+        if not datasets.is_caching_enabled():
+            # Fingerprints are random with caching off: a cached file could never be found again, so build a
+            # private one and unlink it at once (the memory map keeps it readable until the last reference goes).
+            private = Path(tempfile.mkdtemp(dir=folder, prefix=".uncached-"))
+            try:
+                _build(ds, tokenizer, text_field, seq_len, what, "uncached", private / "rows.npy")
+                return _map_rows(private / "rows.npy")
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
+        key = pack_key(ds, tokenizer, text_field, seq_len)
+        dest = folder / f"{key}-L{seq_len}.npy"
+        if not dest.is_file():
+            with FileLock(f"{dest}.lock"):
+                if not dest.is_file():  # not built by whoever held the lock before us
+                    for stale in dest.parent.glob(f".{key}-*"):  # left by a killed build: nobody else builds this key
+                        shutil.rmtree(stale, ignore_errors=True)
+                    _build(ds, tokenizer, text_field, seq_len, what, key, dest)
+    except OSError as exc:  # the folder exists but cannot be written: a read-only or full filesystem
+        raise unwritable_cache(folder, exc) from None
     return _map_rows(dest)

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from sparsetune.errors import SparsetuneError
 from sparsetune.predictors.labels import balanced_bce, focal, head_norms, neuron_labels, top_fraction
 from sparsetune.predictors.metrics import ConfusionCounts
 from sparsetune.predictors.networks import build_predictors
@@ -196,16 +198,78 @@ def down_norm_reader(mlps: list) -> Callable[[int], torch.Tensor | None]:
     return norms
 
 
+# predictors.json keys that `from_spec` needs, with their JSON types. `save` writes them; any other shape means the
+# file was edited or damaged, and is refused naming the key rather than failing deep inside torch.
+_SPEC_KEYS = {"config": (dict, "an object"), "hidden_size": (int, "a positive integer"),
+              "intermediate_size": (int, "a positive integer"), "num_layers": (int, "a positive integer"),
+              "num_heads": (int, "a positive integer"), "exact_zeros": (bool, "true or false")}
+
+
+def _read_spec(spec_file: Path) -> dict:
+    """predictors.json, checked key by key (one-line SparsetuneError naming the file and the key)."""
+    try:
+        spec = json.loads(spec_file.read_bytes())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SparsetuneError(f"{spec_file} is not valid JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise SparsetuneError(f"{spec_file} must hold a JSON object, got {json.dumps(spec)[:40]}")
+    for key, (kind, expected) in _SPEC_KEYS.items():
+        if key not in spec:
+            raise SparsetuneError(f"{spec_file} has no key {key!r} (expected {expected})")
+        value = spec[key]
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+            raise SparsetuneError(f"{spec_file}: key {key!r} must be {expected}, got {value!r}")
+    try:  # strict: the file holds exact JSON types, so "4" for a rank was typed by hand
+        PredictorSection.model_validate_json(json.dumps(spec["config"]), strict=True)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(map(str, ("config", *err["loc"])))
+        raise SparsetuneError(f"{spec_file}: key {key!r}: {err['msg']} (got {err.get('input')!r})") from None
+    thresholds = spec.get("layer_logit_thresholds")
+    if thresholds is not None and not (isinstance(thresholds, list) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) for t in thresholds)):
+        raise SparsetuneError(f"{spec_file}: key 'layer_logit_thresholds' must be null or a list of numbers, "
+                              f"got {thresholds!r}")
+    return spec
+
+
+def _shape_mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str | None:
+    """The first tensor whose presence or shape differs between what predictors.json describes and the weights."""
+    for name in sorted(expected.keys() | found.keys()):
+        if name not in found:
+            return f"the weights lack {name} (shape {list(expected[name])})"
+        if name not in expected:
+            return f"the weights hold {name}, which predictors.json does not describe"
+        if expected[name] != found[name]:
+            return f"{name} has shape {list(found[name])} in the weights but {list(expected[name])} by predictors.json"
+    return None
+
+
 def load_predictors(folder: str | Path) -> PredictorBank:
-    """Predictors written by `sparsetune export` (or a checkpoint), ready to use (eval mode)."""
+    """Predictors written by `sparsetune export` (or a checkpoint), ready to use (eval mode).
+
+    An edited or damaged predictors.json / predictors.safetensors gives a one-line SparsetuneError naming the file
+    and what is wrong with it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from sparsetune.errors import SparsetuneError
-
     folder = Path(folder)
-    spec_file = folder / "predictors.json"
+    spec_file, weights_file = folder / "predictors.json", folder / "predictors.safetensors"
     if not spec_file.is_file():
         raise SparsetuneError(f"{folder} has no predictors.json (was the run trained with predictor.enabled=true?)")
-    bank = PredictorBank.from_spec(json.loads(spec_file.read_text()))
-    bank.load_state_dict(load_file(str(folder / "predictors.safetensors")))
+    spec = _read_spec(spec_file)
+    bank = PredictorBank.from_spec(spec)
+    if bank.layer_thresholds is not None and len(bank.layer_thresholds) != bank.num_neuron_predictors:
+        raise SparsetuneError(f"{spec_file}: key 'layer_logit_thresholds' holds {len(bank.layer_thresholds)} "
+                              f"thresholds, expected one per neuron predictor ({bank.num_neuron_predictors})")
+    try:
+        weights = load_file(str(weights_file))
+    except (SafetensorError, OSError) as exc:
+        raise SparsetuneError(f"{weights_file} could not be read ({str(exc).strip().splitlines()[0]})") from None
+    mismatch = _shape_mismatch({k: tuple(v.shape) for k, v in bank.state_dict().items()},
+                               {k: tuple(v.shape) for k, v in weights.items()})
+    if mismatch:
+        raise SparsetuneError(f"{spec_file} does not match {weights_file.name}: {mismatch} (was predictors.json "
+                              "edited?)")
+    bank.load_state_dict(weights)
     return bank.eval()

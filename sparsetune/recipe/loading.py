@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from sparsetune.errors import SparsetuneError
+from sparsetune.paths import check_path_text
 from sparsetune.recipe.schema import ACTIVATIONS, RELUFY_VARIANTS, Recipe
 
 
@@ -29,6 +30,7 @@ def builtin_recipes() -> dict[str, Path]:
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A recipe file path, or the name of a built-in recipe (e.g. `quickstart`)."""
+    check_path_text(name_or_path, "recipe")
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -42,13 +44,66 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     )
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def _duplicate_key(node: yaml.Node, where: tuple[str, ...] = (), seen: set[int] | None = None) -> str | None:
+    """The first key (in file order) written twice in one mapping of the composed YAML `node`, as
+    "'train.max_steps' is written twice (lines 3 and 5)". PyYAML itself keeps the last value silently."""
+    seen = set() if seen is None else seen
+    if id(node) in seen or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return None  # a scalar, or an alias (*name) to a node already checked
+    seen.add(id(node))
+    first: dict[str, int] = {}
+    for i, item in enumerate(node.value):
+        if isinstance(node, yaml.SequenceNode):
+            path, child = (*where, str(i)), item
+        elif item[0].tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: the keys written here override, by design
+            path, child = where, item[1]
+        else:
+            name, line = str(item[0].value), item[0].start_mark.line + 1
+            if name in first:
+                return f"{'.'.join((*where, name))!r} is written twice (lines {first[name]} and {line})"
+            first[name] = line
+            path, child = (*where, name), item[1]
+        if duplicate := _duplicate_key(child, path, seen):
+            return duplicate
+    return None
+
+
+def _recipe_text(path: Path) -> str:
+    """The recipe file as text: UTF-8 (with or without a byte-order mark), else a one-line error saying where."""
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SparsetuneError(f"recipe {path} could not be read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SparsetuneError(f"recipe {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                              "save it as UTF-8") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The recipe file's mapping; a one-line SparsetuneError for bytes that are not UTF-8, invalid YAML, a key
+    written twice in one section, or a document that is not a mapping."""
+    text = _recipe_text(path)
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # refuses control characters (NUL, BEL...) at once
+        node = loader.get_single_node()
+        duplicate = _duplicate_key(node) if node is not None else None
+        if duplicate:
+            raise SparsetuneError(f"recipe {path}: key {duplicate}; write each key once per section")
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise SparsetuneError(f"recipe {path} holds a character YAML does not allow (#x{exc.character:04x} on line "
+                              f"{line}): {exc.reason}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise SparsetuneError(f"recipe {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -143,9 +198,15 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise SparsetuneError(describe_validation_error(exc, source)) from None
+    # Paths no filesystem accepts fail here, naming the key, not later inside whatever opens them first.
+    for key, value in (("output_dir", recipe.output_dir), ("model.path", recipe.model.path),
+                       ("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+        if value is not None:
+            check_path_text(str(value), f"{source}: recipe key {key!r} =")
+    return recipe
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:

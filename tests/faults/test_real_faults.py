@@ -136,6 +136,7 @@ def test_kill_9_before_the_first_checkpoint_resumes_from_the_start(model, tmp_pa
     code, _, err = finish(spawn_train(model, run, *args, SPARSETUNE_TEST_SIGNAL="step:SIGKILL:2"))
     assert code == -9, err[-2000:]
     assert (run / "sparsetune-run.json").is_file() and not CheckpointStore(run).folders()
+    one_error(capsys, main(["eval", str(run), "--batches", "1"]), r"is a sparsetune run with no checkpoint yet")
     assert train_tiny(model, run, *QUIET, *args, "--resume") == 0  # the dead holder's lock is free
     straight = tmp_path / "straight"
     assert train_tiny(model, straight, *QUIET, *args) == 0
@@ -365,6 +366,8 @@ def test_output_names_the_os_cannot_hold(model, finished_run, tmp_path, capsys, 
     one_error(capsys, train_tiny(model, tmp_path / name, *QUIET), r"output_dir.*(NUL byte|256 bytes)")
     one_error(capsys, export(finished_run, tmp_path / name), rf"--out.*{pattern}")
     one_error(capsys, main(["eval", str(finished_run), "--json", str(tmp_path / name)]), rf"--json.*{pattern}")
+    one_error(capsys, main(["eval", str(tmp_path / name)]), rf"MODEL.*{pattern}")
+    one_error(capsys, main(["export", str(tmp_path / name), "--out", str(tmp_path / "x")]), rf"RUN.*{pattern}")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
