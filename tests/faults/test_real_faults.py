@@ -428,7 +428,9 @@ def test_step_folders_past_10_to_the_8_and_a_checkpoint_left_while_replaced(tmp_
 def tmpfs(path: Path, size: str, read_only: bool = False):
     path.mkdir(parents=True, exist_ok=True)
     opts = f"size={size}" + (",ro" if read_only else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:  # root in a container without CAP_SYS_ADMIN
+        pytest.skip(f"mount is not permitted here: {mounted.stderr.strip()[:200]}")
     try:
         yield path
     finally:
