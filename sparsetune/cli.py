@@ -212,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
     p.add_argument("--eval-batches", type=_POSITIVE, default=None, help="held-out batches for the report")
     p.add_argument("--powerinfer", action="store_true",
-                   help="also write the neuron predictors in PowerInfer's layout (powerinfer_predictors/: "
-                        "model_N.pt with fc1/fc2 + config.json with sparse_threshold) for its "
-                        "convert-hf-to-powerinfer-gguf.py; needs predictors trained with predictor.output_bias=false")
+                   help="also write DIR/model.powerinfer.gguf, which PowerInfer runs sparse as it is (a ReLU Llama "
+                        "with predictors trained with predictor.output_bias=false and predictor.input=residual), "
+                        "and DIR/activation/ (neuron counts for its GPU/CPU split); see docs/ENGINES.md")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier sparsetune export in --out (a folder sparsetune did not write is refused)")
     _add_load_options(p)

@@ -20,7 +20,7 @@ from sparsetune.recipe.schema import Recipe
 FIXED_KEYS = (
     "model.path", "model.dtype", "model.revision", "relufy", "peft", "data", "train.seed", "train.micro_batch_size",
     "train.grad_accum_steps", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
-    "predictor.lookahead", "predictor.heads", "predictor.head_rank", "predictor.output_bias",
+    "predictor.lookahead", "predictor.heads", "predictor.head_rank", "predictor.output_bias", "predictor.input",
 )
 # Changed keys that resume applies to restored state (optimizer hyper-parameters, the LR schedule), and how.
 APPLIED_ON_RESUME = {

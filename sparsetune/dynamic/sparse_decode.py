@@ -44,7 +44,8 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
             out = mlp.dense(x)
         else:
             flat = x.reshape(-1)
-            idx = (bank.neurons[mlp.layer_idx](flat) >= bank.threshold_for(mlp.layer_idx)).nonzero().squeeze(1)
+            keep = bank.neurons[mlp.layer_idx](bank.features(mlp.layer_idx, x).reshape(-1))
+            idx = (keep >= bank.threshold_for(mlp.layer_idx)).nonzero().squeeze(1)
             w = weights[mlp.layer_idx]
             out = getattr(w, kernel)(flat, idx).view_as(x)
             timer.kept += idx.numel()
@@ -78,6 +79,7 @@ def _kernel_record(model) -> dict:
 def decode_benchmark(model, bank: PredictorBank, prompt: torch.Tensor, new_tokens: int) -> dict:
     """Greedy decoding of `new_tokens` after `prompt` ([1, T]): dense vs predicted-sparse MLPs."""
     model.eval()
+    bank.bind(model)
     # Builds the fused kernel now, outside the timed runs (a failed build prints a one-line notice), and records
     # what the sparse runs' kernel will be for this model's device, dtype and activation.
     kernel = _kernel_record(model)

@@ -159,7 +159,7 @@ def run_eval(args: EvalArgs) -> EvalResult:
                               "predictor.enabled=true")
     bank = _predictors(t.predictors, args.predictor_threshold) if args.dynamic or args.generate else None
     if bank is not None:
-        bank.to(dev)
+        bank.to(dev).bind(model)
     data_cfg = t.data.model_copy(update={"seq_len": args.seq_len}) if args.seq_len else t.data
     calibration = None
     if needs_calibration(model):  # on the model's own training data, also when --data names other held-out text
@@ -187,7 +187,7 @@ def run_eval(args: EvalArgs) -> EvalResult:
         if bank is None:
             raise SparsetuneError("--sweep needs predictors: evaluate an export or run trained with "
                                   "predictor.enabled=true")
-        calibration = _training_batches(data_cfg, t.tokenizer, args.batch_size, args.calibration_batches)
+        calibration = training_batches(data_cfg, t.tokenizer, args.batch_size, args.calibration_batches)
         result.sweep = predictor_sweep(model, bank, list(eval_batches(data, args.batch_size, args.batches)),
                                        calibration, dev, args.sweep, args.sweep_kind, prompt=prompt)
     if tasks is not None:  # the model as measured above: its activation, calibration and device
@@ -239,7 +239,7 @@ def _decode(model, data, bank, new_tokens: int, prompt_tokens: int) -> dict:
     return decode_benchmark(model, bank, prompt, new_tokens)
 
 
-def _training_batches(data_cfg, tokenizer, batch_size: int, n: int) -> list[dict]:
+def training_batches(data_cfg, tokenizer, batch_size: int, n: int) -> list[dict]:
     """The first n micro-batches of the training split of `data_cfg` (never the held-out text)."""
     from sparsetune.data.batches import eval_batches
     from sparsetune.data.text_datasets import load_text_splits, pack
@@ -257,7 +257,7 @@ def _calibrate_predictors(model, bank, data_cfg, tokenizer, args: EvalArgs, devi
     kind = "mass_recall" if args.target_mass_recall is not None else "recall"
     target = args.target_mass_recall if kind == "mass_recall" else args.target_recall
     bank.down_norms = down_norm_reader(sparse_mlps(model))
-    batches = _training_batches(data_cfg, tokenizer, args.batch_size, args.calibration_batches)
+    batches = training_batches(data_cfg, tokenizer, args.batch_size, args.calibration_batches)
     thresholds = calibrate_thresholds(model, bank, batches, device, target, kind)
     return {"data": f"{data_cfg.path} (training split)", "batches": len(batches), "kind": kind, "target": target,
             "layer_logit_thresholds": thresholds}
@@ -267,7 +267,7 @@ def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> d
     """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
     from sparsetune.surgery.calibration import calibrate_cats
 
-    thresholds = calibrate_cats(model, _training_batches(data_cfg, tokenizer, batch_size, n), device, total=n)
+    thresholds = calibrate_cats(model, training_batches(data_cfg, tokenizer, batch_size, n), device, total=n)
     return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
             "thresholds": thresholds}
 

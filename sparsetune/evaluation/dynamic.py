@@ -272,6 +272,7 @@ def dynamic_eval(model, bank: PredictorBank | None, batches, device, exact_zeros
     with mlp_override(model, oracle_mask(exact_zeros, silu_active_fraction), tally):
         out["oracle"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce)}
     if bank is not None:
+        bank.bind(model)
         tally, scores = KeptFraction(), MaskRecall(exact_zeros, silu_active_fraction)
         with mlp_override(model, scores.scored(predicted_mask(bank)), tally):
             out["predicted"] = {"perplexity": perplexity(), "sparsity": tally.sparsity(all_reduce),

@@ -45,6 +45,7 @@ def predictor_sweep(model, bank: PredictorBank, batches: list[dict], calibration
     """{'dense', 'neurons': [points], 'heads': [points], 'prompt'}; the bank's thresholds are restored afterwards.
     `prompt` gives the prompt length of the prompt-mask curve (its keep / mass are set per point); None: no curve."""
     saved = (bank.layer_thresholds, bank.calibration, bank.down_norms, bank.cfg.threshold)
+    bank.bind(model)
     bank.down_norms = down_norm_reader(sparse_mlps(model))
 
     def perplexity(on: list[dict] = batches) -> float:

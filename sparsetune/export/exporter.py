@@ -23,11 +23,18 @@ from sparsetune.checkpoint.store import resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.export.model_card import model_card
-from sparsetune.export.powerinfer import powerinfer_layers, write_powerinfer_predictors
+from sparsetune.export.powerinfer import neuron_activation_counts, powerinfer_layers
+from sparsetune.export.powerinfer_gguf import (
+    GGUF_FILE,
+    check_activation,
+    check_model,
+    write_activation_counts,
+    write_gguf,
+)
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.device import resolve_device
 from sparsetune.models.exported import SPEC_FILE
-from sparsetune.models.structure import base_causal_lm, sparse_mlps
+from sparsetune.models.structure import base_causal_lm, decoder_layers, sparse_mlps
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.sparsity.thresholds import read_conversion
@@ -115,6 +122,19 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
                                      recipe.train.micro_batch_size, eval_batches_n or recipe.train.eval_batches,
                                      recipe.sparsity.near_zero_threshold, device=dev)
                    if measure else state.get("last_eval", {}))
+    bank = load_predictors(ckpt / "predictors") if (ckpt / "predictors" / "predictors.json").is_file() else None
+    counts = None
+    if powerinfer:  # refused in one line before anything is measured or written
+        if bank is None:
+            raise SparsetuneError("--powerinfer needs predictors: export a run trained with predictor.enabled=true")
+        check_activation(activation_spec(base_causal_lm(model)))
+        check_model(base_causal_lm(model).config)
+        norms = [layer.post_attention_layernorm.weight for layer in decoder_layers(base_causal_lm(model))]
+        threshold, fc_layers = powerinfer_layers(bank, norms)
+        from sparsetune.evaluation.command import training_batches
+
+        counts, count_tokens = neuron_activation_counts(model.to(dev), training_batches(
+            recipe.data, tokenizer, recipe.train.micro_batch_size, bank.cfg.calibration_batches), dev)
     model.to("cpu")
 
     lm = base_causal_lm(model)
@@ -138,13 +158,10 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
     conversion, _ = read_conversion(ckpt)
     if conversion is not None:  # the run converted to per-layer thresholds (already on the model and in its spec)
         report["thresholds"] = conversion.to_json()
-    bank = None
-    if (ckpt / "predictors" / "predictors.json").is_file():
-        bank = load_predictors(ckpt / "predictors")
     if powerinfer:
-        if bank is None:
-            raise SparsetuneError("--powerinfer needs predictors: export a run trained with predictor.enabled=true")
-        powerinfer_layers(bank)  # refuse (one line) before anything is written
+        report["powerinfer"] = {"file": GGUF_FILE, "sparse_threshold": threshold,
+                                "predictor_input": bank.cfg.input, "activation_counts": {
+                                    "folder": "activation", "tokens": count_tokens}}
         report["predictors"] = {"files": ["predictors.safetensors", "predictors.json"], **{
             k: v for k, v in bank.spec().items() if k != "config"}, "config": bank.cfg.model_dump(mode="json"),
             "evaluation": {k: state.get("last_eval", {}).get(k) for k in ("predictor", "dynamic")}}
@@ -164,7 +181,8 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
         if bank is not None:
             bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
         if powerinfer:
-            write_powerinfer_predictors(bank, tmp)
+            write_gguf(lm, tokenizer, fc_layers, threshold, tmp / GGUF_FILE, name=f"sparsetune {out.name}")
+            write_activation_counts(counts, tmp)
         for name, text in texts.items():
             (tmp / name).write_text(text)
         # Written last: the marker of a finished export, listing what it wrote (what --overwrite may replace later).

@@ -11,24 +11,29 @@ def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]
     relu_family = activation in ("relu", "shifted_relu", "fatrelu", "drelu", "relu2")
     rows = [
         "## Inference engines",
+        "What was run is in sparsetune's docs/ENGINES.md (commands, figures).",
+        "",
         "| engine | runs this export? |",
         "| --- | --- |",
         "| transformers | " + ("yes, exactly (`AutoModelForCausalLM`)" if exact else
                               "only through `sparsetune.load_sparse_model` (plain transformers computes another "
                               "activation)") + " |",
-        "| vLLM, SGLang | " + ("yes" if silu else "no: their Llama MLP refuses any `hidden_act` but `silu`") + " |",
+        "| vLLM, SGLang | " + ("yes" if silu else "not natively: their Llama MLP refuses any `hidden_act` but `silu` "
+                               "(their Transformers backend is unverified here)") + " |",
         "| llama.cpp | " + ("yes" if silu else "**no**: its llama architecture applies SiLU in the MLP whatever "
-                            "`hidden_act` says, so a converted file runs silently wrong") + " |",
+                            "`hidden_act` says, so a converted file runs silently wrong; do not convert it") + " |",
     ]
     if powerinfer:
-        rows.append("| PowerInfer | with the predictors in `powerinfer_predictors/`: `python "
-                    "convert-hf-to-powerinfer-gguf.py PATH PATH/powerinfer_predictors --outfile "
-                    "model.powerinfer.gguf` (its Llama converter reads a SentencePiece `tokenizer.model`) |")
+        rows.append("| PowerInfer | yes, sparse: `model.powerinfer.gguf` with the predictors, as it is: "
+                    "`./build/bin/main -m model.powerinfer.gguf -p TEXT` (CPU; `activation/` holds the neuron "
+                    "counts its GPU/CPU split reads) |")
+    elif activation == "relu":
+        rows.append("| PowerInfer | ReLU models with predictors: export with `--powerinfer` (predictors trained "
+                    "with `predictor.output_bias: false`, `predictor.input: residual`) |")
     elif relu_family:
-        rows.append("| PowerInfer | ReLU-family models with predictors: export with `--powerinfer` (predictors "
-                    "trained with `predictor.output_bias: false`) |")
+        rows.append(f"| PowerInfer | no: its llama path computes relu(gate) * up only, not `{activation}` |")
     else:
-        rows.append("| PowerInfer | no: it needs a ReLU-family activation |")
+        rows.append("| PowerInfer | no: it needs a ReLU activation |")
     return [*rows, ""]
 
 

@@ -1,44 +1,48 @@
-"""Predictors in PowerInfer's layout, for its converter `convert-hf-to-powerinfer-gguf.py MODEL PREDICTORS`.
+"""The neuron predictors as PowerInfer computes them: per layer idx = fc2 @ relu(fc1 @ ffn_inp), a neuron skipped
+when idx < one global `sparse_threshold` (PowerInfer d3ebd7c, llama.cpp:4680-4686, ggml.c:14256), with `ffn_inp` the
+residual stream before the post-attention norm (llama.cpp:5045).
 
-PowerInfer reads a folder of `model_{n}.pt` files, one per decoder layer n (loaded with `torch.load`, counted by
-their `.pt` suffix), each a state dict of a bias-free `fc1 -> ReLU -> fc2` network: `fc1.weight` [hidden, d] and
-`fc2.weight` [m, hidden]; plus an optional `config.json` whose `sparse_threshold` is written into the GGUF file. A
-neuron is computed when its predictor output reaches that threshold (logit space: 0 is sigmoid 0.5).
-
-sparsetune's neuron predictors are `Linear(d -> r) [-> act] -> Linear(r -> m)`. They map exactly when:
+sparsetune's neuron predictors are `Linear(d -> r) [-> act] -> Linear(r -> m)` on `predictor.input`. They map
+exactly when:
   - the output layer has no bias (`predictor.output_bias: false`): fc1/fc2 have none;
   - act is relu (as is) or none: a linear map z is written as relu(z) - relu(-z), i.e. fc1 = [W1; -W1] and
     fc2 = [W2, -W2] (twice the rank, the same outputs);
+  - the input is PowerInfer's: `predictor.input: residual` reads the same residual stream. Predictors of the
+    MLP input x = w * r / rms(r) fold exactly only at logit threshold 0: relu is positively homogeneous, so
+    f(x) = f(w * r) / rms(r) has the sign of f(w * r), and fc1 = W1 diag(w) keeps exactly the same neurons. Any other
+    threshold (a calibrated one) would be scaled by each token's rms, so it is refused;
   - one threshold serves every layer: a calibrated per-layer threshold t_l of one sign is folded into the layer's
     fc2 by scaling it with T / t_l (T = +-1), so `output >= T` keeps exactly what `logit >= t_l` kept;
-  - no lookahead (PowerInfer feeds layer n's own FFN input to predictor n).
+  - no lookahead (PowerInfer feeds layer n's own residual to predictor n).
 Anything else is refused with one line rather than exported approximately.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.predictors.bank import PredictorBank
 
-FOLDER = "powerinfer_predictors"
-
 
 def _check(bank: PredictorBank) -> None:
     cfg = bank.cfg
     if cfg.lookahead:
         raise SparsetuneError("--powerinfer: lookahead predictors (predictor.lookahead=true) do not fit PowerInfer, "
-                              "which feeds layer n's own FFN input to predictor n")
+                              "which feeds layer n's own residual stream to predictor n")
     if cfg.output_bias:
         raise SparsetuneError("--powerinfer: these predictors have an output bias, which PowerInfer's bias-free "
                               "fc1 -> ReLU -> fc2 cannot hold; train them with predictor.output_bias=false")
     if cfg.nonlinearity not in ("relu", "none"):
         raise SparsetuneError(f"--powerinfer: predictor.nonlinearity={cfg.nonlinearity} cannot be written as "
                               "fc1 -> ReLU -> fc2; use relu or none")
+    if cfg.input != "residual":
+        thresholds = bank.layer_thresholds or [bank.logit_threshold]
+        if any(t != 0 for t in thresholds):
+            raise SparsetuneError(
+                "--powerinfer: these predictors read the MLP input after the post-attention norm, but PowerInfer "
+                "feeds them the residual stream before it; with their calibrated thresholds (not 0) every token's "
+                "norm would change which neurons are kept; train them with predictor.input=residual")
 
 
 def global_threshold(bank: PredictorBank) -> tuple[float, list[float]]:
@@ -53,13 +57,19 @@ def global_threshold(bank: PredictorBank) -> tuple[float, list[float]]:
                           "global sparse_threshold cannot express; recalibrate or export without --powerinfer")
 
 
-def powerinfer_layers(bank: PredictorBank) -> tuple[float, list[dict[str, torch.Tensor]]]:
-    """(sparse_threshold, per-layer {'fc1.weight', 'fc2.weight'}) reproducing the bank's neuron masks."""
+def powerinfer_layers(bank: PredictorBank, norm_weights: list[torch.Tensor] | None = None
+                      ) -> tuple[float, list[dict[str, torch.Tensor]]]:
+    """(sparse_threshold, per-layer {'fc1.weight', 'fc2.weight'}) reproducing the bank's neuron masks on the
+    residual stream. `norm_weights`: each layer's post-attention norm weight (needed for mlp_input predictors)."""
     _check(bank)
     threshold, scales = global_threshold(bank)
     layers = []
-    for predictor, scale in zip(bank.neurons, scales):
+    for idx, (predictor, scale) in enumerate(zip(bank.neurons, scales)):
         w1 = predictor.down.weight.detach().float().cpu()
+        if bank.cfg.input != "residual":
+            if norm_weights is None:
+                raise ValueError("mlp_input predictors need the layers' post-attention norm weights")
+            w1 = w1 * norm_weights[idx].detach().float().cpu()[None, :]
         w2 = predictor.up.weight.detach().float().cpu() * scale
         if bank.cfg.nonlinearity == "none":
             w1, w2 = torch.cat([w1, -w1]), torch.cat([w2, -w2], dim=1)
@@ -67,20 +77,31 @@ def powerinfer_layers(bank: PredictorBank) -> tuple[float, list[dict[str, torch.
     return threshold, layers
 
 
-def write_powerinfer_predictors(bank: PredictorBank, folder: Path) -> Path:
-    """Write `folder/powerinfer_predictors/` (model_{n}.pt + config.json); returns that folder."""
-    threshold, layers = powerinfer_layers(bank)
-    out = folder / FOLDER
-    out.mkdir(parents=True, exist_ok=True)
-    for n, state in enumerate(layers):
-        torch.save(state, out / f"model_{n}.pt")
-    (out / "config.json").write_text(json.dumps({"sparse_threshold": threshold}, indent=1) + "\n")
-    return out
+def engine_mask(fc1: torch.Tensor, fc2: torch.Tensor, threshold: float, residual: torch.Tensor) -> torch.Tensor:
+    """The neurons PowerInfer computes for residual-stream rows, the way its graph does: fc2 relu(fc1 r) >= T."""
+    return torch.relu(residual.float() @ fc1.float().t()) @ fc2.float().t() >= threshold
 
 
-def load_powerinfer_masks(folder: Path, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """The neurons PowerInfer's predictor `layer` keeps for inputs x, read back from the written files."""
-    state = torch.load(folder / f"model_{layer}.pt", map_location="cpu", weights_only=True)
-    threshold = json.loads((folder / "config.json").read_text())["sparse_threshold"]
-    hidden = torch.relu(x.float() @ state["fc1.weight"].t())
-    return hidden @ state["fc2.weight"].t() >= threshold
+class _Counter:
+    """A SparseMLP sink counting, per layer, the tokens on which each neuron is active (a != 0)."""
+
+    def __init__(self):
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, activation: torch.Tensor, mlp_input: torch.Tensor, gate=None) -> None:
+        active = (activation.detach() != 0).reshape(-1, activation.shape[-1]).sum(0).cpu()
+        self.counts[layer] = self.counts.get(layer, torch.zeros_like(active)) + active
+
+
+@torch.no_grad()
+def neuron_activation_counts(model, batches, device) -> tuple[list[torch.Tensor], int]:
+    """(per layer, how many calibration tokens activate each neuron; the number of tokens): what PowerInfer's
+    GPU/CPU split solver reads."""
+    from sparsetune.surgery.sparse_mlp import patched_mlps
+
+    counter, tokens = _Counter(), 0
+    with patched_mlps(model, sink=counter):
+        for batch in batches:
+            model(input_ids=batch["input_ids"].to(device))
+            tokens += batch["input_ids"].numel()
+    return [counter.counts[i] for i in sorted(counter.counts)], tokens

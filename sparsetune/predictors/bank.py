@@ -53,6 +53,50 @@ class PredictorBank(nn.Module):
         # None: every layer uses the global predictor.threshold.
         self.layer_thresholds: list[float] | None = None
         self.calibration: dict | None = None  # how they were set (target, tokens), saved in predictors.json
+        # predictor.input=residual: each layer's residual stream before its post-attention norm, set by the taps
+        # bind() puts on the model during every forward, read by features()
+        self._residuals: dict[int, torch.Tensor] = {}
+        self._taps: list = []
+
+    # ------------------------------------------------------------------ input
+    def bind(self, model) -> PredictorBank:
+        """Attach what the predictors need from `model`'s forward: with predictor.input=residual, a pre-hook on
+        every decoder layer's post-attention norm keeps that layer's residual stream. Idempotent; a no-op for
+        predictor.input=mlp_input."""
+        if self.cfg.input != "residual" or self._taps:
+            return self
+        from sparsetune.errors import SparsetuneError
+        from sparsetune.models.structure import decoder_layers
+
+        for idx, layer in enumerate(decoder_layers(model)):
+            norm = getattr(layer, "post_attention_layernorm", None)
+            if norm is None:
+                raise SparsetuneError(f"predictor.input=residual: decoder layer {idx} of this model has no "
+                                      "post_attention_layernorm to read the residual stream from; use "
+                                      "predictor.input=mlp_input")
+
+            def keep(module, args, kwargs, idx=idx):
+                self._residuals[idx] = kwargs.get("hidden_states", args[0] if args else None)
+
+            self._taps.append(norm.register_forward_pre_hook(keep, with_kwargs=True))
+        return self
+
+    def unbind(self) -> None:
+        for handle in self._taps:
+            handle.remove()
+        self._taps.clear()
+        self._residuals.clear()
+
+    def features(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """What predictor `idx` reads for the MLP input x of its layer: x itself, or (predictor.input=residual)
+        the same tokens' residual stream before the norm, kept by the taps of this forward."""
+        if self.cfg.input != "residual":
+            return x
+        residual = self._residuals.get(idx)
+        if residual is None or residual.shape != x.shape:
+            raise RuntimeError(f"predictor.input=residual: no residual stream of layer {idx} for this forward "
+                               "(call bank.bind(model) before running the model)")
+        return residual
 
     # ------------------------------------------------------------------ sizes
     def neuron_param_fraction(self) -> float:
@@ -107,7 +151,7 @@ class PredictorBank(nn.Module):
                 return
             idx = layer - 1
         else:
-            source, idx = x, layer
+            source, idx = self.features(layer, x), layer
         source, labels, token_mask, a = self._sample(source, labels, token_mask, a)
         importance = self.neuron_importance(layer, a)
         # The predictor trains even when the model runs under no_grad (train.freeze_model).
@@ -150,7 +194,7 @@ class PredictorBank(nn.Module):
     @torch.no_grad()
     def neuron_mask(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         """Predicted-active neurons (bool) of predictor `idx` for inputs x."""
-        return self.neurons[idx](x) >= self.threshold_for(idx)
+        return self.neurons[idx](self.features(idx, x)) >= self.threshold_for(idx)
 
     @torch.no_grad()
     def head_mask(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ class _Collector:
                 return
             idx = layer - 1
         else:
-            source, idx = mlp_input, layer
+            source, idx = bank.features(layer, mlp_input), layer
         labels = neuron_labels(activation, bank.exact_zeros, bank.cfg.silu_active_fraction)
         logits = bank.neurons[idx](source)[labels].float().cpu()
         weights = bank.neuron_importance(layer, activation)[labels].cpu()
@@ -68,6 +68,7 @@ def calibrate_thresholds(model, bank: PredictorBank, batches: Iterable[dict], de
     """Set (and return) the bank's per-layer logit thresholds so that each layer reaches `target` `kind` on the
     real tokens of `batches`. Identical on every rank given identical batches."""
     was_training, bank_training = model.training, bank.training
+    bank.bind(model)
     model.eval()
     bank.eval()
     collector = _Collector(bank, seed)

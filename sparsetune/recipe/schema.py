@@ -283,6 +283,10 @@ class PredictorSection(Section):
         0.3, gt=0.0, le=1.0,
         description="Labels for silu (no exact zeros): the top fraction of neurons by |a| per token are active.")
     lookahead: bool = Field(False, description="Layer i's MLP input predicts layer i+1's mask (time to prefetch).")
+    input: Literal["mlp_input", "residual"] = Field(
+        "mlp_input", description="What each neuron predictor reads: mlp_input = the MLP's own input (after the "
+        "post-attention norm); residual = the residual stream before that norm, which is what PowerInfer feeds its "
+        "predictors (`ffn_inp`), so `export --powerinfer` computes exactly the masks sparsetune measured.")
     detach_inputs: bool = Field(
         True, description="Predictor inputs are detached: the predictors do not change the model.")
     train_token_fraction: float = Field(
@@ -304,6 +308,9 @@ class PredictorSection(Section):
     def _one_target(self) -> PredictorSection:
         if self.target_recall is not None and self.target_mass_recall is not None:
             raise ValueError("set at most one of predictor.target_recall and predictor.target_mass_recall")
+        if self.input == "residual" and self.lookahead:
+            raise ValueError("predictor.input=residual reads each layer's own residual stream; it does not combine "
+                             "with predictor.lookahead=true")
         return self
 
 

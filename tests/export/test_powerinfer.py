@@ -1,15 +1,19 @@
-"""PowerInfer's predictor layout: the files its converter reads, and the same masks as sparsetune's predictors."""
+"""`export --powerinfer`: the GGUF PowerInfer loads (names, shapes, dtypes, metadata its loader reads: see
+sparsetune/export/powerinfer_gguf.py for the cited source lines) and the masks PowerInfer computes from it on the
+residual stream, equal to sparsetune's on the same tokens. PowerInfer itself is not on the package registries, so
+these tests read the file back with the `gguf` package; docs/ENGINES.md has the runs in the engine."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from sparsetune.cli import main
-from sparsetune.export.powerinfer import global_threshold, load_powerinfer_masks, powerinfer_layers
+from sparsetune.export.powerinfer import engine_mask, global_threshold, powerinfer_layers
 from sparsetune.predictors.bank import PredictorBank, load_predictors
 from sparsetune.recipe.schema import PredictorSection
-from tests.e2e_helpers import train_tiny
+from tests.e2e_helpers import one_error, train_tiny
 
 
 def _bank(**cfg) -> PredictorBank:
@@ -22,58 +26,223 @@ def _bank(**cfg) -> PredictorBank:
 
 @pytest.mark.parametrize("nonlinearity", ["none", "relu"])
 @pytest.mark.parametrize("layer_thresholds", [None, [-0.5, -2.0, -0.1], [0.3, 1.0, 2.5]])
-def test_powerinfer_layers_reproduce_the_masks(tmp_path, nonlinearity, layer_thresholds):
-    from sparsetune.export.powerinfer import write_powerinfer_predictors
-
-    bank = _bank(nonlinearity=nonlinearity, output_bias=False)
+def test_residual_predictors_give_powerinfer_the_same_masks(nonlinearity, layer_thresholds):
+    bank = _bank(nonlinearity=nonlinearity, output_bias=False, input="residual")
     bank.layer_thresholds = layer_thresholds
-    folder = write_powerinfer_predictors(bank, tmp_path)
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model_0.pt", "model_1.pt", "model_2.pt"]
-    state = torch.load(folder / "model_0.pt", weights_only=True)
+    threshold, layers = powerinfer_layers(bank)
     hidden = 4 if nonlinearity == "relu" else 8  # a linear map as relu(z) - relu(-z): twice the rank
-    assert set(state) == {"fc1.weight", "fc2.weight"}
-    assert state["fc1.weight"].shape == (hidden, 16) and state["fc2.weight"].shape == (40, hidden)
-    x = torch.randn(50, 16)
+    assert layers[0]["fc1.weight"].shape == (hidden, 16) and layers[0]["fc2.weight"].shape == (40, hidden)
+    r = torch.randn(200, 16) * 5
     for layer in range(3):
-        assert torch.equal(load_powerinfer_masks(folder, layer, x), bank.neuron_mask(layer, x))
+        ours = bank.neurons[layer](r) >= bank.threshold_for(layer)  # what sparsetune computes on the residual
+        assert torch.equal(engine_mask(layers[layer]["fc1.weight"], layers[layer]["fc2.weight"], threshold, r), ours)
+
+
+def test_mlp_input_predictors_fold_exactly_only_at_threshold_0():
+    """f(norm(r)) >= 0 <=> f(w * r) >= 0 (relu is positively homogeneous): fc1 = W1 diag(w), exact."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from sparsetune.errors import SparsetuneError
+
+    bank = _bank(nonlinearity="relu", output_bias=False)  # threshold 0.5 = logit 0
+    norms = []
+    for _ in range(3):
+        norm = LlamaRMSNorm(16, eps=1e-5)
+        torch.nn.init.uniform_(norm.weight, 0.2, 2.0)
+        norms.append(norm)
+    threshold, layers = powerinfer_layers(bank, [n.weight for n in norms])
+    r = torch.randn(300, 16) * torch.rand(300, 1) * 20  # per-token scales far apart, as in a real residual stream
+    for layer in range(3):
+        x = norms[layer](r).detach()
+        assert torch.equal(engine_mask(layers[layer]["fc1.weight"], layers[layer]["fc2.weight"], threshold, r),
+                           bank.neuron_mask(layer, x))
+    bank.layer_thresholds = [-0.5, -1.0, -2.0]  # calibrated: the norm's per-token scale would move the cut
+    with pytest.raises(SparsetuneError, match="train them with predictor.input=residual"):
+        powerinfer_layers(bank, [n.weight for n in norms])
 
 
 def test_what_powerinfer_cannot_hold_is_refused():
     from sparsetune.errors import SparsetuneError
 
     with pytest.raises(SparsetuneError, match="output bias"):
-        powerinfer_layers(_bank())
+        powerinfer_layers(_bank(input="residual"))
     with pytest.raises(SparsetuneError, match="nonlinearity=gelu"):
-        powerinfer_layers(_bank(output_bias=False, nonlinearity="gelu"))
+        powerinfer_layers(_bank(output_bias=False, nonlinearity="gelu", input="residual"))
     with pytest.raises(SparsetuneError, match="lookahead"):
         powerinfer_layers(_bank(output_bias=False, lookahead=True))
-    bank = _bank(output_bias=False)
+    bank = _bank(output_bias=False, input="residual")
     bank.layer_thresholds = [-1.0, 0.5, 1.0]
     with pytest.raises(SparsetuneError, match="mixed signs"):
         global_threshold(bank)
 
 
-@pytest.mark.e2e
-def test_export_powerinfer_from_a_run(tiny_model_dirs, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", "predictor.enabled=true",
-                      "predictor.rank=8", "predictor.output_bias=false", "train.eval_every=0",
-                      "wandb.mode=disabled") == 0
-    out = tmp_path / "export"
+def _rope_hf(q: torch.Tensor, pos: int, base: float) -> torch.Tensor:
+    """transformers' Llama rope on one head: rotate_half pairs (i, i + d/2)."""
+    d = q.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.cat([pos * inv, pos * inv])
+    rot = torch.cat([-q[..., d // 2:], q[..., : d // 2]], dim=-1)
+    return q * ang.cos() + rot * ang.sin()
+
+
+def _rope_ggml(q: torch.Tensor, pos: int, base: float) -> torch.Tensor:
+    """ggml's rope mode 0 (PowerInfer's llama): adjacent pairs (2i, 2i + 1) rotated by base^(-2i/d)."""
+    d = q.shape[-1]
+    theta = pos * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    x0, x1 = q[..., 0::2], q[..., 1::2]
+    out = torch.empty_like(q)
+    out[..., 0::2] = x0 * theta.cos() - x1 * theta.sin()
+    out[..., 1::2] = x0 * theta.sin() + x1 * theta.cos()
+    return out
+
+
+@pytest.fixture(scope="module")
+def powerinfer_export(tiny_model_dirs, tmp_path_factory):
+    """A tiny tied-embedding Llama run with residual predictors calibrated to a mass-recall target, exported."""
+    from tests.tiny_models import save_tiny_model
+
+    root = tmp_path_factory.mktemp("pi")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    base = save_tiny_model(root / "tied", "llama", tokenizer, tie_word_embeddings=True, rope_theta=50000.0)
+    run = root / "run"
+    assert train_tiny(base, run, "train.max_steps=3", "predictor.enabled=true", "predictor.rank=8",
+                      "predictor.output_bias=false", "predictor.input=residual", "predictor.nonlinearity=relu",
+                      "predictor.target_mass_recall=0.99", "predictor.calibration_batches=2",
+                      "train.eval_every=0", "wandb.mode=disabled") == 0
+    out = root / "export"
     assert main(["export", str(run), "--out", str(out), "--no-eval", "--powerinfer"]) == 0
-    folder = out / "powerinfer_predictors"
-    assert json.loads((folder / "config.json").read_text()) == {"sparse_threshold": 0.0}  # sigmoid 0.5
-    bank = load_predictors(out)
-    x = torch.randn(20, bank.hidden_size)
-    for layer in range(bank.num_neuron_predictors):
-        assert torch.equal(load_powerinfer_masks(folder, layer, x), bank.neuron_mask(layer, x))
+    return base, out
+
+
+@pytest.mark.e2e
+def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
+    from transformers import AutoConfig
+
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, header_version, read_gguf
+
+    base, out = powerinfer_export
+    path = out / GGUF_FILE
+    assert path.read_bytes()[:4] == b"PWRI" and header_version(path) == 3
+    cfg = AutoConfig.from_pretrained(out)
+    d, m, n, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * d // cfg.num_attention_heads
+    reader = read_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    # ggml dims (llama.cpp:3238-3263 create_tensor calls) are numpy's reversed
+    expected = {"token_embd.weight": (d, vocab), "output_norm.weight": (d,), "output.weight": (d, vocab)}
+    for i in range(n):
+        expected.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.attn_q.weight": (d, d),
+                         f"blk.{i}.attn_k.weight": (d, kv), f"blk.{i}.attn_v.weight": (d, kv),
+                         f"blk.{i}.attn_output.weight": (d, d), f"blk.{i}.ffn_norm.weight": (d,),
+                         f"blk.{i}.ffn_gate.weight": (d, m), f"blk.{i}.ffn_up.weight": (d, m),
+                         f"blk.{i}.ffn_down_t.weight": (d, m), f"blk.{i}.fc1.weight": (d, 8),
+                         f"blk.{i}.fc2.weight": (8, m)})
+    assert {k: tuple(int(x) for x in t.shape) for k, t in tensors.items()} == expected  # exactly these (llama.cpp:2111)
+    for name, t in tensors.items():
+        want = "F32" if len(expected[name]) == 1 or ".fc" in name else "F16"  # axpy reads ffn_down_t as F16
+        assert t.tensor_type.name == want, name
+    # tied embeddings: output.weight is written anyway, equal to the embedding
+    assert np.array_equal(tensors["output.weight"].data, tensors["token_embd.weight"].data)
+    fields = {f.name: f for f in reader.fields.values()}
+
+    def value(key):
+        f = fields[key]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]].tolist()
+
+    assert value("general.architecture") == "llama"
+    assert value("llama.rope.freq_base") == pytest.approx(50000.0)  # from rope_parameters, not a default
+    assert value("llama.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.rms_norm_eps)
+    assert value("llama.block_count") == n and value("llama.feed_forward_length") == m
+    assert value("llama.attention.head_count_kv") == cfg.num_key_value_heads
+    assert value("tokenizer.ggml.model") == "gpt2" and len(value("tokenizer.ggml.tokens")) == vocab
+    assert len(value("tokenizer.ggml.merges")) > 0
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert value("powerinfer.sparse_threshold") == pytest.approx(report["powerinfer"]["sparse_threshold"])
+    # GPU/CPU split solver input (powerinfer-py solver.py:22): activation/activation_{i}.pt, n_ff counts
+    counts = [torch.load(out / "activation" / f"activation_{i}.pt", weights_only=True) for i in range(n)]
+    tokens = report["powerinfer"]["activation_counts"]["tokens"]
+    assert all(c.shape == (m,) and 0 <= int(c.min()) and int(c.max()) <= tokens for c in counts)
+    assert sum(int(c.sum()) for c in counts) > 0
     card = (out / "README.md").read_text()
-    assert "convert-hf-to-powerinfer-gguf.py PATH PATH/powerinfer_predictors" in card
-    assert "| vLLM, SGLang | no: their Llama MLP refuses" in card and "runs silently wrong" in card
-    # predictors with an output bias: one line, nothing written
+    assert "model.powerinfer.gguf" in card and "docs/ENGINES.md" in card
+
+
+@pytest.mark.e2e
+def test_q_k_permutation_makes_ggml_rope_equal_transformers_rope(powerinfer_export):
+    from transformers import AutoModelForCausalLM
+
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_gguf
+
+    _, out = powerinfer_export
+    model = AutoModelForCausalLM.from_pretrained(out)
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    w_hf = model.model.layers[0].self_attn.q_proj.weight.detach().double()
+    t = {t.name: t for t in read_gguf(out / GGUF_FILE).tensors}["blk.0.attn_q.weight"]
+    w_gguf = torch.from_numpy(np.array(t.data, dtype=np.float64)).reshape(w_hf.shape)
+    x = torch.randn(w_hf.shape[1], dtype=torch.float64)
+
+    def interleave(v: torch.Tensor) -> torch.Tensor:  # per head, dims (i, i + d/2) -> (2i, 2i + 1)
+        return v.reshape(-1, 2, hd // 2).transpose(1, 2).reshape(-1, hd)
+
+    for pos in (0, 3, 17):
+        q_hf = _rope_hf((w_hf @ x).reshape(-1, hd), pos, 50000.0)
+        q_gg = _rope_ggml((w_gguf @ x).reshape(-1, hd), pos, 50000.0)
+        assert torch.allclose(q_gg, interleave(q_hf), atol=1e-2, rtol=1e-2)  # F16 weights in the GGUF
+
+
+@pytest.mark.e2e
+def test_masks_from_the_gguf_equal_sparsetunes_on_the_same_tokens(powerinfer_export):
+    """Run the export in sparsetune; on each layer's residual stream, the masks PowerInfer computes from the GGUF's
+    fc1/fc2 and sparse_threshold equal those sparsetune's predictors (as `eval --dynamic` applies them) compute."""
+    from sparsetune import load_sparse_model
+    from sparsetune.evaluation.dynamic import predicted_mask
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_gguf
+    from sparsetune.surgery.sparse_mlp import patched_mlps
+
+    _, out = powerinfer_export
+    model = load_sparse_model(out).eval()
+    bank = load_predictors(out).bind(model)
+    reader = read_gguf(out / GGUF_FILE)
+    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
+    threshold = float(json.loads((out / "sparsity_report.json").read_text())["powerinfer"]["sparse_threshold"])
+    residuals, ours = {}, {}
+    choose = predicted_mask(bank)
+
+    def override(mlp, x):
+        residuals[mlp.layer_idx] = bank.features(mlp.layer_idx, x).reshape(-1, x.shape[-1])
+        ours[mlp.layer_idx] = choose(mlp, x).reshape(-1, mlp.projections()[0].out_features)
+        return mlp.dense(x)
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (2, 48))
+    with torch.no_grad(), patched_mlps(model, override=override):
+        model(input_ids=ids)
+    kept = []
+    for i in range(model.config.num_hidden_layers):
+        fc1 = tensors[f"blk.{i}.fc1.weight"].reshape(-1, model.config.hidden_size)
+        fc2 = tensors[f"blk.{i}.fc2.weight"].reshape(model.config.intermediate_size, -1)
+        theirs = engine_mask(fc1, fc2, threshold, residuals[i])
+        assert torch.equal(theirs, ours[i]), i
+        kept.append(theirs.float().mean().item())
+    assert 0 < min(kept) and max(kept) < 1  # a real cut, not all-or-nothing
+
+
+@pytest.mark.e2e
+def test_an_activation_powerinfer_cannot_run_is_refused(tiny_model_dirs, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=1", "relufy.activation=relu2",
+                      "predictor.enabled=true", "predictor.rank=8", "predictor.output_bias=false",
+                      "predictor.input=residual", "train.eval_every=0", "wandb.mode=disabled") == 0
+    capsys.readouterr()
+    one_error(capsys, main(["export", str(run), "--out", str(tmp_path / "x"), "--no-eval", "--powerinfer"]),
+              r"--powerinfer: activation 'relu2' cannot run truthfully in PowerInfer's llama path")
+    assert not (tmp_path / "x").exists()
     biased = tmp_path / "biased"
     assert train_tiny(tiny_model_dirs["llama"], biased, "train.max_steps=1", "predictor.enabled=true",
                       "predictor.rank=8", "train.eval_every=0", "wandb.mode=disabled") == 0
     capsys.readouterr()
-    assert main(["export", str(biased), "--out", str(tmp_path / "x"), "--no-eval", "--powerinfer"]) == 2
-    assert "predictor.output_bias=false" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    one_error(capsys, main(["export", str(biased), "--out", str(tmp_path / "x"), "--no-eval", "--powerinfer"]),
+              r"predictor.output_bias=false")
+    assert not (tmp_path / "x").exists()

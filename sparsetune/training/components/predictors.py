@@ -65,6 +65,7 @@ class Predictors(Component):
                 f"parameters, above predictor.max_param_fraction={r.predictor.max_param_fraction:g}; "
                 "lower the rank or raise the budget")
         setup.recorder.consumers.append(self.bank)
+        self.bank.bind(setup.model)  # predictor.input=residual: taps on the model's residual stream
         self.bank.down_norms = down_norm_reader(sparse_mlps(setup.model))
         if r.predictor.heads:
             attach_head_hooks(setup.model, self.bank, setup.recorder)
