@@ -18,15 +18,18 @@ def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]
         "| transformers | " + ("yes, exactly (`AutoModelForCausalLM`)" if exact else
                               "only through `sparsetune.load_sparse_model` (plain transformers computes another "
                               "activation)") + " |",
-        "| vLLM, SGLang | " + ("yes" if silu else "not natively: their Llama MLP refuses any `hidden_act` but `silu` "
-                               "(their Transformers backend is unverified here)") + " |",
+        "| vLLM, SGLang | " + ("yes" if silu else "not natively: their Llama MLP refuses any `hidden_act` but `silu`; "
+                               "vLLM documents a Transformers backend (`--model-impl transformers`) that runs "
+                               "Transformers' own code, densely (not run here)") + " |",
         "| llama.cpp | " + ("yes" if silu else "**no**: its llama architecture applies SiLU in the MLP whatever "
                             "`hidden_act` says, so a converted file runs silently wrong; do not convert it") + " |",
     ]
     if powerinfer:
         rows.append("| PowerInfer | yes, sparse: `model.powerinfer.gguf` with the predictors, as it is: "
-                    "`./build/bin/main -m model.powerinfer.gguf -p TEXT` (CPU; `activation/` holds the neuron "
-                    "counts its GPU/CPU split reads) |")
+                    "`./build/bin/main -m model.powerinfer.gguf -p TEXT` (CPU, tested; `activation/` holds the neuron "
+                    "counts its GPU/CPU split solver reads, GPU mode not run). Measured on SmolLM2-135M from "
+                    "`recipes/powerinfer.yaml`: 1.14x its own all-neurons decode, perplexity within 0.1% of "
+                    "sparsetune's (docs/ENGINES.md) |")
     elif activation == "relu":
         rows.append("| PowerInfer | ReLU models with predictors: export with `--powerinfer` (predictors trained "
                     "with `predictor.output_bias: false`, `predictor.input: residual`) |")

@@ -123,10 +123,13 @@ def _vocab(writer, tokenizer, vocab_size: int) -> None:
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
 
 
-def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]], threshold: float, path: Path,
+def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, threshold: float, path: Path,
                name: str = "sparsetune export") -> Path:
     """Write `lm` (a plain HF Llama with ReLU MLPs), its tokenizer and the PowerInfer predictor tensors
-    (`fc1.weight` [r, d], `fc2.weight` [m, r] per layer, for idx = fc2 relu(fc1 residual) >= threshold)."""
+    (`fc1.weight` [r, d], `fc2.weight` [m, r] per layer, for idx = fc2 relu(fc1 residual) >= threshold).
+    `fc_layers=None` writes a plain GGUF of the same weights for PowerInfer's dense path instead (`GGUF` magic,
+    `ffn_down`, no predictors; llama.cpp:3423): that path applies SiLU, so it is a speed reference only."""
+    sparse = fc_layers is not None
     import gguf
 
     cfg = lm.config
@@ -149,7 +152,8 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]], threshol
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_float32("powerinfer.sparse_threshold", float(threshold))
+    if sparse:
+        writer.add_float32("powerinfer.sparse_threshold", float(threshold))
     _vocab(writer, tokenizer, int(cfg.vocab_size))
 
     def add(name: str, t: torch.Tensor, f16: bool) -> None:
@@ -169,6 +173,9 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]], threshol
         add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"], False)
         add(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"], True)
         add(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"], True)
+        if not sparse:
+            add(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"], True)
+            continue
         add(f"blk.{i}.ffn_down_t.weight", state[p + "mlp.down_proj.weight"].t().contiguous(), True)
         add(f"blk.{i}.fc1.weight", fc_layers[i]["fc1.weight"], False)
         add(f"blk.{i}.fc2.weight", fc_layers[i]["fc2.weight"], False)
@@ -176,8 +183,9 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]], threshol
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with open(path, "r+b") as f:  # PowerInfer's sparse file: the GGUF layout under its own magic
-        f.write(POWERINFER_MAGIC)
+    if sparse:
+        with open(path, "r+b") as f:  # PowerInfer's sparse file: the GGUF layout under its own magic
+            f.write(POWERINFER_MAGIC)
     return path
 
 

@@ -170,6 +170,25 @@ def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
 
 
 @pytest.mark.e2e
+def test_the_dense_path_reference_file_is_plain_gguf(powerinfer_export, tmp_path):
+    """scripts/bench_powerinfer.py's speed reference: the same weights for PowerInfer's dense loader
+    (llm_load_tensors: `GGUF` magic, `ffn_down`, no predictors, no threshold)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsetune.export.powerinfer_gguf import write_gguf
+
+    _, out = powerinfer_export
+    path = write_gguf(AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), None, 0.0,
+                      tmp_path / "dense.gguf")
+    assert path.read_bytes()[:4] == b"GGUF"
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    assert "blk.0.ffn_down.weight" in names and not {n for n in names if ".fc" in n or "down_t" in n}
+    assert "powerinfer.sparse_threshold" not in {f.name for f in reader.fields.values()}
+
+
+@pytest.mark.e2e
 def test_q_k_permutation_makes_ggml_rope_equal_transformers_rope(powerinfer_export):
     from transformers import AutoModelForCausalLM
 
