@@ -15,7 +15,7 @@ import torch
 
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import measuring_pass
 
 Target = Literal["recall", "mass_recall"]
 POSITIVES_PER_BATCH = 1 << 16  # sampled per layer and batch: a quantile accurate to well under 1%
@@ -67,19 +67,13 @@ def calibrate_thresholds(model, bank: PredictorBank, batches: Iterable[dict], de
                          kind: Target = "mass_recall", seed: int = 0) -> list[float]:
     """Set (and return) the bank's per-layer logit thresholds so that each layer reaches `target` `kind` on the
     real tokens of `batches`. Identical on every rank given identical batches."""
-    was_training, bank_training = model.training, bank.training
+    bank_training = bank.training
     bank.bind(model)
-    model.eval()
     bank.eval()
     collector = _Collector(bank, seed)
-    tokens = 0
     try:
-        with patched_mlps(model, sink=collector):
-            for batch in batches:
-                model(input_ids=batch["input_ids"].to(device))
-                tokens += batch["input_ids"].numel()
+        tokens = measuring_pass(model, batches, device, collector)
     finally:
-        model.train(was_training)
         bank.train(bank_training)
     thresholds = []
     for idx in range(bank.num_neuron_predictors):

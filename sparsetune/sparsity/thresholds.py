@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from sparsetune.models.structure import sparse_mlps
 from sparsetune.sparsity.cett import CettLayer, readable_down_weight, threshold_for_cett
 from sparsetune.surgery.activations import CATS, FATReLU, MLPActivation, ReLU, SiLU
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.calibration import quantile_threshold
+from sparsetune.surgery.sparse_mlp import measuring_pass, patched_mlps
 
 STATE_FILE = "thresholds.json"
 
@@ -109,16 +110,8 @@ def fit_thresholds(model, batches: Iterable[dict], device, kind: str, target_spa
     per_batch = max(1, math.ceil(tokens_per_layer / max(1, batches_count)))
     sampler = _GateSampler(kind, tokens_per_layer, per_batch, with_activation, seed)
     sampler.mlps = {m.layer_idx: m for m in mlps}
-    was_training = model.training
-    model.eval()
-    try:
-        with patched_mlps(model, sink=sampler, override=None):
-            for batch in batches:
-                mask = batch.get("attention_mask")
-                sampler.mask = mask.to(device) if mask is not None else None
-                model(input_ids=batch["input_ids"].to(device), attention_mask=sampler.mask)
-    finally:
-        model.train(was_training)
+    with patched_mlps(model, override=None):  # the model as it computes, not a mask-aware override
+        measuring_pass(model, batches, device, sampler)
     floor = 0.0 if kind == "fatrelu" else None  # a negative FATReLU threshold would pass negative gates
     fits = []
     for m, w in zip(mlps, weights):
@@ -132,19 +125,6 @@ def fit_thresholds(model, batches: Iterable[dict], device, kind: str, target_spa
         err = CettLayer(a, w.float().to(a.device)).mean(values, torch.tensor(t)) if with_activation else None
         fits.append(LayerFit(t, float((values < t).float().mean()), err))
     return fits
-
-
-def quantile_threshold(values: torch.Tensor, target: float, floor: float | None = None) -> float:
-    """The threshold below which `target` of `values` lie (the (k+1)-th smallest value, k = round(target * n)), at
-    least `floor`."""
-    flat = values.reshape(-1).float()
-    k = min(max(0, round(target * flat.numel())), flat.numel())
-    if k == flat.numel():
-        top = flat.max()
-        t = float(torch.nextafter(top, top.new_tensor(float("inf"))))
-    else:
-        t = float(flat.kthvalue(k + 1).values)
-    return t if floor is None else max(t, floor)
 
 
 def apply_thresholds(model, kind: str, thresholds: list[float], sparsities: list[float] | None = None) -> None:

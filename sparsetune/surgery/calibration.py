@@ -11,10 +11,24 @@ from tqdm.auto import tqdm
 
 from sparsetune.models.structure import sparse_mlps
 from sparsetune.surgery.activations import CATS, SiLU
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import measuring_pass
 
 # Values kept per layer per batch: enough for a quantile accurate to ~0.1%, small enough for 7B layers.
 SAMPLE_PER_BATCH = 1 << 17
+
+
+def quantile_threshold(values: torch.Tensor, target: float, floor: float | None = None) -> float:
+    """The one quantile rule of every threshold calibration: the threshold below which `target` of `values` lie
+    (the (k+1)-th smallest value, k = round(target * n), so exactly k values fall below it when they are distinct),
+    at least `floor`. A rule keeping `value >= threshold` then zeroes k of n."""
+    flat = values.reshape(-1).float()
+    k = min(max(0, round(target * flat.numel())), flat.numel())
+    if k == flat.numel():
+        top = flat.max()
+        t = float(torch.nextafter(top, top.new_tensor(float("inf"))))
+    else:
+        t = float(flat.kthvalue(k + 1).values)
+    return t if floor is None else max(t, floor)
 
 
 def needs_calibration(model) -> bool:
@@ -46,21 +60,12 @@ def calibrate_cats(model, batches: Iterable[dict], device, total: int | None = N
     real tokens of `batches` falls below it. Identical on every rank given identical batches."""
     mlps = [m for m in sparse_mlps(model) if isinstance(m.activation, CATS)]
     collector = _Collector(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        with patched_mlps(model, activation=SiLU(), sink=collector):  # dense SiLU while measuring
-            for batch in tqdm(batches, total=total, desc="calibrating CATS thresholds", unit="batch",
-                              disable=not progress):
-                mask = batch.get("attention_mask")
-                collector.mask = mask.to(device) if mask is not None else None
-                model(input_ids=batch["input_ids"].to(device), attention_mask=collector.mask)
-    finally:
-        model.train(was_training)
+    measuring_pass(model, batches, device, collector, activation=SiLU(),  # dense SiLU while measuring
+                   progress=lambda b: tqdm(b, total=total, desc="calibrating CATS thresholds", unit="batch",
+                                           disable=not progress))
     thresholds = []
     for m in mlps:
-        pooled = torch.cat(collector.samples[m.layer_idx])
-        k = max(1, min(pooled.numel(), round(m.activation.target_sparsity * pooled.numel())))
-        m.activation.threshold = float(pooled.kthvalue(k).values)
+        m.activation.threshold = quantile_threshold(torch.cat(collector.samples[m.layer_idx]),
+                                                    m.activation.target_sparsity)
         thresholds.append(m.activation.threshold)
     return thresholds

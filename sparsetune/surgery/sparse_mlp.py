@@ -84,3 +84,27 @@ def patched_mlps(model: nn.Module, activation=_KEEP, sink=_KEEP, override=_KEEP)
         for m, old in zip(mlps, saved):
             for key, value in old.items():
                 setattr(m, key, value)
+
+
+@torch.no_grad()
+def measuring_pass(model: nn.Module, batches, device, sink, activation=_KEEP, progress=None) -> int:
+    """The one "run with a sink, then restore" pass every calibration uses: `model` in eval mode, its SparseMLPs
+    handing their activations to `sink` (with `activation` swapped in if given), one forward per batch; the sink's
+    `mask` attribute, when it has one, is set to the batch's attention mask first. Training mode, activations and
+    sinks are restored on exit, also after an error. `progress`: a wrapper for the batch iterable (tqdm).
+    Returns the number of tokens run."""
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        with patched_mlps(model, activation=activation, sink=sink):
+            for batch in (progress(batches) if progress else batches):
+                mask = batch.get("attention_mask")
+                mask = mask.to(device) if mask is not None else None
+                if hasattr(sink, "mask"):
+                    sink.mask = mask
+                model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+                tokens += batch["input_ids"].numel()
+    finally:
+        model.train(was_training)
+    return tokens

@@ -44,6 +44,48 @@ def test_calibrated_thresholds_give_the_target_sparsity_on_the_calibration_data(
     assert other["sparsity"] == pytest.approx(target, abs=0.05)
 
 
+def test_one_quantile_rule_for_every_calibration():
+    """quantile_threshold on hand-computed values: 10 distinct values 0.1 .. 1.0, target 0.3 -> the 4th smallest
+    (0.4), so exactly 3 of 10 fall below it; CATS (keeps |SiLU(gate)| >= t) and the `thresholds` conversion both use
+    it (the CATS path used the k-th smallest before: one value too few zeroed)."""
+    from sparsetune.sparsity import thresholds as conversion
+    from sparsetune.surgery.calibration import quantile_threshold
+
+    values = torch.tensor([0.7, 0.1, 0.9, 0.4, 0.3, 1.0, 0.2, 0.6, 0.5, 0.8])
+    assert quantile_threshold(values, 0.3) == pytest.approx(0.4)
+    assert int((values < quantile_threshold(values, 0.3)).sum()) == 3
+    assert quantile_threshold(values, 0.0) == pytest.approx(0.1)  # nothing below the smallest
+    assert float(values.max()) < quantile_threshold(values, 1.0)  # everything below: just above the largest
+    assert quantile_threshold(values - 2.0, 0.3, floor=0.0) == 0.0
+    assert conversion.quantile_threshold is quantile_threshold
+
+
+def test_cats_zeroes_exactly_the_target_count_of_the_calibration_values():
+    """On a calibration set small enough to be kept whole, each layer zeroes round(target * n) of the n values."""
+    import torch.nn.functional as F
+
+    from sparsetune.models.structure import sparse_mlps
+    from sparsetune.surgery.sparse_mlp import measuring_pass
+
+    model = tiny_model("llama", seed=0)
+    relufy(model, relufy_config(activation="cats", target_sparsity=0.37))
+    data = Rows(4, 16, model.config.vocab_size, seed=3)
+    thresholds = calibrate_cats(model, eval_batches(data, 2, 2), torch.device("cpu"), total=2, progress=False)
+
+    class Gates:
+        def __init__(self):
+            self.values = {}
+
+        def record(self, layer, activation, mlp_input, gate):
+            self.values.setdefault(layer, []).append(F.silu(gate).abs().reshape(-1))
+
+    gates = Gates()
+    measuring_pass(model, eval_batches(data, 2, 2), torch.device("cpu"), gates)
+    for m, t in zip(sparse_mlps(model), thresholds):
+        v = torch.cat(gates.values[m.layer_idx])
+        assert int((v < t).sum()) == round(0.37 * v.numel())
+
+
 @pytest.mark.e2e
 def test_training_calibrates_once_and_resume_reuses_the_thresholds(tiny_model_dirs, tmp_path, capsys):
     run = tmp_path / "run"
