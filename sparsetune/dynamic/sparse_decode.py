@@ -21,7 +21,7 @@ from sparsetune.surgery.sparse_mlp import patched_mlps
 
 class _Timer:
     def __init__(self):
-        self.seconds, self.calls, self.kept, self.total = 0.0, 0, 0, 0
+        self.seconds, self.kept, self.total = 0.0, 0, 0
 
 
 @contextlib.contextmanager
@@ -51,7 +51,6 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
             timer.kept += idx.numel()
             timer.total += w.w_gate.shape[0]
         timer.seconds += time.perf_counter() - t0
-        timer.calls += 1
         return out
 
     with patched_mlps(model, override=override):

@@ -62,9 +62,10 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
     """
     name = spec["activation"]
     layout = layout_for(lm.config.model_type)
-    if name in ("silu", "relu", "relu2"):
-        lm.config.hidden_act = name
-        return True, spec, f"`config.hidden_act = {name!r}`: plain transformers computes the trained activation."
+    hf_act = sparse_mlps(lm)[0].activation.hf_hidden_act  # the activation plugin says what transformers can compute
+    if hf_act is not None:
+        lm.config.hidden_act = hf_act
+        return True, spec, f"`config.hidden_act = {hf_act!r}`: plain transformers computes the trained activation."
     if name == "shifted_relu" and layout.mlp_bias_config:
         _fold_shift_into_gate_bias(lm, spec["shift"])
         lm.config.hidden_act = "relu"

@@ -354,8 +354,7 @@ class Trainer:
         writes the rest and commits the folder atomically (training/checkpointing.py)."""
         checkpointer = Checkpointer(self.store, self.accelerator, self._any_rank, self.command)
         return checkpointer.save(self._checkpoint_parts(), self.progress.step, self.recipe.train.keep_checkpoints,
-                                 meta={"lora": self.recipe.peft.method == "lora"},
-                                 before_error=lambda: self.wandb.finish() if self.wandb else None)
+                                 meta={}, before_error=lambda: self.wandb.finish() if self.wandb else None)
 
     # ---------------------------------------------------------------- logging
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
