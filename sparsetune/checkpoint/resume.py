@@ -146,8 +146,12 @@ def check_recipe(ckpt: Path, current: Recipe, report) -> list[str]:
     does with them. Returns the applied changes (for the run's recipe history). `ckpt`: a checkpoint folder, or a
     run folder whose recipe.yaml is the run's (a restart before the first checkpoint)."""
     saved = read_recipe(ckpt)
-    if current.relufy.activation == "cats" == saved.relufy.activation and current.relufy.thresholds is None:
-        current.relufy.thresholds = saved.relufy.thresholds  # calibrated at the run's start: reuse them
+    if (current.relufy.activation == "cats" == saved.relufy.activation and current.relufy.thresholds is None
+            and saved.relufy.thresholds is not None):
+        # a checkpoint from before activation_state.json: its calibrated thresholds live in its recipe
+        report(f"resume: {ckpt} keeps its CATS thresholds in recipe.yaml (written by an older sparsetune); using "
+               "them")
+        current.relufy.thresholds = saved.relufy.thresholds
     errors, notices = recipe_changes(saved, current)
     if errors:
         raise SparsetuneError(

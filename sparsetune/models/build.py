@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparsetune.checkpoint.activation_state import load_activation_state
 from sparsetune.checkpoint.state import is_lora_checkpoint, read_recipe, read_trainer_state
 from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.recipe.schema import Recipe
@@ -50,5 +51,6 @@ def model_from_checkpoint(folder: Path, trust_remote_code: bool = False):
         model = load_model(str(folder / "model"), recipe.model.dtype, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(str(folder / "tokenizer"), trust_remote_code=trust_remote_code)
         relufy(model, recipe.relufy)
+    load_activation_state(model, folder)  # what calibration computed (CATS thresholds), when the checkpoint has it
     apply_saved_thresholds(model, folder)  # a run that converted to per-layer thresholds (recipe `thresholds`)
     return model, tokenizer, recipe, read_trainer_state(folder)

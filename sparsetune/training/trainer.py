@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from sparsetune.checkpoint.activation_state import load_activation_state, save_activation_state
 from sparsetune.checkpoint.base_model import base_fingerprint, check_base_unchanged, write_base_fingerprint
 from sparsetune.checkpoint.folders import check_name, clear_run, inspect_run_folder, mark_run, resolve_link
 from sparsetune.checkpoint.locks import FolderLock, run_lock
@@ -229,6 +230,8 @@ class Trainer:
         for c in self.components:
             c.before_surgery(setup)
         mlps = relufy(model, r.relufy)
+        if self.resume_from is not None:  # calibrated state comes from the checkpoint, never recomputed
+            load_activation_state(model, self.resume_from)
         if needs_calibration(model):
             self._calibrate(model)
         self.recorder = setup.recorder = attach_recorder(mlps, None, r.sparsity.near_zero_threshold)
@@ -245,14 +248,13 @@ class Trainer:
             c.after_prepare(setup)
 
     def _calibrate(self, model) -> None:
-        """CATS thresholds from the first training micro-batches (the same on every rank); they are
-        written into the run's recipe, so checkpoints, resume and export carry them."""
+        """CATS thresholds from the first training micro-batches (the same on every rank); the "activation state"
+        checkpoint part carries them to resume, export and eval."""
         r = self.recipe
         n = r.relufy.calibration_batches
         model.to(self.device)
         thresholds = calibrate_cats(model, eval_batches(self.train_data, r.train.micro_batch_size, n), self.device,
                                     total=n, seed=r.train.seed, progress=self.is_main)
-        self.recipe.relufy.thresholds = thresholds
         self.notice(f"cats: calibrated {len(thresholds)} layer thresholds to {r.relufy.target_sparsity:.0%} sparsity "
                     f"on {n} training micro-batches (range {min(thresholds):.4g}..{max(thresholds):.4g})")
 
@@ -308,6 +310,8 @@ class Trainer:
             CheckpointPart("tokenizer", save=lambda f: self.tokenizer.save_pretrained(f / "tokenizer")),
             CheckpointPart("base model", save=lambda f: write_base_fingerprint(f, self.base_fingerprint)),
         ]
+        if self.recipe.relufy.activation == "cats":  # calibrated per-layer state, restored in setup before use
+            parts.append(CheckpointPart("activation state", save=lambda f: save_activation_state(self.model, f)))
         if self.scheduler is not None:
             parts.append(CheckpointPart(
                 "LR scheduler", save=lambda f: torch.save(self.scheduler.state_dict(), f / "scheduler.pt"),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
 
 from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.cli import main
 from sparsetune.data.batches import eval_batches
 from sparsetune.evaluation.perplexity import evaluate_held_out
 from sparsetune.recipe.schema import relufy_config
@@ -93,11 +96,50 @@ def test_training_calibrates_once_and_resume_reuses_the_thresholds(tiny_model_di
               "train.eval_every=0", "wandb.mode=disabled", "regularizer.type=none"]
     assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=2", *common) == 0
     assert "cats: calibrated" in capsys.readouterr().out
-    saved = yaml.safe_load((CheckpointStore(run).latest_complete() / "recipe.yaml").read_text())
-    thresholds = saved["relufy"]["thresholds"]
+    first = CheckpointStore(run).latest_complete()
+    # what calibration computed is a checkpoint part, not recipe content
+    assert yaml.safe_load((first / "recipe.yaml").read_text())["relufy"]["thresholds"] is None
+    thresholds = json.loads((first / "activation_state.json").read_text())["activation"]["thresholds"]
     assert len(thresholds) == 2 and all(t > 0 for t in thresholds)
     assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", *common, "--resume") == 0
     out = capsys.readouterr().out
     assert "cats: calibrated" not in out and "resuming from" in out
-    resumed = yaml.safe_load((CheckpointStore(run).latest_complete() / "recipe.yaml").read_text())
-    assert resumed["relufy"]["thresholds"] == thresholds
+    resumed = json.loads((CheckpointStore(run).latest_complete() / "activation_state.json").read_text())
+    assert resumed["activation"]["thresholds"] == thresholds
+    # export and eval put the same thresholds on the model
+    out_dir = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out_dir), "--no-eval"]) == 0
+    assert json.loads((out_dir / "sparsetune.json").read_text())["activation"]["thresholds"] == thresholds
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_with_cats_thresholds_in_its_recipe_still_resumes_and_exports(tiny_model_dirs, tmp_path,
+                                                                                     capsys):
+    """The layout written before activation_state.json: the thresholds inside the checkpoint's recipe.yaml."""
+    from sparsetune.checkpoint.store import MARKER, _fsync_and_hash
+
+    run = tmp_path / "run"
+    common = ["relufy.activation=cats", "relufy.target_sparsity=0.8", "relufy.calibration_batches=2",
+              "train.eval_every=0", "wandb.mode=disabled", "regularizer.type=none"]
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=2", *common) == 0
+    ckpt = CheckpointStore(run).latest_complete()
+    state = ckpt / "activation_state.json"
+    thresholds = json.loads(state.read_text())["activation"]["thresholds"]
+    state.unlink()
+    recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    recipe["relufy"]["thresholds"] = thresholds
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    marker = json.loads((ckpt / MARKER).read_text())
+    (ckpt / MARKER).unlink()
+    marker["files"], marker["sha256"] = _fsync_and_hash(ckpt)
+    (ckpt / MARKER).write_text(json.dumps(marker))
+    capsys.readouterr()
+    out_dir = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out_dir), "--no-eval"]) == 0
+    assert json.loads((out_dir / "sparsetune.json").read_text())["activation"]["thresholds"] == thresholds
+    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", *common, "--resume") == 0
+    out = capsys.readouterr().out
+    assert "keeps its CATS thresholds in recipe.yaml (written by an older sparsetune); using them" in out
+    assert "cats: calibrated" not in out
+    resumed = json.loads((CheckpointStore(run).latest_complete() / "activation_state.json").read_text())
+    assert resumed["activation"]["thresholds"] == thresholds
