@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from sparsetune.cli_options import add_options, from_namespace
+from sparsetune.cli_types import NON_NEGATIVE, POSITIVE
 from sparsetune.errors import SparsetuneError
 
 
@@ -81,19 +83,11 @@ def _eval_json_path(args) -> Path | None:
 
 def _cmd_eval(args) -> int:
     from sparsetune.console import print_eval
-    from sparsetune.evaluation.command import EvalArgs, run_eval, write_json
+    from sparsetune.evaluation.command import run_eval, write_json
+    from sparsetune.evaluation.options import EvalArgs
 
     json_path = _eval_json_path(args)
-    result = run_eval(EvalArgs(
-        target=args.model, data=args.data, seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
-        activation=args.activation, near_zero_threshold=args.near_zero_threshold, dynamic=args.dynamic,
-        predictor_threshold=args.predictor_threshold, target_recall=args.target_recall,
-        target_mass_recall=args.target_mass_recall, target_sparsity=args.target_sparsity,
-        sweep=args.sweep, sweep_kind=args.sweep_kind, prompt_fraction=args.prompt_fraction,
-        prompt_keep=args.prompt_keep, prompt_mass=args.prompt_mass,
-        calibration_batches=args.calibration_batches, generate=args.generate, device=args.device,
-        trust_remote_code=args.trust_remote_code, tasks=args.tasks, include_path=args.include_path,
-        num_fewshot=args.num_fewshot, limit=args.limit, lm_eval_batch_size=args.lm_eval_batch_size))
+    result = run_eval(from_namespace(EvalArgs, args))
     print_eval(result)
     if json_path is not None:
         write_json(result, json_path)
@@ -112,53 +106,11 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= `minimum` (a count of batches, tokens, sequences...)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    parse.__name__ = "count"
-    return parse
-
-
-_POSITIVE, _NON_NEGATIVE = _count(1), _count(0)
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes are one `error:` line (exit 2) like every other error, naming the option."""
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-def _targets(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated targets in (0, 1], got {text!r}") from None
-    if not values or any(not 0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"targets must lie in (0, 1], got {text!r}")
-    return values
-
-
-def _task_names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated lm-eval task names, e.g. arc_easy,hellaswag")
-    return names
-
-
-def _limit(text: str) -> int | float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of examples or a fraction, got {text!r}") from None
-    return int(value) if value >= 1 and value == int(value) else value
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -170,8 +122,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from sparsetune import __version__
+    from sparsetune.evaluation.options import EvalArgs
     from sparsetune.launch.presets import PRESETS
-    from sparsetune.recipe.schema import ACTIVATIONS, PredictorSection
 
     parser = _Parser(prog="sparsetune", description="Sparsity-aware fine-tuning of LLMs.")
     parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
@@ -189,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch = p.add_argument_group("multi-process launch (runs the same command under `accelerate launch`)")
     launch.add_argument("--launch", metavar="PRESET", choices=list(PRESETS),
                         help=f"{' | '.join(PRESETS)} (sparsetune/launch/presets/)")
-    launch.add_argument("--num-processes", type=_POSITIVE, default=None,
+    launch.add_argument("--num-processes", type=POSITIVE, default=None,
                         help="processes per machine (default: the number of GPUs, else 2 on CPU)")
-    launch.add_argument("--num-machines", type=_POSITIVE, default=1)
-    launch.add_argument("--machine-rank", type=_NON_NEGATIVE, default=0)
+    launch.add_argument("--num-machines", type=POSITIVE, default=1)
+    launch.add_argument("--machine-rank", type=NON_NEGATIVE, default=0)
     launch.add_argument("--main-process-ip", default=None, help="address of machine rank 0 (multi-node)")
     launch.add_argument("--main-process-port", type=int, default=None)
     p.set_defaults(func=_cmd_train)
@@ -210,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run's output_dir (its newest complete checkpoint) or one checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
-    p.add_argument("--eval-batches", type=_POSITIVE, default=None, help="held-out batches for the report")
+    p.add_argument("--eval-batches", type=POSITIVE, default=None, help="held-out batches for the report")
     p.add_argument("--powerinfer", action="store_true",
                    help="also write DIR/model.powerinfer.gguf, which PowerInfer runs sparse as it is (a ReLU Llama "
                         "with predictors trained with predictor.output_bias=false and predictor.input=residual), "
@@ -221,66 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="perplexity and activation sparsity of a model, run or export")
-    p.add_argument("model", help="export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id")
-    p.add_argument("--data", help="held-out text (same forms as data.path); default: the run's or stdlib-docs")
-    p.add_argument("--seq-len", type=_count(2), default=None)
-    p.add_argument("--batches", type=_POSITIVE, default=16)
-    p.add_argument("--batch-size", type=_POSITIVE, default=4)
-    p.add_argument("--activation", default=None,
-                   choices=ACTIVATIONS,
-                   help="swap the MLP activation before measuring (relu: the untrained ReLU baseline; cats: "
-                        "training-free thresholds calibrated to --target-sparsity)")
-    p.add_argument("--target-sparsity", type=float, default=None,
-                   help="with --activation cats: fraction of |SiLU(gate)| to zero per layer (default 0.5)")
-    p.add_argument("--calibration-batches", type=_POSITIVE, default=8,
-                   help="training-split batches used to calibrate thresholds (--activation cats, --target-*recall)")
-    p.add_argument("--near-zero-threshold", type=float, default=1e-3)
-    p.add_argument("--dynamic", action="store_true",
-                   help="also measure perplexity with neurons/heads skipped for real: dense, oracle masks, predicted "
-                        "masks, and heads skipped with / without their KV-cache writes")
-    p.add_argument("--predictor-threshold", type=float, default=None,
-                   help="with --dynamic: keep a neuron/head when sigmoid(logit) >= this (default: the trained "
-                        "predictor.threshold); lower trades skipped work for recall")
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--target-recall", type=float, default=None, metavar="R",
-                        help="with --dynamic/--generate: recalibrate each layer's predictor threshold to this "
-                             "recall on --calibration-batches training micro-batches")
-    target.add_argument("--target-mass-recall", type=float, default=None, metavar="R",
-                        help="the same for mass recall (the kept neurons' share of the MLP output's contribution)")
-    p.add_argument("--sweep", type=_targets, nargs="?", const=tuple(PredictorSection().sweep_targets), default=None,
-                   metavar="T1,T2,...",
-                   help="the predictors' curve: per target (default 0.9,0.95,0.98,0.99,0.995) recalibrate, measure "
-                        "skipped fraction and perplexity, beside the best any predictor could do at the same skipped "
-                        "fraction; writes JSON-sweep.json and JSON-sweep.png beside --json")
-    p.add_argument("--sweep-kind", choices=["mass_recall", "recall"], default="mass_recall")
-    prompt = p.add_argument_group(
-        "prompt-derived masks (with --dynamic / --sweep): the prompt runs densely, the continuation computes only "
-        "the neurons most active over the prompt; perplexity over the continuation tokens")
-    prompt.add_argument("--prompt-fraction", type=float, default=0.5, metavar="F",
-                        help="share of each held-out sequence that is the prompt (default 0.5; 0: no prompt mode)")
-    keep = prompt.add_mutually_exclusive_group()
-    keep.add_argument("--prompt-keep", type=float, default=None, metavar="K",
-                      help="keep this fraction of each layer's neurons, the prompt's most active (default 0.5)")
-    keep.add_argument("--prompt-mass", type=float, default=None, metavar="M",
-                      help="keep the fewest neurons carrying this share of the prompt's activation mass instead")
-    p.add_argument("--generate", type=_NON_NEGATIVE, default=0, metavar="N",
-                   help="also decode N greedy tokens (batch 1) with dense MLPs and with only the predicted neurons "
-                        "computed, reporting tokens/s, the MLP time and the perplexity cost (needs predictors)")
-    harness = p.add_argument_group(
-        "downstream tasks (lm-evaluation-harness, `pip install lm-eval`; the model is scored as sparsetune runs it)")
-    harness.add_argument("--tasks", type=_task_names, default=None, metavar="T1,T2,...",
-                         help="lm-eval task or group names (arc_easy,hellaswag: their data comes from the hub), glob "
-                              "patterns (arc_*), .yaml task files, or tasks of --include-path; reports acc / acc_norm "
-                              "with stderr per task")
-    harness.add_argument("--include-path", default=None, metavar="DIR",
-                         help="a folder of your own lm-eval task YAML files (e.g. tests/evaluation/lm_eval_tasks)")
-    harness.add_argument("--num-fewshot", type=_NON_NEGATIVE, default=None, metavar="N",
-                         help="few-shot examples per prompt (default: each task's own, usually 0)")
-    harness.add_argument("--limit", type=_limit, default=None, metavar="N",
-                         help="only the first N examples of each task (a fraction when < 1): for quick checks, "
-                              "not for reported results")
-    harness.add_argument("--lm-eval-batch-size", type=_POSITIVE, default=8, metavar="N",
-                         help="sequences per forward pass in the harness (default 8)")
+    add_options(p, EvalArgs)  # its options are declared on EvalArgs's fields (evaluation/options.py)
+    # Where the result is written is the command line's business (_eval_json_path), not a measurement option.
     p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
     _add_load_options(p)
     p.set_defaults(func=_cmd_eval)
@@ -289,42 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_analyze(args) -> int:
-    from sparsetune.analysis.command import AnalyzeArgs, run_analysis
+    from sparsetune.analysis.command import run_analysis
+    from sparsetune.analysis.options import AnalyzeArgs
     from sparsetune.analysis.report import summary
 
-    result, files = run_analysis(AnalyzeArgs(
-        target=args.model, data=args.data, out=args.out, seq_len=args.seq_len, batches=args.batches,
-        batch_size=args.batch_size, activation=args.activation, prompt_fraction=args.prompt_fraction,
-        cett_tokens=args.cett_tokens, wandb=args.wandb, wandb_project=args.wandb_project, device=args.device,
-        trust_remote_code=args.trust_remote_code))
+    result, files = run_analysis(from_namespace(AnalyzeArgs, args))
     print(f"sparsetune: {summary(result)}")
     print(f"sparsetune: wrote {files[1]} (with {files[0].name} and {len(files) - 2} figures)")
     return 0
 
 
 def _add_analyze_parser(sub) -> None:
-    from sparsetune.recipe.schema import ACTIVATIONS
+    from sparsetune.analysis.options import AnalyzeArgs
 
     p = sub.add_parser("analyze", help="activation structure of a model: sparsity and CETT, inertia, history "
                                        "dependence, prompt-to-continuation overlap, head activity (report + figures)")
-    p.add_argument("model", help="export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id")
-    p.add_argument("--data", help="held-out text (same forms as data.path); default: the run's or stdlib-docs")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="report folder: analysis.md, analysis.json, PNG figures (default: MODEL/analysis for a "
-                        "folder; required otherwise)")
-    p.add_argument("--seq-len", type=_count(2), default=None, help="tokens per sequence (default: the data's, 256)")
-    p.add_argument("--batches", type=_POSITIVE, default=4)
-    p.add_argument("--batch-size", type=_POSITIVE, default=2,
-                   help="sequences per batch (batches x batch size sequences are analyzed; default 4 x 2)")
-    p.add_argument("--activation", default=None, choices=[a for a in ACTIVATIONS if a != "cats"],
-                   help="swap the MLP activation first (relu: the untrained ReLU swap)")
-    p.add_argument("--prompt-fraction", type=float, default=0.5, metavar="F",
-                   help="share of each sequence that is the prompt for the prompt-to-continuation overlap")
-    p.add_argument("--cett-tokens", type=_POSITIVE, default=256, metavar="N",
-                   help="tokens per layer the CETT thresholds are fitted on (default 256)")
-    p.add_argument("--wandb", nargs="?", const="auto", default=None, choices=["auto", "online", "offline"],
-                   help="also log the report to W&B in DIR/wandb (auto: online with an API key, else offline)")
-    p.add_argument("--wandb-project", default="sparsetune")
+    add_options(p, AnalyzeArgs)  # its options are declared on AnalyzeArgs's fields (analysis/options.py)
     _add_load_options(p)
     p.set_defaults(func=_cmd_analyze)
 

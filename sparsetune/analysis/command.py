@@ -4,39 +4,18 @@ report. Reads top to bottom in pipeline order."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sparsetune.analysis.collect import Collection, collect
 from sparsetune.analysis.heads import layer_heads
 from sparsetune.analysis.history import different_token_pairs, layer_history, same_token_pairs
 from sparsetune.analysis.inertia import DISTANCES, layer_inertia, random_pairs
+from sparsetune.analysis.options import AnalyzeArgs  # the command's typed options (kept light for the CLI)
 from sparsetune.analysis.prompt_overlap import KEPT_FRACTIONS, layer_prompt_overlap
 from sparsetune.analysis.sparsity import CETT_BUDGETS, active_definition, active_mask, cett_key, layer_sparsity
 from sparsetune.errors import SparsetuneError
 
 HEADLINE_KEEP = 0.5  # the prompt coverage shown per layer: at eval's default prompt-mask kept fraction
-
-
-@dataclass
-class AnalyzeArgs:
-    """What `sparsetune analyze` measures (the command line's options, typed)."""
-
-    target: str  # as for eval: export / HF folder, run or checkpoint, .gguf, alias or hub id
-    data: str | None = None  # held-out text; default: the one eval uses (the run's / export's, else stdlib-docs)
-    out: str | None = None  # report folder; default MODEL/analysis for a folder
-    seq_len: int | None = None
-    batches: int = 4
-    batch_size: int = 2
-    activation: str | None = None  # swap the MLP activation first (e.g. relu: the untrained ReLU swap)
-    prompt_fraction: float = 0.5
-    cett_tokens: int = 256  # tokens per layer the CETT thresholds are fitted on
-    near_zero_threshold: float = 1e-3
-    wandb: str | None = None  # None: no W&B; auto / online / offline
-    wandb_project: str = "sparsetune"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    seed: int = 0
 
 
 def out_dir(args: AnalyzeArgs) -> Path:

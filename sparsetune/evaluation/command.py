@@ -10,6 +10,7 @@ from pathlib import Path
 from sparsetune.checkpoint.folders import RUN_MARKER
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
 from sparsetune.errors import SparsetuneError
+from sparsetune.evaluation.options import EvalArgs  # the command's typed options (kept light for the CLI)
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.models.build import model_from_checkpoint
 from sparsetune.models.device import resolve_device
@@ -22,39 +23,6 @@ from sparsetune.surgery.calibration import needs_calibration
 from sparsetune.surgery.relufy import activation_spec, relufy
 from sparsetune.surgery.sparse_mlp import patched_mlps
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
-
-
-@dataclass
-class EvalArgs:
-    """What `sparsetune eval` measures (the command line's options, typed)."""
-
-    target: str  # export / HF folder, run output_dir or checkpoint, .gguf, alias or hub id
-    data: str | None = None  # held-out text; default: the run's / export's data, else stdlib-docs
-    seq_len: int | None = None
-    batches: int = 16
-    batch_size: int = 4
-    activation: str | None = None  # swap the MLP activation before measuring
-    near_zero_threshold: float = 1e-3
-    dynamic: bool = False
-    predictor_threshold: float | None = None
-    target_recall: float | None = None  # recalibrate the predictors' per-layer thresholds to this recall
-    target_mass_recall: float | None = None  # ... or to this mass recall
-    sweep: tuple[float, ...] | None = None  # recall / mass-recall targets of the predictor curve
-    sweep_kind: str = "mass_recall"
-    target_sparsity: float | None = None  # with activation=cats
-    calibration_batches: int = 8
-    generate: int = 0  # greedy tokens decoded with dense and predicted-only MLPs
-    prompt_tokens: int = 32
-    prompt_fraction: float = 0.5  # --dynamic / --sweep prompt-mask mode: share of each sequence that is the prompt
-    prompt_keep: float | None = None  # prompt masks keep this fraction of neurons (default 0.5) ...
-    prompt_mass: float | None = None  # ... or the fewest carrying this share of the prompt's activation mass
-    device: str = "auto"
-    trust_remote_code: bool = False
-    tasks: tuple[str, ...] | None = None  # lm-evaluation-harness tasks: names, glob patterns or .yaml files
-    include_path: str | None = None  # a folder of the user's own lm-eval task YAML files
-    num_fewshot: int | None = None  # default: each task's own
-    limit: int | float | None = None  # examples per task (a fraction when < 1); for quick checks, not for results
-    lm_eval_batch_size: int = 8
 
 
 @dataclass
