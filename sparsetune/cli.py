@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and activation sparsity of a model, run or export")
     add_options(p, EvalArgs)  # its options are declared on EvalArgs's fields (evaluation/options.py)
     # Where the result is written is the command line's business (_eval_json_path), not a measurement option.
-    p.add_argument("--json", default=None, help="write the result here (default: MODEL/eval.json for folders)")
+    p.add_argument("--json", default=None,
+                   help="write the result here (default: MODEL/eval.json when MODEL is a run or export sparsetune "
+                        "made; nothing is written otherwise)")
     _add_load_options(p)
     p.set_defaults(func=_cmd_eval)
     _add_analyze_parser(sub)

@@ -20,8 +20,8 @@ class AnalyzeArgs:
         "--data", None, help="held-out text (same forms as data.path); default: the run's or stdlib-docs")
     out: str | None = option(
         "--out", None, metavar="DIR",
-        help="report folder: analysis.md, analysis.json, PNG figures (default: MODEL/analysis for a folder; "
-             "required otherwise)")
+        help="report folder: analysis.md, analysis.json, PNG figures (default: MODEL/analysis when MODEL is a "
+             "run or export sparsetune made; required otherwise)")
     seq_len: int | None = option(
         "--seq-len", None, type=count(2), help="tokens per sequence (default: the data's, 256)")
     batches: int = option("--batches", 4, type=POSITIVE)

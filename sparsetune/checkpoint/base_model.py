@@ -44,13 +44,14 @@ def write_base_fingerprint(folder: Path, fingerprint: dict | None) -> None:
         (folder / BASE_FILE).write_text(json.dumps(fingerprint, indent=1))
 
 
-def check_base_unchanged(ckpt: Path, model_path: str) -> None:
-    """Refuse (one line) when the base model of a LoRA checkpoint is not the one it was trained on."""
+def check_base_unchanged(ckpt: Path, model_path: str, now: dict | None = None) -> None:
+    """Refuse (one line) when the base model of a LoRA checkpoint is not the one it was trained on. `now`: the
+    base's fingerprint when the caller has already computed it (hashing a large base twice is slow)."""
     recorded_file = ckpt / BASE_FILE
     if not recorded_file.is_file():
         return  # written before sparsetune recorded bases, or a hub base
     recorded = json.loads(recorded_file.read_text())
-    now = base_fingerprint(model_path)
+    now = now if now is not None else base_fingerprint(model_path)
     if now is None:
         raise SparsetuneError(f"the LoRA checkpoint {ckpt} needs its base model {recorded['path']}, which is gone; "
                               "restore it at model.path")

@@ -75,14 +75,17 @@ def foreign_error(run_dir: Path, why: str) -> SparsetuneError:
                            f"({_listing(entries)}) and no {RUN_MARKER}; choose a new or empty output_dir")
 
 
-def mark_run(run_dir: Path, command: str) -> None:
-    """Claim a run folder sparsetune created (or resumes), so a later --overwrite may clear it."""
+def mark_run(run_dir: Path, command: str) -> bool:
+    """Claim a run folder sparsetune created (or resumes), so a later --overwrite may clear it. True when this call
+    wrote the marker."""
     marker = run_dir / RUN_MARKER
-    if not marker.exists():
-        from sparsetune import __version__
+    if marker.exists():
+        return False
+    from sparsetune import __version__
 
-        marker.write_text(json.dumps({"created_by": f"sparsetune {__version__}", "command": command,
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+    marker.write_text(json.dumps({"created_by": f"sparsetune {__version__}", "command": command,
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+    return True
 
 
 def clear_run(run_dir: Path, notice: Callable[[str], None]) -> None:
@@ -175,19 +178,25 @@ def made_by_sparsetune(folder: Path) -> bool:
     return folder.is_dir() and ((folder / RUN_MARKER).is_file() or (folder / EXPORT_MARKER).is_file())
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be created in `folder`, or None when they can."""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return "is on a read-only filesystem" if os.statvfs(folder).f_flag & os.ST_RDONLY else "is not writable"
+
+
 def _writable_parent(path: Path, what: str) -> None:
     parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
     if not parent.is_dir():
         raise SparsetuneError(f"{what} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        reason = "is on a read-only filesystem" if os.statvfs(parent).f_flag & os.ST_RDONLY else "is not writable"
+    reason = _unwritable(parent)
+    if reason:
         raise SparsetuneError(f"{what} {path}: {parent} {reason}; choose a writable place")
 
 
 def check_output_file(path: Path, what: str) -> Path:
     """Before any computation: `path` can be written as a file (not a folder, a writable place, a valid name)."""
     path = resolve_link(Path(path), what)
-    check_name(path, what)
     if path.is_dir():
         raise SparsetuneError(f"{what} {path} is a folder; name a file, e.g. {path / 'eval.json'}")
     target = path if path.exists() else path.parent
@@ -200,13 +209,12 @@ def check_output_file(path: Path, what: str) -> Path:
 def check_output_folder(path: Path, what: str) -> Path:
     """Before any computation: `path` can be a folder of results (absent or a folder, in a writable place)."""
     path = resolve_link(Path(path), what)
-    check_name(path, what)
     if path.exists() and not path.is_dir():
         raise SparsetuneError(f"{what} {path} exists and is not a folder")
     if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            ro = os.statvfs(path).f_flag & os.ST_RDONLY
-            raise SparsetuneError(f"{what} {path} " + ("is on a read-only filesystem" if ro else "is not writable"))
+        reason = _unwritable(path)
+        if reason:
+            raise SparsetuneError(f"{what} {path} {reason}")
     else:
         _writable_parent(path, what)
     return path

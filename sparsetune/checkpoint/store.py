@@ -201,8 +201,13 @@ class CheckpointStore:
             shutil.rmtree(doomed, ignore_errors=True)
             os.replace(folder, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
+        for stale in self._unfinished():
             shutil.rmtree(stale, ignore_errors=True)
+
+    def _unfinished(self) -> list[Path]:
+        """Folders a stopped write leaves: `.tmp-` (a checkpoint being written), `.del-` (one being pruned),
+        `.old-` (one being replaced). Only the run's own, since the run folder has one writer (its lock)."""
+        return [*self.root.glob(".tmp-*"), *self.root.glob(".del-*"), *self.root.glob(".old-*")]
 
     def clean_debris(self, report: Callable[[str], None]) -> None:
         """What killed runs left (main process, under the run's lock, before a run writes anything): unfinished
@@ -216,7 +221,7 @@ class CheckpointStore:
             if not final.exists() and checkpoint_problem(old, verify=False) is None:
                 os.replace(old, final)
                 restored.append(final.name)
-        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".del-*"), *self.root.glob(".old-*")]:
+        for stale in self._unfinished():
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale.name)
         for name in self.root.glob(f".{LATEST}.tmp*"):

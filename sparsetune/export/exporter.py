@@ -12,7 +12,6 @@ from torch import nn
 
 from sparsetune.checkpoint.folders import (
     check_export_target,
-    check_name,
     clean_export_debris,
     replace_folder,
     resolve_link,
@@ -91,8 +90,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     if eval_batches_n is not None and eval_batches_n < 1:
         raise SparsetuneError(f"--eval-batches must be a positive number of batches, got {eval_batches_n}")
     # judged by what it is: `.` is the working folder, a symlink its target
-    out = Path(os.path.abspath(resolve_link(Path(out), "--out", _notice)))
-    check_name(out, "--out")
+    out = Path(os.path.abspath(resolve_link(Path(out), "--out", _notice)))  # resolve_link also checks the name
     ckpt = resolve_checkpoint(Path(run_or_checkpoint))
     check_export_target(out, ckpt, overwrite)
     dev = resolve_device(device)

@@ -65,7 +65,6 @@ class PredictorBank(nn.Module):
         predictor.input=mlp_input."""
         if self.cfg.input != "residual" or self._taps:
             return self
-        from sparsetune.errors import SparsetuneError
         from sparsetune.models.structure import decoder_layers
 
         for idx, layer in enumerate(decoder_layers(model)):
@@ -80,12 +79,6 @@ class PredictorBank(nn.Module):
 
             self._taps.append(norm.register_forward_pre_hook(keep, with_kwargs=True))
         return self
-
-    def unbind(self) -> None:
-        for handle in self._taps:
-            handle.remove()
-        self._taps.clear()
-        self._residuals.clear()
 
     def features(self, idx: int, x: torch.Tensor) -> torch.Tensor:
         """What predictor `idx` reads for the MLP input x of its layer: x itself, or (predictor.input=residual)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sparsetune.checkpoint.activation_state import load_activation_state, save_activation_state
 from sparsetune.checkpoint.base_model import base_fingerprint, check_base_unchanged, write_base_fingerprint
-from sparsetune.checkpoint.folders import check_name, clear_run, inspect_run_folder, mark_run, resolve_link
+from sparsetune.checkpoint.folders import RUN_MARKER, clear_run, inspect_run_folder, mark_run, resolve_link
 from sparsetune.checkpoint.locks import FolderLock, run_lock
 from sparsetune.checkpoint.parts import CheckpointPart
 from sparsetune.checkpoint.resume import check_process_count, check_recipe, plan_output_dir
@@ -106,8 +106,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        check_name(self.run_dir, "output_dir")  # a NUL byte, a name over 255 bytes: one line, not an OS error
-        inspect_run_folder(resolve_link(self.run_dir, "output_dir"))  # a file there: one line before any process group
+        # a file there, a NUL byte or an over-long name: one line before any process group
+        inspect_run_folder(resolve_link(self.run_dir, "output_dir"))
         self._setup_distributed()
         self._plan_output_dir()
         set_seed(self.recipe.train.seed)
@@ -137,9 +137,9 @@ class Trainer:
                 self._claim_run_dir()
                 plan = plan_output_dir(self.run_dir, self.resume, self.overwrite, report=self.notice)
                 if r.peft.method == "lora":
-                    if plan.resume_from is not None:
-                        check_base_unchanged(plan.resume_from, r.model.path)
                     self.base_fingerprint = base_fingerprint(r.model.path)
+                    if plan.resume_from is not None:
+                        check_base_unchanged(plan.resume_from, r.model.path, self.base_fingerprint)
                 if plan.resume_from is not None:
                     self.recipe_changes = check_recipe(plan.resume_from, r, report=self.notice)
                     check_process_count(plan.resume_from, self.accelerator.num_processes,
@@ -278,10 +278,8 @@ class Trainer:
         self.store.clean_debris(self.notice)  # under the lock: nothing here belongs to a live process
         if self.clear_run_dir:
             clear_run(self.run_dir, self.notice)
-        marker = self.run_dir / "sparsetune-run.json"
-        if not marker.exists():
-            mark_run(self.run_dir, self.command)
-            self.written.append(marker)
+        if mark_run(self.run_dir, self.command):
+            self.written.append(self.run_dir / RUN_MARKER)
         recipe_file = self.run_dir / "recipe.yaml"
         if not recipe_file.exists():
             self.written.append(recipe_file)

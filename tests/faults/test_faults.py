@@ -119,15 +119,7 @@ def test_overwrite_refuses_an_unmarked_run(model, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ export folders
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dirs, tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished") / "run"
-    assert train_tiny(tiny_model_dirs["llama"], run, *QUIET, "train.max_steps=2", "train.save_every=1",
-                      "train.keep_checkpoints=2") == 0
-    return run
-
-
-def export(run: Path, out: Path, *extra: str) -> int:
+def export(run: Path, out: Path | str, *extra: str) -> int:
     return main(["export", str(run), "--out", str(out), "--no-eval", *extra])
 
 

@@ -26,7 +26,7 @@ import torch
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
 from tests.e2e_helpers import TINY_TRAIN, child_env, one_error, read_metrics, train_steps, train_tiny
-from tests.faults.test_faults import assert_bitwise, snapshot, weights
+from tests.faults.test_faults import assert_bitwise, export, snapshot, weights
 from tests.hooks.fault_points import install
 
 pytestmark = pytest.mark.e2e
@@ -63,6 +63,16 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
             raise AssertionError(f"the child ended ({proc.returncode}) first: {proc.communicate()[1][-3000:]}")
         assert time.monotonic() < end, "the child never reached the fault point"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def killed_on_exit(proc: subprocess.Popen):
+    """The child is killed if the test leaves before it ended (a failed assertion while it is paused)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
@@ -103,7 +113,7 @@ def test_one_writer_per_run_folder_and_sigterm_in_the_initial_eval(model, tmp_pa
     args = ["train.max_steps=3", "train.save_every=3"]
     child = spawn_train(model, run, *args, SPARSETUNE_TEST_PAUSE="eval", SPARSETUNE_TEST_SENTINEL=str(sentinel),
                         SPARSETUNE_TEST_PAUSE_S="120")
-    try:
+    with killed_on_exit(child):
         wait_for(sentinel, child)
         before = snapshot(run)
         holder = rf"in use by another sparsetune process \(pid {child.pid} on {re.escape(socket.gethostname())}, " \
@@ -116,9 +126,6 @@ def test_one_writer_per_run_folder_and_sigterm_in_the_initial_eval(model, tmp_pa
         time.sleep(0.5)
         sentinel.unlink()
         code, out, err = finish(child)
-    finally:
-        if child.poll() is None:
-            child.kill()
     assert code == 0, err[-3000:]
     assert "stopped before step 1 (SIGTERM): nothing to checkpoint yet; resume with:" in out
     capsys.readouterr()
@@ -225,36 +232,20 @@ def test_a_moved_run_folder_resumes_in_its_new_place(model, tmp_path, capsys):
     assert re.search(r"resume: the run folder moved \('.*/run' -> '.*/elsewhere/run'\); continuing in the new place",
                      capsys.readouterr().out)
     assert train_tiny(model, straight, *args, "train.max_steps=3") == 0
-    assert_bitwise(weights(CheckpointStore(straight).latest_complete()),
-                   weights(CheckpointStore(moved).latest_complete()))
+    same_weights(straight, moved)
 
 
 # ------------------------------------------------------------------------------------------ exports
-@pytest.fixture(scope="module")
-def finished_run(tiny_model_dirs, tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished") / "run"
-    assert train_tiny(tiny_model_dirs["llama"], run, *QUIET, "train.max_steps=2", "train.save_every=1",
-                      "train.keep_checkpoints=2") == 0
-    return run
-
-
-def export(run: Path, out: Path | str, *extra: str) -> int:
-    return main(["export", str(run), "--out", str(out), "--no-eval", *extra])
-
-
 def test_two_exports_into_one_folder_one_is_refused(finished_run, tmp_path, capsys):
     out, sentinel = tmp_path / "export", tmp_path / "exporting"
     child = spawn("export", str(finished_run), "--out", str(out), "--no-eval", SPARSETUNE_TEST_PAUSE="export",
                   SPARSETUNE_TEST_SENTINEL=str(sentinel), SPARSETUNE_TEST_PAUSE_S="120")
-    try:
+    with killed_on_exit(child):
         wait_for(sentinel, child)
         one_error(capsys, export(finished_run, out), rf"export folder .*export is in use by another sparsetune "
                                                      rf"process \(pid {child.pid} on .*sparsetune export")
         sentinel.unlink()
         code, _, err = finish(child)
-    finally:
-        if child.poll() is None:
-            child.kill()
     assert code == 0, err[-2000:]
     assert json.loads((out / "sparsetune.json").read_text())["step"] == 2
     assert not list(tmp_path.glob(".export.*"))  # no lock file or copy left beside it
@@ -482,7 +473,7 @@ def test_real_full_disk_while_checkpointing_then_resume(model, tmp_path, capsys,
         for f in fillers:
             f.unlink()
         assert train_tiny(model, run, *args, "--resume") == 0
-        assert_bitwise(weights(CheckpointStore(straight).latest_complete()), weights(store.latest_complete()))
+        same_weights(straight, run)
         assert [m["step"] for m in read_metrics(run) if "train/loss" in m] == train_steps(straight)
 
 
