@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -158,13 +159,16 @@ def clean_export_debris(out: Path, notice: Callable[[str], None]) -> None:
     `out` is missing, and remove the unfinished `.<name>.tmp*` copies of killed exports."""
     if not out.parent.is_dir():
         return
-    olds = sorted(out.parent.glob(f".{out.name}.old*"))
+    # exactly the names replace_folder and the exporter use (.<name>.old<pid>, .<name>.tmp<pid>), nothing else
+    ours = re.compile(rf"^\.{re.escape(out.name)}\.(old|tmp)\d+$")
+    found = sorted(p for p in out.parent.iterdir() if ours.match(p.name))
+    olds = [p for p in found if p.name.startswith(f".{out.name}.old")]
     if olds and not out.exists():
         os.replace(olds[0], out)
         notice(f"export: restored the previous export {out} from {olds[0].name} (an earlier export was stopped "
                "while replacing it)")
         olds = olds[1:]
-    debris = [*olds, *out.parent.glob(f".{out.name}.tmp*")]
+    debris = [*olds, *(p for p in found if p.name.startswith(f".{out.name}.tmp"))]
     for path in debris:
         shutil.rmtree(path, ignore_errors=True)
     if debris:

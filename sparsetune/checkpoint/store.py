@@ -26,6 +26,7 @@ MARKER = "checkpoint.json"
 LATEST = "latest"
 ABANDONED = "abandoned"
 _NAME = re.compile(r"^step-(\d{8,})$")  # zero-padded to 8 digits; longer past 10^8 steps
+_UNFINISHED = re.compile(r"^\.(tmp|del|old)-step-\d{8,}$")  # exactly the names sparsetune's writes use
 
 
 def step_of(folder: Path) -> int:
@@ -207,7 +208,7 @@ class CheckpointStore:
     def _unfinished(self) -> list[Path]:
         """Folders a stopped write leaves: `.tmp-` (a checkpoint being written), `.del-` (one being pruned),
         `.old-` (one being replaced). Only the run's own, since the run folder has one writer (its lock)."""
-        return [*self.root.glob(".tmp-*"), *self.root.glob(".del-*"), *self.root.glob(".old-*")]
+        return [p for p in self.root.iterdir() if _UNFINISHED.match(p.name)] if self.root.is_dir() else []
 
     def clean_debris(self, report: Callable[[str], None]) -> None:
         """What killed runs left (main process, under the run's lock, before a run writes anything): unfinished
@@ -216,7 +217,7 @@ class CheckpointStore:
         if not self.root.is_dir():
             return
         removed, restored = [], []
-        for old in sorted(self.root.glob(".old-step-*")):
+        for old in sorted(p for p in self._unfinished() if p.name.startswith(".old-")):
             final = self.root / old.name.removeprefix(".old-")
             if not final.exists() and checkpoint_problem(old, verify=False) is None:
                 os.replace(old, final)

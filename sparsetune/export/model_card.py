@@ -18,11 +18,14 @@ def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]
         "| transformers | " + ("yes, exactly (`AutoModelForCausalLM`)" if exact else
                               "only through `sparsetune.load_sparse_model` (plain transformers computes another "
                               "activation)") + " |",
-        "| vLLM, SGLang | " + ("yes" if silu else "not natively: their Llama MLP refuses any `hidden_act` but `silu`; "
-                               "vLLM documents a Transformers backend (`--model-impl transformers`) that runs "
-                               "Transformers' own code, densely (not run here)") + " |",
-        "| llama.cpp | " + ("yes" if silu else "**no**: its llama architecture applies SiLU in the MLP whatever "
-                            "`hidden_act` says, so a converted file runs silently wrong; do not convert it") + " |",
+        "| vLLM, SGLang | " + ("yes" if silu else
+                               "not natively: their Llama MLP refuses any `hidden_act` but `silu` (not run here); vLLM "
+                               "documents a Transformers backend (`--model-impl transformers`) that runs Transformers' "
+                               "own code, densely (not run here)") + " |",
+        "| llama.cpp | " + ("yes" if silu else
+                            "**no**: its llama architecture applies SiLU in the MLP whatever `hidden_act` says (as "
+                            "read in PowerInfer's llama.cpp fork; upstream not run here), so a converted file runs "
+                            "silently wrong; do not convert it") + " |",
     ]
     if powerinfer:
         rows.append("| PowerInfer | yes, sparse: `model.powerinfer.gguf` with the predictors, as it is: "
