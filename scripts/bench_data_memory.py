@@ -160,8 +160,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from sparsetune.data.batches import BatchStream
     from sparsetune.data.text_datasets import load_text_splits
-    from sparsetune.models.loading import load_tokenizer
     from sparsetune.recipe.schema import DataSection
+    from sparsetune.sources.loading import load_tokenizer
 
     pack = _load_pack(args.impl, args.old_module)
     accelerator = Accelerator()
@@ -204,7 +204,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_folder(name: str) -> str:
-    from sparsetune.models.loading import resolve_model_path
+    from sparsetune.sources.loading import resolve_model_path
 
     kind, location = resolve_model_path(name)
     if kind != "local":
@@ -267,7 +267,7 @@ def main() -> None:
         worker(args)
         return
 
-    from sparsetune.models.loading import load_tokenizer
+    from sparsetune.sources.loading import load_tokenizer
 
     tokenizer_dir = _tokenizer_folder(args.tokenizer)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -27,10 +27,11 @@ import time
 
 import torch
 
-from sparsetune.models.structure import sparse_mlps
+from sparsetune.activations.relu import ReLU
+from sparsetune.activations.silu import SiLU
 from sparsetune.recipe.loading import load_recipe
 from sparsetune.sparsity.regularizers import get_regularizer
-from sparsetune.surgery.activations import ReLU, SiLU
+from sparsetune.surgery.sparse_mlp import sparse_mlps
 from sparsetune.training.components.predictors import Predictors
 from sparsetune.training.trainer import Trainer
 

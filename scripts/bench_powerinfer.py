@@ -152,8 +152,8 @@ def main() -> None:
     pi_pred, _ = pi_generate(args.bin, gguf, prompt, 32, args.threads, None)
 
     dense_gguf = work / "dense.gguf"
-    from sparsetune.models.structure import base_causal_lm
     from sparsetune.surgery.relufy import restore_hf_mlps
+    from sparsetune.surgery.structure import base_causal_lm
 
     plain = load_sparse_model(out)
     restore_hf_mlps(base_causal_lm(plain))

@@ -27,9 +27,9 @@ import time
 
 import torch
 
+from sparsetune.activations import build_activation
 from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.surgery.activations import build_activation
 
 SHAPES = {"smollm2-135m": (576, 1536, 30), "llama2-7b": (4096, 11008, 32)}  # hidden, intermediate, layers
 

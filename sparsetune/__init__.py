@@ -15,7 +15,7 @@ __all__ = ["load_sparse_model", "load_predictors", "__version__"]
 
 def __getattr__(name):  # lazy, so `import sparsetune` (and the CLI's --help) stays fast
     if name == "load_sparse_model":
-        from sparsetune.models.exported import load_sparse_model
+        from sparsetune.models.build import load_sparse_model
 
         return load_sparse_model
     if name == "load_predictors":

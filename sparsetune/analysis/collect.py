@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from sparsetune.evaluation.perplexity import evaluate
-from sparsetune.models.structure import base_causal_lm, decoder_layers, sparse_mlps
 from sparsetune.predictors.labels import head_norms
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
+from sparsetune.surgery.structure import base_causal_lm, decoder_layers
 
 
 @dataclass

@@ -44,14 +44,15 @@ def load_batches(args: AnalyzeArgs):
     """(model on its device, device, what was loaded, data path, held-out batches): the model and held-out text
     exactly as `sparsetune eval` picks them."""
     from sparsetune.data.batches import eval_batches
-    from sparsetune.evaluation.command import EvalArgs, load_target, with_held_out
+    from sparsetune.evaluation.command import with_held_out
     from sparsetune.evaluation.perplexity import held_out_data
-    from sparsetune.models.device import resolve_device
+    from sparsetune.models.build import SparseModel
+    from sparsetune.sources.device import resolve_device
     from sparsetune.surgery.calibration import needs_calibration
 
     dev = resolve_device(args.device)
-    t = load_target(EvalArgs(target=args.target, activation=args.activation,
-                             trust_remote_code=args.trust_remote_code))
+    t = SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code,
+                                activation={"activation": args.activation} if args.activation else None)
     if needs_calibration(t.model):
         raise SparsetuneError("analyze does not calibrate CATS thresholds; analyze a model whose activation needs "
                               "no calibration (or measure CATS with `sparsetune eval --activation cats`)")

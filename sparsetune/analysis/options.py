@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sparsetune.activations import activation_class
 from sparsetune.cli_options import option
 from sparsetune.cli_types import POSITIVE, count
 from sparsetune.recipe.schema import ACTIVATIONS
@@ -28,8 +29,8 @@ class AnalyzeArgs:
     batch_size: int = option(
         "--batch-size", 2, type=POSITIVE,
         help="sequences per batch (batches x batch size sequences are analyzed; default 4 x 2)")
-    activation: str | None = option(  # cats is left out: analyze calibrates no thresholds
-        "--activation", None, choices=[a for a in ACTIVATIONS if a != "cats"],
+    activation: str | None = option(  # those fitted on data (cats) are left out: analyze calibrates nothing
+        "--activation", None, choices=[a for a in ACTIVATIONS if not activation_class(a).needs_data],
         help="swap the MLP activation first (relu: the untrained ReLU swap)")
     prompt_fraction: float = option(
         "--prompt-fraction", 0.5, type=float, metavar="F",

@@ -1,8 +1,10 @@
-"""Per-layer activation state as a checkpoint part: what calibration computed for the activations (CATS
-thresholds fitted at the start of a run), saved with every checkpoint and put back on resume, export and eval.
+"""Per-layer activation state as a checkpoint part: what a run computed for its activations (CATS thresholds
+calibrated at the start, per-layer FATReLU / CATS thresholds fitted by the `thresholds` conversion), saved with every
+checkpoint as the activation's full spec and put back by the builder (models/build.py) on resume, export and eval.
 
-The recipe says what the run is asked to do; this file says what it computed. (Checkpoints written before this part
-existed carry CATS thresholds inside their recipe.yaml instead; those are read once from there, with a notice.)
+The recipe says what the run is asked to do; this file says what it computed. Checkpoints written before this part
+existed keep that state elsewhere, read once with a notice: CATS thresholds inside their recipe.yaml (checked by
+checkpoint/resume.py), a conversion's thresholds in the `thresholds` component's thresholds.json.
 """
 
 from __future__ import annotations
@@ -13,16 +15,34 @@ from pathlib import Path
 from sparsetune.surgery.relufy import activation_spec, relufy
 
 STATE_FILE = "activation_state.json"
+LEGACY_CONVERSION_FILE = "thresholds.json"  # the `thresholds` component's record (it held the thresholds before)
 
 
 def save_activation_state(model, folder: Path) -> None:
     (Path(folder) / STATE_FILE).write_text(json.dumps({"activation": activation_spec(model)}, indent=1))
 
 
-def load_activation_state(model, folder: Path) -> bool:
+def load_activation_state(model, folder: Path, report=None) -> bool:
     """Put the saved per-layer state on `model`'s activations; False when `folder` has none."""
     path = Path(folder) / STATE_FILE
-    if not path.is_file():
+    if path.is_file():
+        relufy(model, json.loads(path.read_text())["activation"])
+        return True
+    legacy = Path(folder) / LEGACY_CONVERSION_FILE
+    done = json.loads(legacy.read_text()).get("conversion") if legacy.is_file() else None
+    if not done:
         return False
-    relufy(model, json.loads(path.read_text())["activation"])
+    if report is not None:
+        report(f"{folder} keeps its fitted thresholds in {LEGACY_CONVERSION_FILE} (written by an older sparsetune); "
+               "using them")
+    relufy(model, _converted_spec(done))
     return True
+
+
+def _converted_spec(conversion: dict) -> dict:
+    """The per-layer activation a saved conversion record gives (fatrelu or cats on the gate)."""
+    spec = {"activation": conversion["kind"], "thresholds": conversion["thresholds"]}
+    if conversion["kind"] == "cats":
+        sparsities = conversion.get("fit_sparsity_per_layer") or [0.5]
+        spec["target_sparsity"] = min(max(sum(sparsities) / len(sparsities), 1e-3), 1 - 1e-3)
+    return spec

@@ -19,7 +19,7 @@ def _local_base(model_path: str) -> Path | None:
     path = Path(model_path)
     if path.exists():
         return path
-    from sparsetune.models.loading import ALIASES, alias_file
+    from sparsetune.sources.loading import ALIASES, alias_file
 
     return alias_file(model_path) if model_path in ALIASES else None  # None: a hub id (model.revision pins it)
 
@@ -63,3 +63,14 @@ def check_base_unchanged(ckpt: Path, model_path: str, now: dict | None = None) -
             f"({', '.join(changed[:3])}: sha256 differs from the one recorded in {BASE_FILE}); restore that base "
             "(e.g. re-export it from its own run into another folder), or the adapter would be merged into other "
             "weights")
+
+
+def run_base_fingerprint(recipe, resume_from: Path | None) -> dict | None:
+    """A new or resumed run's base-model part: the fingerprint of the base a LoRA run adapts (checked against the
+    checkpoint it resumes from), None for a full fine-tune (its checkpoints hold all the weights)."""
+    if recipe.peft.method != "lora":
+        return None
+    fingerprint = base_fingerprint(recipe.model.path)
+    if resume_from is not None:
+        check_base_unchanged(resume_from, recipe.model.path, fingerprint)
+    return fingerprint

@@ -37,8 +37,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from sparsetune.activations import MLPActivation, activation_class
 from sparsetune.paths import cache_dir
-from sparsetune.surgery.activations import MLPActivation
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -115,8 +115,6 @@ torch::Tensor sparse_mlp_decode(torch::Tensor x, torch::Tensor w_gate, torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("sparse_mlp_decode", &sparse_mlp_decode); }
 """
-
-ACT_CODES = {"relu": 0, "silu": 1, "drelu": 2, "relu2": 3}  # others run in the gather kernel
 
 # The compile flags apart from the CPU-specific one, which build_flags() adds only for an identified CPU.
 _BASE_CFLAGS = ["-O3", "-fopenmp"]
@@ -227,7 +225,7 @@ def kernel_in_use(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         why_not = f"the fused kernel is CPU-only (device {device})"
     elif dtype != torch.float32:
         why_not = f"the fused kernel is float32-only (dtype {dtype})"
-    elif activation is not None and activation not in ACT_CODES:
+    elif activation is not None and activation_class(activation).fused_code is None:
         why_not = f"activation {activation!r} has no fused implementation"
     if why_not is not None:
         return {"kernel": "gather", "reason": why_not, "build_flags": [], "cpu_key": None}
@@ -236,7 +234,8 @@ def kernel_in_use(device: torch.device | str = "cpu", dtype: torch.dtype = torch
 
 
 def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor) -> None:
-    """The weight checks of check_decode_args (done once per layer by DecodeWeights: weights do not change)."""
+    """Raise ValueError, one line naming the problem, unless the weights are safe for the fused kernel: float32
+    contiguous CPU tensors of one shape [m, d] (checked once per layer by DecodeWeights: weights do not change)."""
     if w_gate.dim() != 2:
         raise ValueError(f"fused decode kernel: w_gate must be 2-D [m, d], got shape {tuple(w_gate.shape)}")
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
@@ -252,7 +251,7 @@ def _check_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Ten
 
 
 def _check_inputs(x: torch.Tensor, idx: torch.Tensor, m: int, d: int) -> None:
-    """The per-call checks of check_decode_args: x and idx against weights of shape [m, d]."""
+    """The per-call checks: x float32 of shape [d], idx 1-D int64 in [0, m), both contiguous on the CPU."""
     if x.dim() != 1 or x.shape[0] != d:
         raise ValueError(f"fused decode kernel: x must be 1-D of length d={d}, got shape {tuple(x.shape)}")
     if x.dtype != torch.float32:
@@ -272,27 +271,6 @@ def _check_inputs(x: torch.Tensor, idx: torch.Tensor, m: int, d: int) -> None:
             raise ValueError(f"fused decode kernel: idx values must lie in [0, {m}), got min {lo}, max {hi}")
 
 
-def check_decode_args(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                      idx: torch.Tensor) -> None:
-    """Raise ValueError, one line naming the problem, unless the arguments are safe for the fused kernel:
-    float32 contiguous CPU weights of one shape [m, d], x float32 of shape [d], idx 1-D int64 in [0, m)."""
-    _check_weights(w_gate, w_up, w_down_t)
-    _check_inputs(x, idx, w_gate.shape[0], w_gate.shape[1])
-
-
-def fused_decode(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor,
-                 idx: torch.Tensor, act: int) -> torch.Tensor:
-    """The fused kernel's checked entry point (act: an ACT_CODES value). Raises ValueError on bad arguments and
-    RuntimeError when the kernel could not be built (see kernel_in_use)."""
-    check_decode_args(x, w_gate, w_up, w_down_t, idx)
-    if act not in ACT_CODES.values():
-        raise ValueError(f"fused decode kernel: act must be one of {sorted(ACT_CODES.values())}, got {act}")
-    module = fused_module()
-    if module is None:
-        raise RuntimeError(f"fused decode kernel unavailable: {kernel_in_use()['reason']}")
-    return module.sparse_mlp_decode(x, w_gate, w_up, w_down_t, idx, act)
-
-
 class DecodeWeights:
     """One MLP's weights laid out for the kernels: gate and up [m, d], down transposed to [m, d], and its
     elementwise activation (a sparsetune MLPActivation). The fused kernel implements relu, silu, drelu and relu2;
@@ -303,7 +281,7 @@ class DecodeWeights:
         self.w_up = w_up.detach().contiguous()
         self.w_down_t = w_down.detach().t().contiguous()
         self.act_fn = activation
-        self._code = ACT_CODES.get(activation.name)
+        self._code = activation.fused_code  # the activation plugin's code in the kernel's switch, or None
         # The weights never change, so they are checked once here and only x and idx on every (hot) call.
         weights = (self.w_gate, self.w_up, self.w_down_t)
         self._fusable = self._code is not None and all(w.device.type == "cpu" and w.dtype == torch.float32

@@ -14,9 +14,8 @@ import torch
 
 from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
 from sparsetune.errors import SparsetuneError
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.predictors.bank import PredictorBank
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 
 
 class _Timer:

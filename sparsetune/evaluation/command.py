@@ -7,21 +7,16 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sparsetune.checkpoint.folders import RUN_MARKER
-from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.options import EvalArgs  # the command's typed options (kept light for the CLI)
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
-from sparsetune.models.build import model_from_checkpoint
-from sparsetune.models.device import resolve_device
-from sparsetune.models.exported import activation_for_hf_config, load_activation_spec
-from sparsetune.models.loading import load_model, load_model_and_tokenizer, load_tokenizer
-from sparsetune.models.structure import sparse_mlps
-from sparsetune.recipe.schema import DataSection, relufy_config
+from sparsetune.models.build import SparseModel
+from sparsetune.recipe.schema import ACTIVATIONS, RELUFY_VARIANTS, DataSection, relufy_config
+from sparsetune.sources.device import resolve_device
 from sparsetune.sparsity.cett import TokenSampler, cett_report
 from sparsetune.surgery.calibration import needs_calibration
-from sparsetune.surgery.relufy import activation_spec, relufy
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.relufy import activation_spec
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
 
 
@@ -65,55 +60,16 @@ class EvalResult:
         return out
 
 
-@dataclass
-class _Target:
-    model: object  # with SparseMLPs
-    tokenizer: object
-    data: DataSection  # the held-out data it belongs with (its run's / export's recipe, else the default)
-    what: str
-    predictors: Path | None
-
-
-def load_target(args: EvalArgs) -> _Target:
-    """The model to measure. Remote code runs only when the caller passes `trust_remote_code` (the command
-    line), never because a checkpoint's or export's own recipe asks for it."""
-    target, trust = args.target, args.trust_remote_code
-    path = Path(target)
-    is_run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
-                                or (path / RUN_MARKER).is_file())
-    predictors = None
-    if is_run:
-        ckpt = resolve_checkpoint(path)
-        predictors = ckpt / "predictors" if (ckpt / "predictors" / "predictors.json").is_file() else None
-        model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust)
-        if recipe.peft.method == "lora":
-            model = model.merge_and_unload()
-        data, what = recipe.data, f"checkpoint at step {state.get('step')}"
-    else:
-        if path.is_dir() and (path / "config.json").is_file():
-            model = load_model(str(path), trust_remote_code=trust)
-            tokenizer = load_tokenizer(str(path), trust_remote_code=trust)
-            spec = load_activation_spec(path, model.config)
-        else:
-            model, tokenizer = load_model_and_tokenizer(target, trust_remote_code=trust)
-            spec = activation_for_hf_config(model.config)
-        relufy(model, spec)
-        if path.is_dir() and (path / "predictors.json").is_file():
-            predictors = path
-        # An export carries its recipe: evaluate on the same held-out data it was trained against.
-        recipe_file = path / "recipe.yaml" if path.is_dir() else None
-        if recipe_file is not None and recipe_file.is_file():
-            from sparsetune.recipe.loading import read_yaml, validate_recipe
-
-            data, what = validate_recipe(read_yaml(recipe_file), str(recipe_file)).data, "export"
-        else:
-            data, what = DataSection(), "model"
-    if args.target_sparsity is not None and args.activation != "cats":
-        raise SparsetuneError("--target-sparsity applies to --activation cats only")
+def load_target(args: EvalArgs) -> SparseModel:
+    """The model to measure (models/build.py builds it), with --activation / --target-sparsity swapped in."""
+    fitted = [a for a in ACTIVATIONS if "target_sparsity" in RELUFY_VARIANTS[ACTIVATIONS.index(a)].model_fields]
+    if args.target_sparsity is not None and args.activation not in fitted:
+        raise SparsetuneError(f"--target-sparsity applies to --activation {' / '.join(fitted)} only")
+    swap = None
     if args.activation is not None:
         extra = {"target_sparsity": args.target_sparsity} if args.target_sparsity is not None else {}
-        relufy(model, relufy_config(activation=args.activation, **extra))
-    return _Target(model, tokenizer, data, what, predictors)
+        swap = relufy_config(activation=args.activation, **extra).model_dump()
+    return SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code, activation=swap)
 
 
 def run_eval(args: EvalArgs) -> EvalResult:
@@ -233,9 +189,9 @@ def _calibrate_predictors(model, bank, data_cfg, tokenizer, args: EvalArgs, devi
 
 def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> dict:
     """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
-    from sparsetune.surgery.calibration import calibrate_cats
+    from sparsetune.surgery.calibration import calibrate
 
-    thresholds = calibrate_cats(model, training_batches(data_cfg, tokenizer, batch_size, n), device, total=n)
+    thresholds = calibrate(model, training_batches(data_cfg, tokenizer, batch_size, n), device, total=n)
     return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
             "thresholds": thresholds}
 

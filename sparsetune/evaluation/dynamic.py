@@ -24,11 +24,11 @@ import torch
 from sparsetune.dynamic.head_skipping import head_skipping, kv_written_mask
 from sparsetune.dynamic.masked_mlp import gathered_mlp
 from sparsetune.evaluation.perplexity import evaluate
-from sparsetune.models.structure import base_causal_lm, decoder_layers
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
 from sparsetune.sparsity.cett import contributions
 from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps
+from sparsetune.surgery.structure import base_causal_lm, decoder_layers
 
 
 class KeptFraction:

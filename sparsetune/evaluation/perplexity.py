@@ -64,9 +64,8 @@ def evaluate_held_out(model, data, batch_size: int, batches: int, near_zero_thre
     """Measure `model` (which has SparseMLPs, already on `device`; default CPU) on packed held-out `data`."""
     from sparsetune.data.batches import eval_batches
     from sparsetune.errors import SparsetuneError
-    from sparsetune.models.structure import sparse_mlps
     from sparsetune.sparsity.recorder import ActivationRecorder
-    from sparsetune.surgery.sparse_mlp import patched_mlps
+    from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 
     if batch_size < 1 or batches < 1:  # a figure from no tokens (perplexity 1.0) is never reported
         raise SparsetuneError(f"held-out evaluation needs at least 1 batch of at least 1 sequence, got {batches} "

@@ -31,9 +31,9 @@ from sparsetune.evaluation.dynamic import (
     prompt_override,
 )
 from sparsetune.evaluation.perplexity import evaluate
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.predictors.bank import PredictorBank, down_norm_reader
 from sparsetune.predictors.calibration import calibrate_thresholds
+from sparsetune.surgery.sparse_mlp import sparse_mlps
 
 HEAD_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # sigmoid values
 

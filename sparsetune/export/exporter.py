@@ -7,9 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from sparsetune.checkpoint.folders import (
     check_export_target,
     clean_export_debris,
@@ -30,48 +27,34 @@ from sparsetune.export.powerinfer_gguf import (
     write_activation_counts,
     write_gguf,
 )
-from sparsetune.models.build import model_from_checkpoint
-from sparsetune.models.device import resolve_device
-from sparsetune.models.exported import SPEC_FILE
-from sparsetune.models.structure import base_causal_lm, decoder_layers, sparse_mlps
+from sparsetune.models.build import SPEC_FILE, SparseModel
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
+from sparsetune.sources.device import resolve_device
 from sparsetune.sparsity.thresholds import read_conversion
 from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.relufy import activation_spec, restore_hf_mlps
-
-
-def _fold_shift_into_gate_bias(lm, shift: float) -> None:
-    """max(g - b, 0) == relu(gate_proj(x)) with gate bias -b: plain transformers' LlamaMLP with mlp_bias."""
-    lm.config.mlp_bias = True
-    for mlp in sparse_mlps(lm):
-        for proj in mlp.projections():
-            if proj.bias is None:
-                proj.bias = nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
-                                                     device=proj.weight.device))
-        gate = mlp.projections()[0]
-        with torch.no_grad():
-            gate.bias.sub_(shift)
+from sparsetune.surgery.sparse_mlp import sparse_mlps
+from sparsetune.surgery.structure import base_causal_lm, decoder_layers
 
 
 def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
-    """Set config (and gate bias) so plain transformers computes the trained activation where it can.
+    """Set config (and weights) so plain transformers computes the trained activation where it can; the activation
+    plugin says how (`hf_hidden_act`, or `export_plain`) and what transformers computes otherwise.
 
     Returns (exact_in_plain_transformers, activation to apply when loading with sparsetune, note).
     """
-    name = spec["activation"]
-    layout = layout_for(lm.config.model_type)
-    hf_act = sparse_mlps(lm)[0].activation.hf_hidden_act  # the activation plugin says what transformers can compute
-    if hf_act is not None:
-        lm.config.hidden_act = hf_act
-        return True, spec, f"`config.hidden_act = {hf_act!r}`: plain transformers computes the trained activation."
-    if name == "shifted_relu" and layout.mlp_bias_config:
-        _fold_shift_into_gate_bias(lm, spec["shift"])
-        lm.config.hidden_act = "relu"
-        return True, {"activation": "relu"}, (
-            f"shifted ReLU max(gate - {spec['shift']:g}, 0) is folded into a gate bias of -{spec['shift']:g} "
-            "(`mlp_bias: true`, `hidden_act: relu`): plain transformers computes it exactly.")
-    closest = {"shifted_relu": "relu", "fatrelu": "relu", "drelu": "relu", "topk": "silu", "cats": "silu"}[name]
+    mlps = sparse_mlps(lm)
+    act = mlps[0].activation
+    if act.hf_hidden_act is not None:
+        lm.config.hidden_act = act.hf_hidden_act
+        return True, spec, (f"`config.hidden_act = {act.hf_hidden_act!r}`: plain transformers computes the trained "
+                            "activation.")
+    folded = act.export_plain(lm, mlps, layout_for(lm.config.model_type))
+    if folded is not None:
+        load_spec, note = folded
+        return True, load_spec, note
+    name, closest = spec["activation"], act.plain_fallback
     lm.config.hidden_act = closest
     per_layer = (f" Its {len(spec['thresholds'])} per-layer thresholds are in `sparsetune.json` "
                  "(`load_activation.thresholds`)." if spec.get("thresholds") else "")
@@ -113,15 +96,14 @@ def _notice(message: str) -> None:
 
 def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, dev, trust_remote_code: bool,
             powerinfer: bool) -> Path:
-    model, tokenizer, recipe, state = model_from_checkpoint(ckpt, trust_remote_code=trust_remote_code)
-    if recipe.peft.method == "lora":
-        model = model.merge_and_unload()
+    built = SparseModel.from_source(ckpt, trust_remote_code=trust_remote_code)  # LoRA merged
+    model, tokenizer, recipe, state = built.model, built.tokenizer, built.recipe, built.trainer_state
     model.eval()
     report_eval = (evaluate_held_out(model.to(dev), held_out_data(recipe.data, tokenizer),
                                      recipe.train.micro_batch_size, eval_batches_n or recipe.train.eval_batches,
                                      recipe.sparsity.near_zero_threshold, device=dev)
                    if measure else state.get("last_eval", {}))
-    bank = load_predictors(ckpt / "predictors") if (ckpt / "predictors" / "predictors.json").is_file() else None
+    bank = load_predictors(built.predictors) if built.predictors is not None else None
     counts = None
     if powerinfer:  # refused in one line before anything is measured or written
         if bank is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from sparsetune.activations import activation_class
 from sparsetune.recipe.schema import Recipe
 
 
 def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]:
     """Which inference engines run this export as it is, so nobody is misled into a silently wrong model."""
-    silu = activation == "silu"
-    relu_family = activation in ("relu", "shifted_relu", "fatrelu", "drelu", "relu2")
+    act = activation_class(activation)
+    silu = act.hf_hidden_act == "silu"  # what vLLM, SGLang and llama.cpp's llama MLP compute
     rows = [
         "## Inference engines",
         "What was run is in sparsetune's docs/ENGINES.md (commands, figures).",
@@ -33,13 +34,11 @@ def engines_section(activation: str, exact: bool, powerinfer: bool) -> list[str]
                     "counts its GPU/CPU split solver reads, GPU mode not run). Measured on SmolLM2-135M from "
                     "`recipes/powerinfer.yaml`: 1.14x its own all-neurons decode, perplexity within 0.1% of "
                     "sparsetune's (docs/ENGINES.md) |")
-    elif activation == "relu":
+    elif act.powerinfer_refusal is None:
         rows.append("| PowerInfer | ReLU models with predictors: export with `--powerinfer` (predictors trained "
                     "with `predictor.output_bias: false`, `predictor.input: residual`) |")
-    elif relu_family:
-        rows.append(f"| PowerInfer | no: its llama path computes relu(gate) * up only, not `{activation}` |")
     else:
-        rows.append("| PowerInfer | no: it needs a ReLU activation |")
+        rows.append(f"| PowerInfer | no: {act.powerinfer_refusal}, not `{activation}` |")
     return [*rows, ""]
 
 

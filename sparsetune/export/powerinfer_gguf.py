@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsetune.activations import activation_class
 from sparsetune.errors import SparsetuneError
 
 GGUF_FILE = "model.powerinfer.gguf"
@@ -65,10 +66,8 @@ def check_model(config) -> None:
 def check_activation(spec: dict) -> None:
     """PowerInfer's sparse llama FFN computes relu(gate) * up and nothing else (llama.cpp:5050)."""
     name = spec["activation"]
-    if name != "relu":
-        why = {"shifted_relu": "it loads no gate bias to fold the shift into",
-               "fatrelu": "it has no activation threshold", "drelu": "its llama path has no relu(up)",
-               "relu2": "its llama path has no squared ReLU"}.get(name, "it computes relu(gate) * up only")
+    why = activation_class(name).powerinfer_refusal  # the activation plugin says why, or None when it runs
+    if why is not None:
         raise SparsetuneError(f"--powerinfer: activation {name!r} cannot run truthfully in PowerInfer's llama path "
                               f"({why}); export a relu run, or export without --powerinfer")
 

@@ -65,7 +65,7 @@ class PredictorBank(nn.Module):
         predictor.input=mlp_input."""
         if self.cfg.input != "residual" or self._taps:
             return self
-        from sparsetune.models.structure import decoder_layers
+        from sparsetune.surgery.structure import decoder_layers
 
         for idx, layer in enumerate(decoder_layers(model)):
             norm = getattr(layer, "post_attention_layernorm", None)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sparsetune.models.structure import decoder_layers
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.sparsity.recorder import ActivationRecorder
+from sparsetune.surgery.structure import decoder_layers
 
 
 def attach_head_hooks(model, bank: PredictorBank, recorder: ActivationRecorder) -> list:

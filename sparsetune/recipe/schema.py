@@ -7,18 +7,13 @@ from it (`scripts/gen_recipe_docs.py` regenerates that file).
 
 from __future__ import annotations
 
-import typing
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
+from sparsetune.activations import activation_modules
+from sparsetune.recipe.section import Section
 from sparsetune.sparsity.regularizers import regularizer_docs, regularizer_names
-
-
-class Section(BaseModel):
-    """Base for recipe sections: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -62,87 +57,13 @@ class DataSection(Section):
 RegularizerName = Literal[tuple(regularizer_names())]  # type: ignore[valid-type]
 
 
-# ---- relufy: one section per activation, each holding only its own keys (chosen by `relufy.activation`).
-class SiluRelufy(Section):
-    """silu: the model's own SiLU(gate)*up, unchanged (no exact zeros; measured as near-zero sparsity)."""
-
-    activation: Literal["silu"]
-
-
-class ReluRelufy(Section):
-    """relu: ReLU(gate)*up."""
-
-    activation: Literal["relu"] = "relu"
-
-
-class ShiftedReluRelufy(Section):
-    """shifted_relu: ReLU(gate - shift)*up."""
-
-    activation: Literal["shifted_relu"]
-    shift: float = Field(1.0, description="b in shifted_relu: max(gate - b, 0).")
-
-
-class FatReluRelufy(Section):
-    """fatrelu: gate*[gate >= threshold]*up (ProSparse's final step), one threshold or one per layer."""
-
-    activation: Literal["fatrelu"]
-    threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
-    thresholds: list[float] | None = Field(
-        None, description="fatrelu: per-layer thresholds on the gate, one per decoder layer; when given they "
-        "replace `threshold` (ProSparse's per-layer shift: what the `thresholds` section fits; exports carry them "
-        "in sparsetune.json, which plain transformers cannot read).")
-
-    @model_validator(mode="after")
-    def _thresholds_valid(self) -> FatReluRelufy:
-        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
-            raise ValueError("relufy.thresholds must be >= 0")
-        return self
-
-
-class DReluRelufy(Section):
-    """drelu: ReLU(gate)*ReLU(up) (TurboSparse)."""
-
-    activation: Literal["drelu"]
-
-
-class Relu2Relufy(Section):
-    """relu2: ReLU(gate)^2*up."""
-
-    activation: Literal["relu2"]
-
-
-class TopKRelufy(Section):
-    """topk: keep the top_k_fraction largest |SiLU(gate)*up| per token (straight-through gradient)."""
-
-    activation: Literal["topk"]
-    top_k_fraction: float = Field(
-        0.1, gt=0.0, le=1.0, description="Fraction of MLP neurons kept per token by topk (0.1 = 90% sparsity).")
-
-
-class CatsRelufy(Section):
-    """cats: SiLU(gate) zeroed where |SiLU(gate)| is below a per-layer threshold calibrated on training data to
-    target_sparsity (CATS, training-free)."""
-
-    activation: Literal["cats"]
-    target_sparsity: float = Field(
-        0.5, gt=0.0, lt=1.0, description="cats: fraction of |SiLU(gate)| values each layer's threshold zeroes "
-        "on the calibration data.")
-    thresholds: list[float] | None = Field(
-        None, description="cats: per-layer thresholds on |SiLU(gate)|. Empty = calibrate at start (written back "
-        "into the run's recipe, so resume and export reuse them).")
-    calibration_batches: int = Field(
-        8, ge=1, description="cats: training micro-batches whose activations set the thresholds.")
-
-    @model_validator(mode="after")
-    def _thresholds_valid(self) -> CatsRelufy:
-        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
-            raise ValueError("relufy.thresholds must be >= 0")
-        return self
-
-
-RELUFY_VARIANTS = (SiluRelufy, ReluRelufy, ShiftedReluRelufy, FatReluRelufy, DReluRelufy, Relu2Relufy, TopKRelufy,
-                   CatsRelufy)
-ACTIVATIONS = [typing.get_args(v.model_fields["activation"].annotation)[0] for v in RELUFY_VARIANTS]
+# ---- relufy: one section per activation, each holding only its own keys (chosen by `relufy.activation`). Each is
+# the `Config` of its plugin module in sparsetune/activations/ (read without importing torch).
+_ACTIVATION_MODULES = activation_modules()
+for _module in _ACTIVATION_MODULES.values():  # the section's docstring is its module's (the recipe reference's text)
+    _module.Config.__doc__ = _module.__doc__
+RELUFY_VARIANTS = tuple(m.Config for m in _ACTIVATION_MODULES.values())
+ACTIVATIONS = list(_ACTIVATION_MODULES)
 # Keys every relufy section had before it was split per activation, at their old defaults: a recipe.yaml written
 # by an older sparsetune (in a checkpoint or an export) still loads; any other stray key is an error.
 _LEGACY_RELUFY_DEFAULTS = {"shift": 1.0, "threshold": 0.01, "top_k_fraction": 0.1, "target_sparsity": 0.5,
@@ -314,10 +235,12 @@ class PredictorSection(Section):
         return self
 
 
-# Which exact-zero form the `thresholds` section converts each activation to. The rule must read the gate alone, so
-# an engine can skip a neuron's up and down rows: FATReLU's gate >= t for the ReLU family it extends, CATS's
-# |SiLU(gate)| >= t for SiLU-based models (top-k keeps SiLU's values; a gate threshold would change them).
-THRESHOLD_FORMS = {"relu": "fatrelu", "fatrelu": "fatrelu", "silu": "cats", "topk": "cats", "cats": "cats"}
+# Which exact-zero form the `thresholds` section converts each activation to (its plugin's `threshold_form`). The
+# rule must read the gate alone, so an engine can skip a neuron's up and down rows: FATReLU's gate >= t for the ReLU
+# family it extends, CATS's |SiLU(gate)| >= t for SiLU-based models (top-k keeps SiLU's values; a gate threshold
+# would change them).
+THRESHOLD_FORMS = {name: m.ACTIVATION.threshold_form for name, m in _ACTIVATION_MODULES.items()
+                   if m.ACTIVATION.threshold_form}
 
 
 class ThresholdsSection(Section):
@@ -424,8 +347,9 @@ class Recipe(Section):
     output_dir: str = Field(..., description="Folder for checkpoints, metrics, plots and the W&B run.")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
-    relufy: RelufySection = Field(default_factory=ReluRelufy, description="MLP activation after surgery; "
-                                  "`relufy.activation` chooses one of: " + ", ".join(ACTIVATIONS) + ".")
+    relufy: RelufySection = Field(default_factory=lambda: relufy_config(activation="relu"),
+                                  description="MLP activation after surgery; `relufy.activation` chooses one of: "
+                                  + ", ".join(ACTIVATIONS) + ".")
     regularizer: RegularizerSection = Field(default_factory=RegularizerSection)
     distill: DistillSection = Field(default_factory=DistillSection)
     sparsity: SparsitySection = Field(default_factory=SparsitySection)

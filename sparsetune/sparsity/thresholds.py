@@ -12,8 +12,9 @@ budget. The reference output is the elementwise activation the rule thresholds (
 that is its dense SiLU, the function top-k approximates. The calibration forwards run the model as it is (top-k
 included), so every layer sees the inputs it sees in training.
 
-The fitted result is part of a run's checkpoint (STATE_FILE, written by the `thresholds` training component), and
-`apply_saved_thresholds` puts it on a model built from that checkpoint.
+The fitted thresholds are the model's activation from then on, so a checkpoint's activation state carries them
+(checkpoint/activation_state.py); the conversion's record (what was fitted, the figures around it) is the `thresholds`
+training component's own part (CONVERSION_FILE).
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsetune.models.structure import sparse_mlps
+from sparsetune.activations import MLPActivation
+from sparsetune.activations.cats import CATS
+from sparsetune.activations.fatrelu import FATReLU
+from sparsetune.activations.relu import ReLU
+from sparsetune.activations.silu import SiLU
 from sparsetune.sparsity.cett import CettLayer, readable_down_weight, threshold_for_cett
-from sparsetune.surgery.activations import CATS, FATReLU, MLPActivation, ReLU, SiLU
 from sparsetune.surgery.calibration import quantile_threshold
-from sparsetune.surgery.sparse_mlp import measuring_pass, patched_mlps
+from sparsetune.surgery.sparse_mlp import measuring_pass, patched_mlps, sparse_mlps
 
-STATE_FILE = "thresholds.json"
+CONVERSION_FILE = "thresholds.json"
 
 
 def rule_values(kind: str, gate: torch.Tensor) -> torch.Tensor:
@@ -176,17 +180,10 @@ class Conversion:
 
 def read_conversion(folder: Path) -> tuple[Conversion | None, dict]:
     """(the conversion saved in a checkpoint folder or None, the rest of the saved state)."""
-    path = Path(folder) / STATE_FILE
+    path = Path(folder) / CONVERSION_FILE
     if not path.is_file():
         return None, {}
     state = json.loads(path.read_text())
     done = state.get("conversion")
     return (Conversion.from_json(done) if done else None), state
 
-
-def apply_saved_thresholds(model, folder: Path) -> Conversion | None:
-    """Put a checkpoint's fitted thresholds (if its run converted) on a model built from that checkpoint."""
-    conversion, _ = read_conversion(folder)
-    if conversion is not None:
-        conversion.apply(model)
-    return conversion

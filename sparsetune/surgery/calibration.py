@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparsetune.models.structure import sparse_mlps
-from sparsetune.surgery.activations import CATS, SiLU
-from sparsetune.surgery.sparse_mlp import measuring_pass
+from sparsetune.activations.cats import CATS
+from sparsetune.activations.silu import SiLU
+from sparsetune.surgery.sparse_mlp import measuring_pass, sparse_mlps
 
 # Values kept per layer per batch: enough for a quantile accurate to ~0.1%, small enough for 7B layers.
 SAMPLE_PER_BATCH = 1 << 17
@@ -32,8 +32,8 @@ def quantile_threshold(values: torch.Tensor, target: float, floor: float | None 
 
 
 def needs_calibration(model) -> bool:
-    return any(isinstance(m.activation, CATS) and m.activation.threshold != m.activation.threshold
-               for m in sparse_mlps(model))
+    """Some activation's per-layer state is still to be fitted on data (CATS before calibration)."""
+    return any(m.activation.uncalibrated() for m in sparse_mlps(model))
 
 
 class _Collector:
@@ -53,11 +53,17 @@ class _Collector:
         self.samples.setdefault(layer, []).append(flat)
 
 
+def calibration_batches(model) -> int:
+    """How many training micro-batches the model's uncalibrated activations are fitted on."""
+    return max(m.activation.calibration_batches for m in sparse_mlps(model) if m.activation.uncalibrated())
+
+
 @torch.no_grad()
-def calibrate_cats(model, batches: Iterable[dict], device, total: int | None = None, seed: int = 0,
-                   progress: bool = True) -> list[float]:
+def calibrate(model, batches: Iterable[dict], device, total: int | None = None, seed: int = 0,
+              progress: bool = True, report=None) -> list[float]:
     """Set (and return) each CATS layer's threshold so that its target fraction of |SiLU(gate)| over the
-    real tokens of `batches` falls below it. Identical on every rank given identical batches."""
+    real tokens of `batches` falls below it. Identical on every rank given identical batches. `report`: a
+    function printing the one-line summary."""
     mlps = [m for m in sparse_mlps(model) if isinstance(m.activation, CATS)]
     collector = _Collector(seed)
     measuring_pass(model, batches, device, collector, activation=SiLU(),  # dense SiLU while measuring
@@ -68,4 +74,8 @@ def calibrate_cats(model, batches: Iterable[dict], device, total: int | None = N
         m.activation.threshold = quantile_threshold(torch.cat(collector.samples[m.layer_idx]),
                                                     m.activation.target_sparsity)
         thresholds.append(m.activation.threshold)
+    if report is not None and thresholds:
+        report(f"cats: calibrated {len(thresholds)} layer thresholds to {mlps[0].activation.target_sparsity:.0%} "
+               f"sparsity on {total or 'the given'} training micro-batches (range {min(thresholds):.4g}.."
+               f"{max(thresholds):.4g})")
     return thresholds

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsetune.models.structure import base_causal_lm, get_submodule, sparse_mlps
+from sparsetune.activations import build_activation
 from sparsetune.recipe.schema import RelufyConfig
-from sparsetune.surgery.activations import build_activation
 from sparsetune.surgery.architectures import layout_for
-from sparsetune.surgery.sparse_mlp import SparseMLP
+from sparsetune.surgery.sparse_mlp import SparseMLP, sparse_mlps
+from sparsetune.surgery.structure import base_causal_lm, get_submodule
 
 
 def relufy(model: nn.Module, cfg: RelufyConfig | dict) -> list[SparseMLP]:

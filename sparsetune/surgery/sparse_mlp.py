@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from sparsetune.surgery.activations import MLPActivation
+from sparsetune.activations import MLPActivation
 from sparsetune.surgery.architectures import MLPLayout
 
 
@@ -62,6 +62,11 @@ class SparseMLP(nn.Module):
         return self.dense(x, self.sink)
 
 
+def sparse_mlps(model: nn.Module) -> list[SparseMLP]:
+    """Every SparseMLP of `model` (wrapped or not), in layer order."""
+    return [m for m in model.modules() if isinstance(m, SparseMLP)]
+
+
 _KEEP = object()
 
 
@@ -69,16 +74,14 @@ _KEEP = object()
 def patched_mlps(model: nn.Module, activation=_KEEP, sink=_KEEP, override=_KEEP):
     """Within: every SparseMLP of `model` uses the given activation (a module, or a function of the SparseMLP
     giving one), sink and/or override; whatever is not given stays. Everything is restored on exit."""
-    from sparsetune.models.structure import sparse_mlps
-
     mlps = sparse_mlps(model)
     changes = {k: v for k, v in (("activation", activation), ("sink", sink), ("override", override)) if v is not _KEEP}
     saved = [{k: getattr(m, k) for k in changes} for m in mlps]
     try:
         for m in mlps:
             for key, value in changes.items():
-                setattr(m, key, value(m) if key == "activation" and callable(value)
-                        and not isinstance(value, nn.Module) else value)
+                setattr(m, key, value(m) if key == "activation" and not isinstance(value, MLPActivation)
+                        else value)
         yield mlps
     finally:
         for m, old in zip(mlps, saved):

@@ -50,6 +50,7 @@ class Engine:
 
     name = "ddp"
     shards_parameters = False
+    trains_model = True  # False in the predictor-only phase (FrozenModel)
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe):
         self.accelerator = accelerator
@@ -66,7 +67,7 @@ class Engine:
     @staticmethod
     def create(accelerator: Accelerator, recipe: Recipe) -> Engine:
         """The engine for this process. A predictor-only run (train.freeze_model) under a sharding launcher is
-        refused by check_launch; under DDP or one process its model is frozen."""
+        refused by check_launch; under DDP or one process it is the FrozenModel phase from the start."""
         strategy = Engine.strategy_of(accelerator)
         if recipe.train.freeze_model and strategy == "ddp":
             return FrozenModel(accelerator, recipe)
@@ -86,13 +87,13 @@ class Engine:
     def _wrap(self, model, optimizer) -> tuple:
         return self.accelerator.prepare(model, optimizer)
 
-    def prepare_frozen(self, model):
-        """A frozen model used only for forward passes (the distillation teacher), placed like the student:
+    def prepare_teacher(self, model):
+        """The distillation teacher (a model used only for forward passes), placed like the student:
         a full copy per rank here; sharded by the engines that shard parameters."""
         return model.to(self.accelerator.device)
 
     def forward_context(self):
-        """Around the training forward: a graph is built for the model (not for a frozen one)."""
+        """Around the training forward: a graph is built for the model (not in the predictor-only phase)."""
         return contextlib.nullcontext()
 
     def sync_context(self, model, last: bool):
@@ -157,12 +158,27 @@ class Engine:
 
 
 class FrozenModel(Engine):
-    """Predictor-only training (`train.freeze_model`): the model runs forward without a graph, is neither
-    wrapped nor optimized; only the components' own losses (the predictors') are backpropagated."""
+    """The predictor-only phase: the model runs forward without a graph and is neither optimized nor clipped; only
+    the components' own losses (the predictors') are backpropagated, outside any engine (the predictors are
+    replicated: their optimizer is their own). Two ways in:
+
+      train.freeze_model      the whole run: the model is never wrapped for training (`prepare` freezes it)
+      predictor.only_steps    after train.max_steps: the model stays where the training engine `placed_by` put it,
+                              and checkpoints are still that engine's (same files, so resume crosses the phases)
+    """
 
     name = "frozen"
+    trains_model = False
+
+    def __init__(self, accelerator: Accelerator, recipe: Recipe, placed_by: Engine | None = None):
+        super().__init__(accelerator, recipe)
+        self.placed_by = placed_by
+        if placed_by is not None:
+            self.shards_parameters = placed_by.shards_parameters
 
     def describe(self) -> str:
+        if self.placed_by is not None:
+            return f"model frozen, predictors only (after {self.placed_by.describe()})"
         return "model frozen, predictors only" + (", DDP" if self.accelerator.num_processes > 1 else "")
 
     def prepare(self, model) -> tuple:
@@ -175,11 +191,33 @@ class FrozenModel(Engine):
     def sync_context(self, model, last: bool):
         return contextlib.nullcontext()
 
+    def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:
+        (loss / accum).backward()  # the predictors' loss: no model graph, no engine scaling or partitioning
+
     def clip(self, model, max_norm: float):
         return None
 
     def step(self, optimizer, scheduler, apply: bool) -> float:
         return 0.0
+
+    # what is saved and how the model is placed stay the training engine's
+    def full_state_dict(self, model) -> dict | None:
+        return (self.placed_by or super()).full_state_dict(model)
+
+    def save_state(self, model, optimizer, folder: Path) -> None:
+        (self.placed_by or super()).save_state(model, optimizer, folder)
+
+    def load_state(self, model, optimizer, folder: Path) -> None:
+        (self.placed_by or super()).load_state(model, optimizer, folder)
+
+    def saves_optimizer_itself(self) -> bool:
+        return self.placed_by.saves_optimizer_itself() if self.placed_by else False
+
+    def prepare_teacher(self, model):
+        return (self.placed_by or super()).prepare_teacher(model)
+
+    def local_parameter_count(self, model) -> tuple[int, int]:
+        return (self.placed_by or super()).local_parameter_count(model)
 
 
 class DeepSpeedZero(Engine):
@@ -204,11 +242,11 @@ class DeepSpeedZero(Engine):
     def describe(self) -> str:
         return f"DeepSpeed ZeRO-{self.stage}"
 
-    def prepare_frozen(self, model):
-        """ZeRO-3: the frozen model gets its own inference engine with partitioned parameters (as TRL prepares its
+    def prepare_teacher(self, model):
+        """ZeRO-3: the teacher gets its own inference engine with partitioned parameters (as TRL prepares its
         reference models); ZeRO-1/2 replicate parameters anyway, so a plain copy is what they would hold."""
         if self.stage < 3:
-            return super().prepare_frozen(model)
+            return super().prepare_teacher(model)
         import copy
 
         import deepspeed
@@ -264,7 +302,7 @@ class FSDP2(Engine):
     def prepare(self, model) -> tuple:
         from torch.distributed.fsdp import fully_shard
 
-        from sparsetune.models.structure import decoder_layers
+        from sparsetune.surgery.structure import decoder_layers
 
         model.to(self.accelerator.device)
         for layer in decoder_layers(model):
@@ -273,10 +311,10 @@ class FSDP2(Engine):
         optimizer = build_optimizer(model.parameters(), self.recipe.train)  # over the sharded parameters
         return model, optimizer, build_scheduler(optimizer, self.recipe.train)
 
-    def prepare_frozen(self, model):
+    def prepare_teacher(self, model):
         from torch.distributed.fsdp import fully_shard
 
-        from sparsetune.models.structure import decoder_layers
+        from sparsetune.surgery.structure import decoder_layers
 
         model.to(self.accelerator.device)
         for layer in decoder_layers(model):

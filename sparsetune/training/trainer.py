@@ -1,8 +1,11 @@
 """The training run: setup -> (eval) -> steps -> eval / checkpoint -> final eval, plot, checkpoint.
 
-Read top to bottom: `Trainer.run()` is the whole program. The features of a run (sparsity regularization,
-distillation, co-trained predictors) are components with one protocol (`training/components/`); the distribution
-strategy is an engine chosen once (`training/engines.py`); neither appears as a branch in the loop.
+Read top to bottom: `Trainer.run()` is the whole program. The model is built by the one builder
+(`models/build.py`: load, surgery with its stored state and calibration, LoRA); the features of a run (sparsity
+regularization, distillation, co-trained predictors, threshold conversion) are components with one protocol
+(`training/components/`); how the model is distributed is an engine chosen once (`training/engines.py`), and the
+predictor-only steps are a phase run by the FrozenModel engine (`training/phases.py`). None of them appears as a
+branch here.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from sparsetune.checkpoint.activation_state import load_activation_state, save_activation_state
-from sparsetune.checkpoint.base_model import base_fingerprint, check_base_unchanged, write_base_fingerprint
+from sparsetune.checkpoint.activation_state import save_activation_state
+from sparsetune.checkpoint.base_model import run_base_fingerprint, write_base_fingerprint
 from sparsetune.checkpoint.folders import RUN_MARKER, clear_run, inspect_run_folder, mark_run, resolve_link
 from sparsetune.checkpoint.locks import FolderLock, run_lock
 from sparsetune.checkpoint.parts import CheckpointPart
@@ -39,13 +42,10 @@ from sparsetune.data.text_datasets import load_text_splits, pack
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.launch.compatibility import check_launch
-from sparsetune.models.build import apply_lora
-from sparsetune.models.loading import load_model_and_tokenizer
+from sparsetune.models.build import SparseModel
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.recorder import attach_recorder
-from sparsetune.surgery.calibration import calibrate_cats, needs_calibration
-from sparsetune.surgery.relufy import relufy
 from sparsetune.tracking.files import TRADEOFF_COLUMNS, MetricFiles
 from sparsetune.tracking.metrics import layer_metrics
 from sparsetune.tracking.plots import plot_tradeoff
@@ -55,6 +55,7 @@ from sparsetune.training.components import build_components
 from sparsetune.training.components.base import Component, EvalContext, Setup, StepContext
 from sparsetune.training.engines import Engine
 from sparsetune.training.optim import apply_recipe_after_restore
+from sparsetune.training.phases import Phases
 from sparsetune.training.preemption import PreemptionGuard
 from sparsetune.training.progress import TrainingProgress
 
@@ -87,7 +88,8 @@ class Trainer:
         self.base_fingerprint: dict | None = None  # LoRA: the base model's files by sha256 (checkpoint part)
         # built by setup()
         self.accelerator: Accelerator | None = None
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # the training engine; each step runs on its phase's (self.phases)
+        self.phases: Phases | None = None
         self.device: torch.device | None = None
         self.is_main = True
         self.tokenizer = None
@@ -122,6 +124,7 @@ class Trainer:
         r = self.recipe
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(r.train.mixed_precision))
         self.engine = Engine.create(self.accelerator, r)
+        self.phases = Phases(r, self.engine)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         check_launch(r, Engine.strategy_of(self.accelerator), self.engine.shards_parameters,
@@ -136,28 +139,24 @@ class Trainer:
             try:
                 self._claim_run_dir()
                 plan = plan_output_dir(self.run_dir, self.resume, self.overwrite, report=self.notice)
-                if r.peft.method == "lora":
-                    self.base_fingerprint = base_fingerprint(r.model.path)
-                    if plan.resume_from is not None:
-                        check_base_unchanged(plan.resume_from, r.model.path, self.base_fingerprint)
+                self.base_fingerprint = run_base_fingerprint(r, plan.resume_from)
                 if plan.resume_from is not None:
                     self.recipe_changes = check_recipe(plan.resume_from, r, report=self.notice)
                     check_process_count(plan.resume_from, self.accelerator.num_processes,
                                         self.engine.saves_optimizer_itself())
                 elif plan.restart and (self.run_dir / "recipe.yaml").is_file():
                     self.recipe_changes = check_recipe(self.run_dir, r, report=self.notice)
-                decision[0] = ("ok", plan, getattr(r.relufy, "thresholds", None), str(self.run_dir))
+                decision[0] = ("ok", plan, r.relufy.model_dump(), str(self.run_dir))
             except SparsetuneError as exc:
                 decision[0] = ("error", str(exc), None, None)
         if self.accelerator.num_processes > 1:
             broadcast_object_list(decision)
-        status, plan, thresholds, run_dir = decision[0]
+        status, plan, relufy, run_dir = decision[0]
         if status == "error":
             raise SparsetuneError(plan)
         self._use_run_dir(Path(run_dir))
         self.resume_from, self.clear_run_dir = plan.resume_from, plan.clear
-        if thresholds is not None:  # CATS thresholds reused from the checkpoint (check_recipe ran on main)
-            r.relufy.thresholds = thresholds
+        r.relufy = relufy  # as check_recipe left it on the main process (an old checkpoint's CATS thresholds)
 
     def _use_run_dir(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -207,56 +206,44 @@ class Trainer:
                 break
         self.created_dirs.clear()
 
-    def _load_model(self):
+    def _load_model(self) -> SparseModel:
         r = self.recipe
-        return load_model_and_tokenizer(r.model.path, r.model.dtype, r.model.revision, r.model.trust_remote_code)
+        return SparseModel.load(r.model.path, r.model.dtype, r.model.revision, r.model.trust_remote_code)
 
-    def _setup_model_and_data(self):
+    def _setup_model_and_data(self) -> SparseModel:
         r = self.recipe
-        model, self.tokenizer = self._load_model()
+        model = self._load_model()
+        self.tokenizer = model.tokenizer
         train_text, eval_text = load_text_splits(r.data)
         with self.accelerator.main_process_first():
             self.train_data = pack(train_text, self.tokenizer, r.data.text_field, r.data.seq_len, "data.path")
             self.eval_data = pack(eval_text, self.tokenizer, r.data.text_field, r.data.seq_len, "held-out data")
         return model
 
-    def _setup_components(self, model) -> None:
-        """Surgery, the run's components around it, LoRA, and the engine's wrapping, in this order (it fixes the
-        order in which random initializations draw from the seeded RNG)."""
+    def _setup_components(self, built: SparseModel) -> None:
+        """Surgery (with the checkpoint's activation state, or calibration on the first training micro-batches),
+        the run's components around it, LoRA, and the engine's wrapping, in this order (it fixes the order in which
+        random initializations draw from the seeded RNG)."""
         r = self.recipe
         self.components = build_components(r)
+        model = built.model
         setup = Setup(recipe=r, model=model, device=self.device, accelerator=self.accelerator,
-                      load_model=lambda: self._load_model()[0], eval_context=self._eval_context)
+                      load_model=lambda: self._load_model().model, eval_context=self._eval_context)
         for c in self.components:
             c.before_surgery(setup)
-        mlps = relufy(model, r.relufy)
-        if self.resume_from is not None:  # calibrated state comes from the checkpoint, never recomputed
-            load_activation_state(model, self.resume_from)
-        if needs_calibration(model):
-            self._calibrate(model)
+        mlps = built.surgery(r.relufy, state_from=self.resume_from, device=self.device, seed=r.train.seed,
+                             progress=self.is_main, calibration=lambda n: eval_batches(
+                                 self.train_data, r.train.micro_batch_size, n))
         self.recorder = setup.recorder = attach_recorder(mlps, None, r.sparsity.near_zero_threshold)
         if r.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         for c in self.components:
             c.after_surgery(setup)
-        if r.peft.method == "lora":
-            model = apply_lora(model, r)
-        self.model, self.optimizer, self.scheduler = self.engine.prepare(model)
+        self.model, self.optimizer, self.scheduler = self.engine.prepare(built.with_peft(r.peft))
         setup.model, setup.engine = self.model, self.engine
         for c in self.components:
             c.after_prepare(setup)
-
-    def _calibrate(self, model) -> None:
-        """CATS thresholds from the first training micro-batches (the same on every rank); the "activation state"
-        checkpoint part carries them to resume, export and eval."""
-        r = self.recipe
-        n = r.relufy.calibration_batches
-        model.to(self.device)
-        thresholds = calibrate_cats(model, eval_batches(self.train_data, r.train.micro_batch_size, n), self.device,
-                                    total=n, seed=r.train.seed, progress=self.is_main)
-        self.notice(f"cats: calibrated {len(thresholds)} layer thresholds to {r.relufy.target_sparsity:.0%} sparsity "
-                    f"on {n} training micro-batches (range {min(thresholds):.4g}..{max(thresholds):.4g})")
 
     def _open_run_dir(self) -> None:
         failed: list = [None]
@@ -307,9 +294,9 @@ class Trainer:
                            load=lambda f: self.engine.load_state(self.model, self.optimizer, f)),
             CheckpointPart("tokenizer", save=lambda f: self.tokenizer.save_pretrained(f / "tokenizer")),
             CheckpointPart("base model", save=lambda f: write_base_fingerprint(f, self.base_fingerprint)),
+            # what calibration and conversions computed; the builder puts it back in setup, before anything runs
+            CheckpointPart("activation state", save=lambda f: save_activation_state(self.model, f)),
         ]
-        if self.recipe.relufy.activation == "cats":  # calibrated per-layer state, restored in setup before use
-            parts.append(CheckpointPart("activation state", save=lambda f: save_activation_state(self.model, f)))
         if self.scheduler is not None:
             parts.append(CheckpointPart(
                 "LR scheduler", save=lambda f: torch.save(self.scheduler.state_dict(), f / "scheduler.pt"),
@@ -431,20 +418,15 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     @property
     def total_steps(self) -> int:
-        """train.max_steps model steps, then the predictor-only steps (predictor.only_steps) if any."""
-        r = self.recipe
-        return r.train.max_steps + (r.predictor.only_steps if r.predictor.enabled else 0)
+        """Every phase's steps (training/phases.py)."""
+        return self.phases.total_steps
 
-    def model_frozen(self, step: int) -> bool:
-        """In the predictor-only continuation (after train.max_steps) the model is not trained."""
-        return step >= self.recipe.train.max_steps
-
-    def _loss_step(self, batch: dict, frozen: bool = False) -> tuple[torch.Tensor, dict]:
+    def _loss_step(self, batch: dict, engine: Engine) -> tuple[torch.Tensor | None, dict]:
         """One micro-batch's forward and its loss: the LM loss plus every component's terms, in component order.
-        Returns (the loss to backpropagate, the logged parts). `frozen`: the model runs without a graph and only
-        the components' own losses (the predictors') are returned."""
+        Returns (the loss to backpropagate, the logged parts). In a phase whose engine does not train the model,
+        only the components' own losses (the predictors') are backpropagated."""
         self.recorder.open(None)
-        with torch.no_grad() if frozen else self.engine.forward_context():
+        with engine.forward_context():
             out = self.model(input_ids=batch["input_ids"], labels=batch["labels"])
         self.recorder.close()
         loss, extra = out.loss, None
@@ -460,7 +442,7 @@ class Trainer:
                 else:  # a component's own loss (predictors): trains the component, not part of train/loss
                     extra = term.added if extra is None else extra + term.added
         parts["loss"] = loss.detach()
-        if frozen:
+        if not engine.trains_model:
             return extra, parts
         return (loss if extra is None else loss + extra), parts
 
@@ -468,34 +450,27 @@ class Trainer:
         r = self.recipe
         accum = r.train.grad_accum_steps
         step = self.progress.step
-        frozen = self.model_frozen(step)
+        engine = self.phases.engine_at(step)
         for c in self.components:
-            c.begin_step(step)
+            c.begin_step(step, engine.trains_model)
         sums = {"loss": 0.0, "lm_loss": 0.0, **{k: 0.0 for c in self.components for k in c.step_metric_keys}}
         for micro in range(accum):
             batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
             last = micro == accum - 1
             for c in self.components:
                 c.begin_micro(step * accum + micro)
-            if frozen:  # predictor-only: no model graph, only the predictors' loss is backpropagated
-                with self.accelerator.autocast():
-                    loss, parts = self._loss_step(batch, frozen=True)
+            with engine.sync_context(self.model, last), self.accelerator.autocast():
+                loss, parts = self._loss_step(batch, engine)
                 if loss is not None and loss.requires_grad:
-                    (loss / accum).backward()
-            else:
-                with self.engine.sync_context(self.model, last), self.accelerator.autocast():
-                    loss, parts = self._loss_step(batch)
-                    if loss.requires_grad:
-                        self.engine.backward(loss, accum, last)
+                    engine.backward(loss, accum, last)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
-        clip = r.train.max_grad_norm > 0 and not frozen
-        grad_norm = self.engine.clip(self.model, r.train.max_grad_norm) if clip else None
+        grad_norm = engine.clip(self.model, r.train.max_grad_norm) if r.train.max_grad_norm > 0 else None
         # Non-finite guard: every rank agrees, and a bad step changes no weight (its data is consumed, the LR
         # schedule moves on). DeepSpeed applies its update inside backward and skips non-finite gradients itself.
         finite = math.isfinite(sums["loss"]) and (grad_norm is None or math.isfinite(float(grad_norm)))
         bad = self._any_rank(not finite)
-        lr = 0.0 if frozen else self.engine.step(self.optimizer, self.scheduler, apply=not bad)
+        lr = engine.step(self.optimizer, self.scheduler, apply=not bad)
         for c in self.components:
             c.after_step(skipped=bad)
         p = self.progress
@@ -553,7 +528,6 @@ class Trainer:
             raise
         self.written.clear()  # the run exists from here on: its files are kept whatever happens
         self._announce()
-        r = self.recipe
         if self.resume_from is None:
             self.evaluate()
             if self._stop_requested(guard):
@@ -563,10 +537,8 @@ class Trainer:
                                 f"with: {self.command} --resume (starts the same run again from step 0)")
                 return self.progress.last_eval
         elif self.progress.step >= self.total_steps:
-            self.notice(f"the run is already complete at step {self.progress.step} (train.max_steps="
-                        f"{r.train.max_steps}" + (f" + predictor.only_steps={r.predictor.only_steps}"
-                                                  if self.total_steps > r.train.max_steps else "")
-                        + "); raise train.max_steps to continue it")
+            self.notice(f"the run is already complete at step {self.progress.step} ({self.phases.describe_end()}); "
+                        "raise train.max_steps to continue it")
             if self.wandb:
                 self.wandb.finish()
             return self.progress.last_eval
@@ -584,10 +556,10 @@ class Trainer:
             print(f"sparsetune: rank {self.accelerator.process_index} holds {local:,} of {total:,} parameters "
                   f"({self.engine.describe()})", flush=True)
             for c in self.components:
-                if c.frozen_model is not None:
-                    f_local, f_total = self.engine.local_parameter_count(c.frozen_model)
+                if c.teacher is not None:
+                    f_local, f_total = self.engine.local_parameter_count(c.teacher)
                     print(f"sparsetune: rank {self.accelerator.process_index} holds {f_local:,} of {f_total:,} "
-                          f"{c.name} frozen-model parameters", flush=True)
+                          f"{c.name} teacher parameters", flush=True)
         if self.is_main:
             n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
             print(f"sparsetune: {r.model.path} ({total / 1e6:.1f}M params, {n_train / 1e6:.2f}M trainable), "

@@ -6,10 +6,11 @@ import torch
 from sparsetune.analysis.collect import collect
 from sparsetune.analysis.command import analyze
 from sparsetune.evaluation.dynamic import PromptMasks, prompt_eval
-from sparsetune.models.structure import decoder_layers, sparse_mlps
 from sparsetune.recipe.schema import relufy_config
 from sparsetune.sparsity.cett import cett, sparsity_at_cett
 from sparsetune.surgery.relufy import relufy
+from sparsetune.surgery.sparse_mlp import sparse_mlps
+from sparsetune.surgery.structure import decoder_layers
 from tests.tiny_models import tiny_model
 
 CPU = torch.device("cpu")

@@ -87,7 +87,7 @@ def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_mo
 def test_distillation_teacher_is_sharded_like_the_student(tiny_model_dirs, tmp_path, preset):
     run = tmp_path / "run"
     proc = launched(tiny_model_dirs["llama"], run, preset, "distill.weight=0.5", "train.max_steps=2")
-    teacher = held_parameters(proc.stdout, "distillation frozen-model parameters")
+    teacher = held_parameters(proc.stdout, "distillation teacher parameters")
     student = held_parameters(proc.stdout, "parameters")
     assert len(teacher) == 2 and all(h < 0.6 * t for h, t in teacher), teacher  # each rank holds about half
     assert teacher[0][1] == student[0][1]  # the same model size

@@ -8,20 +8,18 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+from sparsetune.activations import build_activation
 from sparsetune.dynamic import kernels
 from sparsetune.dynamic.kernels import (
     DecodeWeights,
     build_flags,
     build_fused,
     build_key,
-    check_decode_args,
     cpu_description,
-    fused_decode,
     kernel_in_use,
 )
 from sparsetune.paths import cache_dir
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.surgery.activations import build_activation
 
 HAVE_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 needs_compiler = pytest.mark.skipif(not HAVE_COMPILER, reason="no C++ compiler to build the fused kernel")
@@ -119,8 +117,6 @@ def test_a_failed_build_is_recorded_and_announced_in_one_line(monkeypatch, capsy
     w = decode_weights("relu")
     x, idx = torch.randn(32), torch.tensor([1, 5, 9])
     assert torch.equal(w.fused(x, idx), w.gather(x, idx))
-    with pytest.raises(RuntimeError, match="fused decode kernel unavailable: build failed: RuntimeError"):
-        fused_decode(x, w.w_gate, w.w_up, w.w_down_t, idx, 0)
 
 
 @needs_compiler
@@ -137,34 +133,35 @@ def test_a_real_compiler_failure_falls_back_with_its_first_line(monkeypatch, tmp
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: {**a, "x": a["x"].double()}, r"^fused decode kernel: x must be float32, got torch.float64$"),
-    (lambda a: {**a, "w_up": a["w_up"].half()}, r"^fused decode kernel: w_up must be float32, got torch.float16$"),
     (lambda a: {**a, "x": torch.randn(31)}, r"^fused decode kernel: x must be 1-D of length d=32, got shape \(31,\)$"),
     (lambda a: {**a, "x": torch.randn(1, 32)}, r"x must be 1-D of length d=32, got shape \(1, 32\)"),
-    (lambda a: {**a, "w_down_t": torch.randn(32, 64).t()},
-     r"^fused decode kernel: w_down_t must be contiguous \(call \.contiguous\(\)\)$"),
-    (lambda a: {**a, "w_gate": a["w_gate"][:, :16].contiguous()},
-     r"^fused decode kernel: w_up must have w_gate's shape \(64, 16\), got \(64, 32\)$"),
     (lambda a: {**a, "idx": torch.tensor([3, 64])}, r"^fused decode kernel: idx values must lie in \[0, 64\), "
                                                      r"got min 3, max 64$"),
     (lambda a: {**a, "idx": torch.tensor([-1, 2])}, r"idx values must lie in \[0, 64\), got min -1, max 2"),
     (lambda a: {**a, "idx": a["idx"].int()}, r"^fused decode kernel: idx must be int64, got torch.int32$"),
     (lambda a: {**a, "idx": a["idx"].view(1, -1)}, r"^fused decode kernel: idx must be 1-D, got shape \(1, 3\)$"),
 ])
-def test_bad_kernel_arguments_raise_a_clear_value_error(change, message):
+def test_bad_kernel_inputs_raise_a_clear_value_error(change, message):
+    # the checks run in Python before the kernel is built or reads memory (kernels._check_inputs)
     w_gate, w_up, w_down_t = weights()
     good = {"x": torch.randn(32), "w_gate": w_gate, "w_up": w_up, "w_down_t": w_down_t,
             "idx": torch.tensor([0, 7, 63])}
-    check_decode_args(**good)  # the unchanged arguments pass
+    kernels._check_inputs(good["x"], good["idx"], 64, 32)  # the unchanged arguments pass
+    bad = change(good)
     with pytest.raises(ValueError, match=message):
-        check_decode_args(**change(good))
-    with pytest.raises(ValueError, match=message):  # the kernel's entry runs the same checks, before any build
-        fused_decode(**change(good), act=0)
+        kernels._check_inputs(bad["x"], bad["idx"], 64, 32)
+
+
+def test_mismatched_layer_weights_raise_a_clear_value_error():
+    w_gate, w_up, w_down_t = weights()
+    with pytest.raises(ValueError, match=r"^fused decode kernel: w_up must have w_gate's shape \(64, 16\), got "
+                                         r"\(64, 32\)$"):
+        DecodeWeights(w_gate[:, :16], w_up, w_down_t.t(), build_activation(relufy_config(activation="relu")))
 
 
 def test_an_empty_idx_is_valid_and_computes_nothing():
-    w_gate, w_up, w_down_t = weights()
-    check_decode_args(torch.randn(32), w_gate, w_up, w_down_t, torch.empty(0, dtype=torch.long))
     w = decode_weights("relu")
+    kernels._check_inputs(torch.randn(32), torch.empty(0, dtype=torch.long), 64, 32)
     assert torch.equal(w.fused(torch.randn(32), torch.empty(0, dtype=torch.long)), torch.zeros(32))
 
 

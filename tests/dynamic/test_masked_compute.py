@@ -1,12 +1,12 @@
 import pytest
 import torch
 
+from sparsetune.activations import build_activation
 from sparsetune.dynamic.head_skipping import head_skipping
 from sparsetune.dynamic.masked_mlp import gathered_mlp
-from sparsetune.models.structure import decoder_layers
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.surgery.activations import build_activation
 from sparsetune.surgery.relufy import relufy
+from sparsetune.surgery.structure import decoder_layers
 from tests.tiny_models import tiny_model
 
 

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
+from sparsetune.activations import build_activation
 from sparsetune.dynamic.kernels import DecodeWeights, kernel_in_use
 from sparsetune.dynamic.sparse_decode import _kernel_record, _Timer, decode_benchmark, mlp_mode
 from sparsetune.predictors.bank import PredictorBank
 from sparsetune.recipe.schema import PredictorSection, relufy_config
-from sparsetune.surgery.activations import build_activation
 from sparsetune.surgery.relufy import relufy
 from tests.tiny_models import tiny_model
 

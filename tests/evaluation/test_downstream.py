@@ -40,9 +40,9 @@ def test_scores_follow_the_model(tiny_model_dirs):
     """The harness's per-choice log-likelihoods are those of the model handed over (SiLU vs dReLU on the same
     weights), and acc is the share of questions whose correct choice has the highest log-likelihood."""
     from sparsetune.evaluation.downstream import evaluate_tasks, load_tasks
-    from sparsetune.models.exported import activation_for_hf_config
-    from sparsetune.models.loading import load_model, load_tokenizer
+    from sparsetune.models.build import activation_for_hf_config
     from sparsetune.recipe.schema import relufy_config
+    from sparsetune.sources.loading import load_model, load_tokenizer
     from sparsetune.surgery.relufy import relufy
 
     folder = str(tiny_model_dirs["llama"])

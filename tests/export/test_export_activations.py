@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import sparsetune
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
-from sparsetune.models.build import model_from_checkpoint
+from sparsetune.models.build import SparseModel
 from tests.e2e_helpers import train_tiny
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,7 @@ def test_activation_export(tiny_model_dirs, tmp_path, family, overrides, exact, 
     run = tmp_path / "run"
     assert train_tiny(tiny_model_dirs[family], run, "train.max_steps=2", "train.eval_every=0",
                       "wandb.mode=disabled", *overrides) == 0
-    trained, *_ = model_from_checkpoint(CheckpointStore(run).latest_complete())
+    trained = SparseModel.from_source(CheckpointStore(run).latest_complete()).model
     out = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out), "--no-eval"]) == 0
     spec = json.loads((out / "sparsetune.json").read_text())

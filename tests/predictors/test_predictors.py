@@ -200,9 +200,9 @@ def test_calibrated_thresholds_reach_the_target_on_held_out_tokens(tiny_model_di
 
 def test_best_mask_keeps_the_largest_contributions():
     from sparsetune.evaluation.dynamic import best_mask
-    from sparsetune.models.structure import sparse_mlps
     from sparsetune.recipe.schema import relufy_config
     from sparsetune.surgery.relufy import relufy
+    from sparsetune.surgery.sparse_mlp import sparse_mlps
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama")

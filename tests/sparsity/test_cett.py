@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.schema import relufy_config
 from sparsetune.sparsity.cett import TokenSampler, cett, cett_report, sparsity_at_cett, threshold_for_cett
 from sparsetune.surgery.relufy import relufy
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from tests.tiny_models import tiny_model
 
 

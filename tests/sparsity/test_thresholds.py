@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsetune.activations import build_activation
+from sparsetune.activations.cats import CATS
+from sparsetune.activations.fatrelu import FATReLU
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
 from sparsetune.data.batches import eval_batches
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.loading import load_recipe
 from sparsetune.recipe.schema import relufy_config
 from sparsetune.sparsity.cett import cett
-from sparsetune.sparsity.thresholds import STATE_FILE, apply_thresholds, fit_thresholds, rule_values
-from sparsetune.surgery.activations import CATS, FATReLU, build_activation
+from sparsetune.sparsity.thresholds import CONVERSION_FILE, apply_thresholds, fit_thresholds, rule_values
 from sparsetune.surgery.relufy import activation_spec, relufy
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from tests.checkpoint.test_resume import assert_same_weights, final_weights, train_losses
 from tests.e2e_helpers import logs_with, preempt_at, train_steps, train_tiny
 from tests.surgery.test_cats import Rows
@@ -169,7 +171,7 @@ def test_a_run_converts_at_its_step_logs_it_and_resumes_exactly_across_it(tiny_m
     assert {k for k in rec if k.startswith("thresholds/threshold_layer/")} == {"thresholds/threshold_layer/00",
                                                                                 "thresholds/threshold_layer/01"}
     ckpt = CheckpointStore(straight).latest_complete()
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    state = json.loads((ckpt / CONVERSION_FILE).read_text())
     assert state["conversion"]["step"] == 3 and state["conversion"]["kind"] == "cats"
     final = logs_with(straight, "eval/cett_sparsity@0.2")
     assert len(final) == 1 and final[0]["step"] == 6  # the CETT metric comes with the final evaluation
@@ -190,15 +192,14 @@ def test_a_run_converts_at_its_step_logs_it_and_resumes_exactly_across_it(tiny_m
         assert_same_weights(final_weights(straight)[1], final_weights(stopped)[1])
         again_logged = logs_with(stopped, "thresholds/converted_at_step")
         assert [conversion_record(m) for m in again_logged] == [conversion_record(m) for m in logged]
-        again = json.loads((CheckpointStore(stopped).latest_complete() / STATE_FILE).read_text())
+        again = json.loads((CheckpointStore(stopped).latest_complete() / CONVERSION_FILE).read_text())
         assert again["conversion"]["thresholds"] == state["conversion"]["thresholds"]
 
 
 @pytest.mark.e2e
 def test_a_training_free_shift_exports_what_the_run_evaluated(tiny_model_dirs, tmp_path, capsys):
     from sparsetune.evaluation.command import EvalArgs, run_eval
-    from sparsetune.models.build import model_from_checkpoint
-    from sparsetune.models.exported import load_sparse_model
+    from sparsetune.models.build import SparseModel, load_sparse_model
 
     run, export = tmp_path / "run", tmp_path / "export"
     assert train_tiny(tiny_model_dirs["llama"], run, "thresholds.cett=0.2", "thresholds.calibration_batches=2",
@@ -212,7 +213,7 @@ def test_a_training_free_shift_exports_what_the_run_evaluated(tiny_model_dirs, t
     assert main(["export", str(run), "--out", str(export)]) == 0
 
     spec = json.loads((export / "sparsetune.json").read_text())
-    thresholds = json.loads((CheckpointStore(run).latest_complete() / STATE_FILE).read_text())["conversion"]
+    thresholds = json.loads((CheckpointStore(run).latest_complete() / CONVERSION_FILE).read_text())["conversion"]
     assert spec["load_activation"] == {"activation": "fatrelu", "thresholds": thresholds["thresholds"]}
     assert not spec["plain_transformers_exact"]
     report = json.loads((export / "sparsity_report.json").read_text())
@@ -220,10 +221,26 @@ def test_a_training_free_shift_exports_what_the_run_evaluated(tiny_model_dirs, t
     assert "per-layer thresholds are in `sparsetune.json`" in (export / "README.md").read_text()
 
     exported = load_sparse_model(export).eval()
-    in_run = model_from_checkpoint(CheckpointStore(run).latest_complete())[0].eval()
+    in_run = SparseModel.from_source(CheckpointStore(run).latest_complete()).model.eval()
     ids = torch.randint(0, exported.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, in_run(input_ids=ids).logits)
+    # A checkpoint of the layout before the activation-state part held conversions: its thresholds.json is read
+    ckpt = CheckpointStore(run).latest_complete()
+    old = tmp_path / "old-layout"
+    shutil.copytree(ckpt, old)
+    (old / "activation_state.json").unlink()
+    from sparsetune.checkpoint.store import MARKER, _fsync_and_hash
+
+    marker = json.loads((old / MARKER).read_text())  # the marker lists what that layout held
+    (old / MARKER).unlink()
+    marker["files"], marker["sha256"] = _fsync_and_hash(old)
+    (old / MARKER).write_text(json.dumps(marker))
+    capsys.readouterr()
+    legacy = SparseModel.from_source(old).model.eval()
+    assert f"{old} keeps its fitted thresholds in thresholds.json" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(legacy(input_ids=ids).logits, in_run(input_ids=ids).logits)
     result = run_eval(EvalArgs(target=str(export), batches=2, batch_size=8, device="cpu"))
     assert result.held_out["perplexity"] == pytest.approx(final["eval/perplexity"], rel=1e-6)
     assert set(result.to_json()["cett_sparsity"]) == {"0.01", "0.2"}

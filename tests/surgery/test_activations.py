@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsetune.activations import build_activation
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.surgery.activations import build_activation
 
 
 @pytest.fixture

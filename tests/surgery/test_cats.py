@@ -13,7 +13,7 @@ from sparsetune.cli import main
 from sparsetune.data.batches import eval_batches
 from sparsetune.evaluation.perplexity import evaluate_held_out
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.surgery.calibration import calibrate_cats, needs_calibration
+from sparsetune.surgery.calibration import calibrate, needs_calibration
 from sparsetune.surgery.relufy import activation_spec, relufy
 from tests.e2e_helpers import train_tiny
 from tests.tiny_models import tiny_model
@@ -35,7 +35,7 @@ def test_calibrated_thresholds_give_the_target_sparsity_on_the_calibration_data(
     relufy(model, relufy_config(activation="cats", target_sparsity=target))
     assert needs_calibration(model)
     data = Rows(16, 32, model.config.vocab_size, seed=0)
-    thresholds = calibrate_cats(model, eval_batches(data, 4, 4), torch.device("cpu"), total=4, progress=False)
+    thresholds = calibrate(model, eval_batches(data, 4, 4), torch.device("cpu"), total=4, progress=False)
     assert not needs_calibration(model) and len(thresholds) == model.config.num_hidden_layers
     assert activation_spec(model)["thresholds"] == thresholds
     measured = evaluate_held_out(model, data, 4, 4, 1e-3)
@@ -67,13 +67,12 @@ def test_cats_zeroes_exactly_the_target_count_of_the_calibration_values():
     """On a calibration set small enough to be kept whole, each layer zeroes round(target * n) of the n values."""
     import torch.nn.functional as F
 
-    from sparsetune.models.structure import sparse_mlps
-    from sparsetune.surgery.sparse_mlp import measuring_pass
+    from sparsetune.surgery.sparse_mlp import measuring_pass, sparse_mlps
 
     model = tiny_model("llama", seed=0)
     relufy(model, relufy_config(activation="cats", target_sparsity=0.37))
     data = Rows(4, 16, model.config.vocab_size, seed=3)
-    thresholds = calibrate_cats(model, eval_batches(data, 2, 2), torch.device("cpu"), total=2, progress=False)
+    thresholds = calibrate(model, eval_batches(data, 2, 2), torch.device("cpu"), total=2, progress=False)
 
     class Gates:
         def __init__(self):

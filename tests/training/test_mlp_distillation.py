@@ -11,11 +11,11 @@ from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
 from sparsetune.errors import SparsetuneError
 from sparsetune.launch.compatibility import check_launch
-from sparsetune.models.build import apply_lora
-from sparsetune.models.structure import sparse_mlps
+from sparsetune.models.lora import with_peft
 from sparsetune.recipe.loading import load_recipe
 from sparsetune.sparsity.recorder import attach_recorder
 from sparsetune.surgery.relufy import relufy
+from sparsetune.surgery.sparse_mlp import sparse_mlps
 from sparsetune.training.components.base import Setup, StepContext
 from sparsetune.training.components.distillation import Distillation, normalized_mse
 from tests.e2e_helpers import TINY_TRAIN, child_env, preempt_at, train_logs, train_tiny
@@ -24,7 +24,7 @@ from tests.tiny_models import tiny_model
 
 class _Engine:  # the DDP / single-process placement of a frozen model, on CPU
     @staticmethod
-    def prepare_frozen(model):
+    def prepare_teacher(model):
         return model
 
 
@@ -42,8 +42,7 @@ def built(*overrides: str, gradient_checkpointing: bool = False, perturb: bool =
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     component.after_surgery(setup)
-    if recipe.peft.method == "lora":
-        model = apply_lora(model, recipe)
+    model = with_peft(model, recipe.peft)
     if perturb:  # a fine-tuned student: its weights are no longer the original ones
         with torch.no_grad():
             for mlp in sparse_mlps(model):
@@ -105,12 +104,12 @@ def test_targets_are_the_original_weights_not_the_trained_ones():
 
 def test_teacher_weights_are_reused_and_frozen_students_share_their_own():
     component, model, _ = built("distill.weight=0.5")
-    assert component.frozen_model is not None and component.mlp_copies is None
-    teacher_gate = component.frozen_model.model.layers[0].mlp.gate_proj.weight
+    assert component.teacher is not None and component.mlp_copies is None
+    teacher_gate = component.teacher.model.layers[0].mlp.gate_proj.weight
     assert component.mlp_targets.references[0].projections()[0].weight is teacher_gate  # no second copy
 
     component, model, _ = built("train.freeze_model=true", "predictor.enabled=true", "relufy.activation=silu")
-    assert component.frozen_model is None and component.mlp_copies is None
+    assert component.teacher is None and component.mlp_copies is None
     assert component.mlp_targets.references[0].projections()[0] is sparse_mlps(model)[0].projections()[0]
 
     component, model, _ = built("peft.method=lora", "peft.lora.r=4")

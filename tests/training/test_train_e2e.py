@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
-from sparsetune.models.build import model_from_checkpoint
+from sparsetune.models.build import SparseModel
 from tests.e2e_helpers import logs_with, read_wandb_run, train_logs, train_tiny
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +69,7 @@ def test_wandb_offline_run_read_back_has_sparsity_keys(relu_l1_run):
 def test_export_reloads_in_plain_transformers_with_equal_logits(relu_l1_run, tmp_path):
     out = tmp_path / "export"
     assert main(["export", str(relu_l1_run), "--out", str(out)]) == 0
-    trained, *_ = model_from_checkpoint(CheckpointStore(relu_l1_run).latest_complete())
+    trained = SparseModel.from_source(CheckpointStore(relu_l1_run).latest_complete()).model
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert plain.config.hidden_act == "relu"
     ids = torch.randint(0, plain.config.vocab_size, (2, 24))
@@ -94,7 +94,7 @@ def test_lora_run_merges_into_a_plain_export(tiny_model_dirs, tmp_path):
                       "train.eval_every=0", "wandb.mode=disabled") == 0
     ckpt = CheckpointStore(run).latest_complete()
     assert (ckpt / "model" / "adapter_config.json").is_file()
-    adapted, *_ = model_from_checkpoint(ckpt)
+    adapted = SparseModel.from_source(ckpt, merge_lora=False).model
     lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "LoRA weights were trained"
     out = tmp_path / "export"

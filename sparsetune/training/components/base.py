@@ -8,7 +8,8 @@ default, so a component implements only what it uses. Call order in a run:
   before_surgery(setup)              the dense model, before relufy (e.g. distillation copies its teacher)
   after_surgery(setup)               SparseMLPs in place, recorder attached, before LoRA / engine wrapping
   after_prepare(setup)               the engine has wrapped the model
-  per optimizer step:  begin_step(step); per micro-batch: begin_micro(index), loss_terms(ctx); after_step(skipped)
+  per optimizer step:  begin_step(step, model_trains); per micro-batch: begin_micro(index), loss_terms(ctx);
+                       after_step(skipped)
   per log window:      log_metrics(reduce)
   per evaluation:      begin_eval(), end_eval(ctx) -> EvalReport
   after the last step: finish_training(ctx), before the final evaluation (e.g. calibrating thresholds)
@@ -87,7 +88,7 @@ class Component:
     name: str = ""
     order: int = 100  # loss terms are added in this order (it fixes the float summation order)
     step_metric_keys: tuple[str, ...] = ()  # names of loss terms always logged (0.0 when absent at a step)
-    frozen_model = None  # a second model the component runs forward only (its per-rank share is reported)
+    teacher = None  # a second model the component runs forward only (its per-rank share is reported)
 
     @classmethod
     def build(cls, recipe: Recipe) -> Component | None:
@@ -104,8 +105,9 @@ class Component:
         pass
 
     # ----------------------------------------------------------------- steps
-    def begin_step(self, step: int) -> None:
-        pass
+    def begin_step(self, step: int, model_trains: bool) -> None:
+        """`model_trains`: False in the predictor-only phase (the model runs without a graph, nothing of it is
+        optimized; see training/phases.py)."""
 
     def begin_micro(self, index: int) -> None:
         pass

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsetune.models.structure import base_causal_lm, decoder_layers, sparse_mlps
+from sparsetune.activations.silu import SiLU
 from sparsetune.recipe.schema import Recipe
-from sparsetune.surgery.activations import SiLU
 from sparsetune.surgery.architectures import MLPLayout, layout_for
-from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps
+from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps, sparse_mlps
+from sparsetune.surgery.structure import base_causal_lm, decoder_layers
 from sparsetune.training.components.base import Component, LossTerm, Setup, StepContext
 
 
@@ -130,7 +130,6 @@ class Distillation(Component):
         self.weight = recipe.distill.weight
         self.temperature = recipe.distill.temperature
         self.mlp_weight = recipe.distill.mlp_weight
-        self.model_steps = recipe.train.max_steps  # after it (predictor.only_steps) the model does not train
         self.active = True
         self.lora = recipe.peft.method != "none"
         self.student_mlps_frozen = self.lora or recipe.train.freeze_model
@@ -149,8 +148,8 @@ class Distillation(Component):
             # Under ZeRO-3 transformers may load the student already partitioned (deepspeed.zero.Init); a copy of a
             # partitioned module holds empty tensors, so the teacher is then loaded a second time, partitioned alike.
             partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
-            self.frozen_model = (setup.load_model() if partitioned else copy.deepcopy(setup.model)).eval()
-            self.frozen_model.requires_grad_(False)
+            self.teacher = (setup.load_model() if partitioned else copy.deepcopy(setup.model)).eval()
+            self.teacher.requires_grad_(False)
         elif self.mlp_weight > 0 and not self.student_mlps_frozen:
             # Full fine-tune without a teacher: copy only the MLP weights (not the whole model).
             layout = layout_for(base_causal_lm(setup.model).config.model_type)
@@ -158,8 +157,8 @@ class Distillation(Component):
                                for layer in decoder_layers(setup.model)]
 
     def after_prepare(self, setup: Setup) -> None:
-        if self.frozen_model is not None:
-            self.frozen_model = setup.engine.prepare_frozen(self.frozen_model)
+        if self.teacher is not None:
+            self.teacher = setup.engine.prepare_teacher(self.teacher)
         if self.mlp_weight > 0:
             self.mlp_targets = MLPTargets(self._mlp_references(setup), setup.recorder)
             self.mlp_targets.attach(sparse_mlps(setup.model))
@@ -169,16 +168,16 @@ class Distillation(Component):
         layout = layout_for(base_causal_lm(setup.model).config.model_type)
         if self.student_mlps_frozen:
             return [dense_reference(m, layout) for m in student]
-        if self.frozen_model is not None:  # the teacher's MLPs, as the engine placed them
-            sources = [getattr(layer, layout.mlp) for layer in decoder_layers(self.frozen_model)]
+        if self.teacher is not None:  # the teacher's MLPs, as the engine placed them
+            sources = [getattr(layer, layout.mlp) for layer in decoder_layers(self.teacher)]
         else:  # the copy, placed and typed like the student's weights
             w = student[0].projections()[0].weight
             sources, self.mlp_copies = [c.to(device=w.device, dtype=w.dtype) for c in self.mlp_copies], None
         return [dense_reference(m, layout, [getattr(src, n) for n in m.layout_names])
                 for m, src in zip(student, sources)]
 
-    def begin_step(self, step: int) -> None:
-        self.active = step < self.model_steps  # no teacher work in the predictor-only continuation
+    def begin_step(self, step: int, model_trains: bool) -> None:
+        self.active = model_trains  # no teacher work in the predictor-only phase
 
     def begin_micro(self, index: int) -> None:
         if self.mlp_targets is not None and self.active:
@@ -186,8 +185,8 @@ class Distillation(Component):
 
     @torch.no_grad()
     def teacher_logits(self, student_model, input_ids) -> torch.Tensor:
-        if self.frozen_model is not None:
-            return self.frozen_model(input_ids=input_ids).logits
+        if self.teacher is not None:
+            return self.teacher(input_ids=input_ids).logits
         with dense_base(student_model):
             return student_model(input_ids=input_ids).logits
 

@@ -13,13 +13,13 @@ from sparsetune.checkpoint.state import load_torch_state
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.dynamic import dynamic_eval, predicted_mask
 from sparsetune.evaluation.sweep import predictor_sweep, sweep_table, write_sweep
-from sparsetune.models.structure import base_causal_lm, sparse_mlps
 from sparsetune.predictors.bank import PredictorBank, down_norm_reader, load_predictors
 from sparsetune.predictors.calibration import calibrate_thresholds
 from sparsetune.predictors.hooks import attach_head_hooks
 from sparsetune.predictors.metrics import ConfusionCounts
 from sparsetune.recipe.schema import Recipe
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
+from sparsetune.surgery.structure import base_causal_lm
 from sparsetune.tracking.metrics import predictor_metrics, predictor_tradeoff_fields
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, LossTerm, Setup, StepContext
 
@@ -74,7 +74,7 @@ class Predictors(Component):
         self._model = setup.model
 
     # ----------------------------------------------------------------- train
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, model_trains: bool) -> None:
         if self.mask_aware_from is not None and step >= self.mask_aware_from and self._mask_patch is None:
             self._set_mask_aware(True)
 

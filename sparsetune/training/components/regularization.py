@@ -4,11 +4,11 @@ exact zeros (from the same evaluation forwards: a token sample taken by the reco
 
 from __future__ import annotations
 
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.cett import TokenSampler, cett_report
 from sparsetune.sparsity.regularizers import get_regularizer
 from sparsetune.sparsity.schedules import CoefficientSchedule
+from sparsetune.surgery.sparse_mlp import sparse_mlps
 from sparsetune.tracking.metrics import cett_metrics
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, LossTerm, Setup, StepContext
 
@@ -34,7 +34,7 @@ class SparsityRegularization(Component):
         self.recorder = setup.recorder
         self.recorder.regularizer = self.penalty
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, model_trains: bool) -> None:
         self.coef = self.schedule(step)
         self.recorder.reg_with_grad = self.coef > 0  # no graph for a term that is not added
 

@@ -17,11 +17,10 @@ import torch
 
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate
-from sparsetune.models.structure import sparse_mlps
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.recorder import ActivationRecorder
-from sparsetune.sparsity.thresholds import STATE_FILE, Conversion, fit_thresholds, read_conversion
-from sparsetune.surgery.sparse_mlp import patched_mlps
+from sparsetune.sparsity.thresholds import CONVERSION_FILE, Conversion, fit_thresholds, read_conversion
+from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.tracking.metrics import conversion_metrics
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, Setup
 
@@ -51,7 +50,7 @@ class ThresholdConversion(Component):
                                   "thresholds.target_sparsity with this launch")
 
     # ------------------------------------------------------------ conversion
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int, model_trains: bool) -> None:
         # at_fraction 1.0: step max_steps begins only when predictor-only steps follow the model's (they then train on
         # the converted model); otherwise finish_training converts
         if self.conversion is None and step >= self.at_step:
@@ -121,14 +120,14 @@ class ThresholdConversion(Component):
     def save(self, folder: Path, last_eval: dict) -> None:
         state = {"conversion": self.conversion.to_json() if self.conversion else None,
                  "pending_log": self.pending_log, "at_step": self.at_step}
-        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (folder / CONVERSION_FILE).write_text(json.dumps(state, indent=1))
 
     def load(self, folder: Path) -> None:
-        """A checkpoint written after the conversion puts the fitted thresholds back on the model; one written
-        before it (or before the section was added) leaves the conversion to its step."""
+        """The conversion's record. The fitted thresholds themselves are already on the model: they are its
+        activation state, put back when the model was built. A checkpoint written before the conversion (or before
+        the section was added) leaves the conversion to its step."""
         conversion, state = read_conversion(folder)
         if conversion is not None:
-            conversion.apply(self.model)
             cfg = self.recipe.thresholds
             asked = {"target_sparsity": cfg.target_sparsity} if cfg.cett is None else {"cett": cfg.cett}
             if (asked, self.kind) != (conversion.criterion, conversion.kind) and self.accelerator.is_main_process:

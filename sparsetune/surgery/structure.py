@@ -1,12 +1,11 @@
 """Where things are in a (wrapped) causal LM: the transformers model under peft / DDP / DeepSpeed / compile
-wrappers, its decoder layers, and its SparseMLPs."""
+wrappers and its decoder layers (its SparseMLPs: `sparse_mlp.sparse_mlps`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from sparsetune.surgery.architectures import layout_for
-from sparsetune.surgery.sparse_mlp import SparseMLP
 
 
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
@@ -35,6 +34,3 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     lm = base_causal_lm(model)
     return get_submodule(lm, layout_for(lm.config.model_type).layers)
 
-
-def sparse_mlps(model: nn.Module) -> list[SparseMLP]:
-    return [m for m in model.modules() if isinstance(m, SparseMLP)]

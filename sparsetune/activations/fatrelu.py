@@ -1,0 +1,54 @@
+"""fatrelu: gate*[gate >= threshold]*up (ProSparse's final step), one threshold or one per layer."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from sparsetune.activations.base import MLPActivation, per_layer_value, torch
+from sparsetune.recipe.section import Section
+
+
+class Config(Section):
+    activation: Literal["fatrelu"]
+    threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
+    thresholds: list[float] | None = Field(
+        None, description="fatrelu: per-layer thresholds on the gate, one per decoder layer; when given they "
+        "replace `threshold` (ProSparse's per-layer shift: what the `thresholds` section fits; exports carry them "
+        "in sparsetune.json, which plain transformers cannot read).")
+
+    @model_validator(mode="after")
+    def _thresholds_valid(self) -> Config:
+        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
+            raise ValueError("relufy.thresholds must be >= 0")
+        return self
+
+
+class FATReLU(MLPActivation):
+    """Thresholded ReLU: gate if gate >= t else 0. The rule reads the gate alone, so an engine can skip a neuron's
+    up and down rows once its gate is below t. `per_layer`: t is this layer's own threshold (one of
+    `relufy.thresholds`), so the spec lists every layer's."""
+
+    name, threshold_form = "fatrelu", "fatrelu"
+    powerinfer_refusal = "PowerInfer has no activation threshold"
+
+    def __init__(self, threshold: float, per_layer: bool = False):
+        self.threshold = float(threshold)
+        self.per_layer = per_layer
+
+    @classmethod
+    def from_config(cls, cfg, layer: int) -> FATReLU:
+        own = per_layer_value(cfg.thresholds, layer, "thresholds")
+        return cls(cfg.threshold) if own is None else cls(own, per_layer=True)
+
+    def __call__(self, gate, up):
+        return torch.where(gate >= self.threshold, gate, torch.zeros_like(gate)) * up
+
+    def spec(self) -> dict:
+        if self.per_layer:  # activation_spec() fills in every layer's threshold
+            return {"activation": self.name, "thresholds": [self.threshold]}
+        return {"activation": self.name, "threshold": self.threshold}
+
+
+ACTIVATION = FATReLU
