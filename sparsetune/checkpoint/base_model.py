@@ -52,23 +52,27 @@ def check_base_unchanged(ckpt: Path, model_path: str, now: dict | None = None) -
         return  # written before sparsetune recorded bases, or a hub base
     recorded = json.loads(recorded_file.read_text())
     now = now if now is not None else base_fingerprint(model_path)
+    from sparsetune.checkpoint.state import is_lora_checkpoint
+
+    what = "the LoRA checkpoint" if is_lora_checkpoint(ckpt) else "the checkpoint (model frozen)"
     if now is None:
-        raise SparsetuneError(f"the LoRA checkpoint {ckpt} needs its base model {recorded['path']}, which is gone; "
+        raise SparsetuneError(f"{what} {ckpt} needs its base model {recorded['path']}, which is gone; "
                               "restore it at model.path")
     changed = sorted(name for name in set(recorded["sha256"]) | set(now["sha256"])
                      if recorded["sha256"].get(name) != now["sha256"].get(name))
     if changed:
         raise SparsetuneError(
-            f"the LoRA checkpoint {ckpt} was trained on the base model {recorded['path']}, which changed since "
+            f"{what} {ckpt} was trained on the base model {recorded['path']}, which changed since "
             f"({', '.join(changed[:3])}: sha256 differs from the one recorded in {BASE_FILE}); restore that base "
-            "(e.g. re-export it from its own run into another folder), or the adapter would be merged into other "
-            "weights")
+            "(e.g. re-export it from its own run into another folder), or the run would go on from other weights")
 
 
 def run_base_fingerprint(recipe, resume_from: Path | None) -> dict | None:
-    """A new or resumed run's base-model part: the fingerprint of the base a LoRA run adapts (checked against the
-    checkpoint it resumes from), None for a full fine-tune (its checkpoints hold all the weights)."""
-    if recipe.peft.method != "lora":
+    """A new or resumed run's base-model part: the fingerprint of the base model a run does not change and restores
+    from model.path on resume (a LoRA run's base; a train.freeze_model run's model, which sharded resumes do not load
+    back), checked against the checkpoint it resumes from; None for a full fine-tune (its checkpoints hold all the
+    weights it trains)."""
+    if recipe.peft.method != "lora" and not recipe.train.freeze_model:
         return None
     fingerprint = base_fingerprint(recipe.model.path)
     if resume_from is not None:

@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import nn
 
+from sparsetune.surgery.structure import readable_weight
+
 
 def gathered_mlp(x: torch.Tensor, keep: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear,
                  activation) -> torch.Tensor:
@@ -23,20 +25,22 @@ def gathered_mlp(x: torch.Tensor, keep: torch.Tensor, gate: nn.Linear, up: nn.Li
     ks = keep.reshape(-1, keep.shape[-1])
     dtype = xs.dtype
     xs = xs.float()
-    with warnings.catch_warnings():
+    # in float32 whatever autocast says: mixed precision would cast the sparse products to bf16, which torch's
+    # sparse kernels do not implement (addmm_out_sparse_csr_impl_mkl), and the figures are float32 measurements
+    with warnings.catch_warnings(), torch.autocast(xs.device.type, enabled=False):
         warnings.simplefilter("ignore")  # torch marks sparse CSR as beta
         pattern = ks.to_sparse_csr()
         crow, col = pattern.crow_indices(), pattern.col_indices()
         zeros = torch.sparse_csr_tensor(crow, col, torch.zeros(col.shape[0], dtype=xs.dtype, device=xs.device),
                                         size=ks.shape)
-        g = torch.sparse.sampled_addmm(zeros, xs, gate.weight.float().t()).values()
-        u = torch.sparse.sampled_addmm(zeros, xs, up.weight.float().t()).values()
+        g = torch.sparse.sampled_addmm(zeros, xs, readable_weight(gate).float().t()).values()
+        u = torch.sparse.sampled_addmm(zeros, xs, readable_weight(up).float().t()).values()
         if gate.bias is not None:
             g = g + gate.bias.float()[col]
         if up.bias is not None:
             u = u + up.bias.float()[col]
         a = torch.sparse_csr_tensor(crow, col, activation(g, u), size=ks.shape)
-        out = torch.sparse.mm(a, down.weight.float().t())
+        out = torch.sparse.mm(a, readable_weight(down).float().t())
     if down.bias is not None:
         out = out + down.bias.float()
     return out.to(dtype).reshape(*shape[:-1], down.out_features)

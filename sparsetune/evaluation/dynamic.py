@@ -28,7 +28,7 @@ from sparsetune.predictors.bank import PredictorBank
 from sparsetune.predictors.labels import neuron_labels
 from sparsetune.sparsity.cett import contributions
 from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps
-from sparsetune.surgery.structure import base_causal_lm, decoder_layers
+from sparsetune.surgery.structure import base_causal_lm, decoder_layers, readable_weight
 
 
 class KeptFraction:
@@ -79,7 +79,7 @@ class MaskRecall:
 
 def neuron_contributions(mlp: SparseMLP, a: torch.Tensor) -> torch.Tensor:
     """Each neuron's contribution to the MLP output, |a_j| * ||W_down[:, j]|| (`sparsity.cett.contributions`)."""
-    return contributions(a, mlp.projections()[2].weight.detach().float().norm(dim=0))
+    return contributions(a, readable_weight(mlp.projections()[2]).detach().float().norm(dim=0))
 
 
 def _masked(mlp: SparseMLP, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

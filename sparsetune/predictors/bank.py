@@ -24,6 +24,7 @@ from sparsetune.predictors.metrics import ConfusionCounts
 from sparsetune.predictors.networks import build_predictors
 from sparsetune.recipe.schema import PredictorSection
 from sparsetune.sparsity.cett import contributions
+from sparsetune.surgery.structure import readable_weight
 
 
 class PredictorBank(nn.Module):
@@ -224,10 +225,8 @@ def down_norm_reader(mlps: list) -> Callable[[int], torch.Tensor | None]:
     importance of a neuron is then |a_j| alone."""
 
     def norms(layer: int) -> torch.Tensor | None:
-        from torch.distributed.tensor import DTensor
-
-        weight = mlps[layer].projections()[2].weight
-        if hasattr(weight, "ds_id") or isinstance(weight, DTensor) or weight.numel() == 0:
+        weight = readable_weight(mlps[layer].projections()[2])  # inside the layer's forward: gathered
+        if weight is None:
             return None
         with torch.no_grad():
             return weight.detach().float().norm(dim=0)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsetune.surgery.structure import readable_weight
+
 
 def contributions(a: torch.Tensor, down_norms: torch.Tensor | None) -> torch.Tensor:
     """s_j = |a_j| * ||W_d[:, j]|| (or |a_j| when the down norms are unknown), float32, same shape as `a`."""
@@ -28,13 +30,10 @@ def contributions(a: torch.Tensor, down_norms: torch.Tensor | None) -> torch.Ten
 
 
 def readable_down_weight(mlp) -> torch.Tensor | None:
-    """W_d of a SparseMLP as a plain tensor, or None when it is sharded (FSDP2 DTensor, DeepSpeed ZeRO-3)."""
-    from torch.distributed.tensor import DTensor
-
-    weight = mlp.projections()[2].weight
-    if hasattr(weight, "ds_id") or isinstance(weight, DTensor) or weight.numel() == 0:
-        return None
-    return weight.detach()
+    """W_d of a SparseMLP as a plain tensor (LoRA delta included), or None when only a shard is here
+    (`surgery.structure.readable_weight`)."""
+    weight = readable_weight(mlp.projections()[2])
+    return None if weight is None else weight.detach()
 
 
 def cett(a: torch.Tensor, down_weight: torch.Tensor, threshold: float | torch.Tensor,

@@ -34,3 +34,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     lm = base_causal_lm(model)
     return get_submodule(lm, layout_for(lm.config.model_type).layers)
 
+
+
+def readable_weight(linear: nn.Module):
+    """The weight a linear layer computes with, as a full tensor: a peft-wrapped layer's base weight plus its active
+    LoRA adapters' delta. None where only a shard is here: an FSDP2 DTensor (outside its layer's forward, which
+    gathers it), a DeepSpeed ZeRO-3 partition (outside the forward of its leaf module, which gathers it)."""
+    from torch.distributed.tensor import DTensor
+
+    base = linear.get_base_layer() if hasattr(linear, "get_base_layer") else linear
+    weight = base.weight
+    status = getattr(weight, "ds_status", None)  # ZeroParamStatus under ZeRO-3
+    if isinstance(weight, DTensor) or (status is not None and status.name != "AVAILABLE") or weight.numel() == 0:
+        return None
+    if base is linear or getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
+        return weight
+    for name in getattr(linear, "active_adapters", []):
+        if name in getattr(linear, "lora_A", {}):
+            weight = weight + linear.get_delta_weight(name)
+    return weight

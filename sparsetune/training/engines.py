@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch import nn
 
 from sparsetune.recipe.schema import Recipe
 from sparsetune.training.optim import build_optimizer, build_scheduler
@@ -66,12 +67,14 @@ class Engine:
 
     @staticmethod
     def create(accelerator: Accelerator, recipe: Recipe) -> Engine:
-        """The engine for this process. A predictor-only run (train.freeze_model) under a sharding launcher is
-        refused by check_launch; under DDP or one process it is the FrozenModel phase from the start."""
+        """The engine for this process. A predictor-only run (train.freeze_model) is the FrozenModel phase from the
+        start: the model whole on every rank under DDP, sharded as the launcher's engine shards a teacher."""
         strategy = Engine.strategy_of(accelerator)
-        if recipe.train.freeze_model and strategy == "ddp":
-            return FrozenModel(accelerator, recipe)
-        return {"deepspeed": DeepSpeedZero, "fsdp": FSDP2, "ddp": Engine}[strategy](accelerator, recipe)
+        engine = {"deepspeed": DeepSpeedZero, "fsdp": FSDP2, "ddp": Engine}[strategy](accelerator, recipe)
+        if not recipe.train.freeze_model:
+            return engine
+        return FrozenModel(accelerator, recipe, placed_by=engine if engine.shards_parameters else None,
+                           after_training=False)
 
     def describe(self) -> str:
         return "DDP" if self.accelerator.num_processes > 1 else "single process"
@@ -122,9 +125,11 @@ class Engine:
     # ------------------------------------------------------------ checkpoint
     def save_state(self, model, optimizer, folder: Path) -> None:
         """Weights (full, gathered: an export needs no process group) and optimizer state. Every rank calls it;
-        the main process writes `model/` (and `optimizer.pt` unless the engine saves its sharded optimizer)."""
-        state_dict = None if self.lora else self.full_state_dict(model)  # LoRA: save_pretrained writes the adapter
-        self.save_sharded_optimizer(model, optimizer, folder)
+        the main process writes `model/` (and `optimizer.pt` unless the engine saves its sharded optimizer). LoRA:
+        `model/` is the adapter (peft's save_pretrained picks its tensors out of the gathered state dict)."""
+        state_dict = self.full_state_dict(model) if self.shards_parameters or not self.lora else None
+        if optimizer is not None:
+            self.save_sharded_optimizer(model, optimizer, folder)
         if self.accelerator.is_main_process:
             self.accelerator.unwrap_model(model).save_pretrained(folder / "model", state_dict=state_dict)
             if optimizer is not None and not self.saves_optimizer_itself():
@@ -156,6 +161,12 @@ class Engine:
         n = sum(p.numel() for p in model.parameters())
         return n, n
 
+    def place_references(self, modules: list[nn.Module]) -> list[nn.Module]:
+        """Frozen modules outside the model that its forward calls, one per decoder layer (layer-wise distillation's
+        reference MLPs), placed like the layers they belong to: whole on every rank here; sharded by the engines
+        that shard parameters, each gathered by its own forward."""
+        return [m.requires_grad_(False).to(self.accelerator.device) for m in modules]
+
 
 class FrozenModel(Engine):
     """The predictor-only phase: the model runs forward without a graph and is neither optimized nor clipped; only
@@ -170,19 +181,27 @@ class FrozenModel(Engine):
     name = "frozen"
     trains_model = False
 
-    def __init__(self, accelerator: Accelerator, recipe: Recipe, placed_by: Engine | None = None):
+    def __init__(self, accelerator: Accelerator, recipe: Recipe, placed_by: Engine | None = None,
+                 after_training: bool = True):
         super().__init__(accelerator, recipe)
         self.placed_by = placed_by
+        self.after_training = after_training  # False: train.freeze_model (the model is never trained in this run)
         if placed_by is not None:
             self.shards_parameters = placed_by.shards_parameters
 
     def describe(self) -> str:
-        if self.placed_by is not None:
+        if self.placed_by is None:
+            return "model frozen, predictors only" + (", DDP" if self.accelerator.num_processes > 1 else "")
+        if self.after_training:
             return f"model frozen, predictors only (after {self.placed_by.describe()})"
-        return "model frozen, predictors only" + (", DDP" if self.accelerator.num_processes > 1 else "")
+        return f"model frozen and sharded as a {self.placed_by.describe()} teacher, predictors only"
 
     def prepare(self, model) -> tuple:
+        """train.freeze_model: the model frozen, placed as the sharding engine places a teacher (FSDP2 per layer,
+        a ZeRO-3 inference engine), or whole on every rank; no optimizer, no LR schedule."""
         model.requires_grad_(False)
+        if self.placed_by is not None:
+            return self.placed_by.prepare_teacher(model), None, None
         return model.to(self.accelerator.device), None, None
 
     def forward_context(self):
@@ -208,6 +227,10 @@ class FrozenModel(Engine):
         (self.placed_by or super()).save_state(model, optimizer, folder)
 
     def load_state(self, model, optimizer, folder: Path) -> None:
+        if self.placed_by is not None and not self.after_training:
+            # train.freeze_model under sharding: the weights are model.path's, never changed by this run (the
+            # base-model part checked on resume that model.path still holds them); nothing else to restore
+            return
         (self.placed_by or super()).load_state(model, optimizer, folder)
 
     def saves_optimizer_itself(self) -> bool:
@@ -215,6 +238,9 @@ class FrozenModel(Engine):
 
     def prepare_teacher(self, model):
         return (self.placed_by or super()).prepare_teacher(model)
+
+    def place_references(self, modules: list[nn.Module]) -> list[nn.Module]:
+        return (self.placed_by or super()).place_references(modules)
 
     def local_parameter_count(self, model) -> tuple[int, int]:
         return (self.placed_by or super()).local_parameter_count(model)
@@ -242,11 +268,42 @@ class DeepSpeedZero(Engine):
     def describe(self) -> str:
         return f"DeepSpeed ZeRO-{self.stage}"
 
+    def _wrap(self, model, optimizer) -> tuple:
+        if self.stage >= 3:
+            _mlps_as_zero3_leaves(model)
+        return super()._wrap(model, optimizer)
+
+    def full_state_dict(self, model) -> dict | None:
+        """ZeRO-3: gathered one layer at a time onto the main process, from the training engine or an inference
+        engine alike (a train.freeze_model run's model); LoRA: the adapters only (the frozen base stays
+        partitioned)."""
+        if self.stage >= 3:
+            return model._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.lora)
+        return super().full_state_dict(model)
+
+    def place_references(self, modules: list[nn.Module]) -> list[nn.Module]:
+        """ZeRO-3: partitioned in one inference engine of their own, each a ZeRO-3 leaf (its forward gathers all its
+        parameters, then frees them)."""
+        if self.stage < 3:
+            return super().place_references(modules)
+        from deepspeed.utils import set_z3_leaf_modules
+
+        holder = nn.ModuleList(modules).requires_grad_(False)
+        set_z3_leaf_modules(holder, list({type(m) for m in modules}))
+        # no persistent parameters: they would be gathered by a forward of the holder, which never runs one
+        self._inference_engine(holder, persistence_threshold=0)
+        return modules
+
     def prepare_teacher(self, model):
         """ZeRO-3: the teacher gets its own inference engine with partitioned parameters (as TRL prepares its
         reference models); ZeRO-1/2 replicate parameters anyway, so a plain copy is what they would hold."""
         if self.stage < 3:
             return super().prepare_teacher(model)
+        _mlps_as_zero3_leaves(model)
+        return self._inference_engine(model)
+
+    def _inference_engine(self, model, persistence_threshold: int | None = None):
+        """A DeepSpeed engine over `model` with ZeRO-3-partitioned parameters and no optimizer."""
         import copy
 
         import deepspeed
@@ -256,6 +313,8 @@ class DeepSpeedZero(Engine):
             cfg.pop(key, None)
         cfg["zero_optimization"] = {k: v for k, v in cfg["zero_optimization"].items()
                                     if not k.startswith("offload_optimizer")}
+        if persistence_threshold is not None:
+            cfg["zero_optimization"]["stage3_param_persistence_threshold"] = persistence_threshold
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
         engine.eval()  # DeepSpeedEngine.train() returns None, so not `return engine.eval()`
         return engine
@@ -276,7 +335,9 @@ class DeepSpeedZero(Engine):
         return True
 
     def save_sharded_optimizer(self, model, optimizer, folder: Path) -> None:
-        model.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False)
+        # LoRA: the frozen base is model.path's (checked by the base-model part), only the adapters are saved
+        model.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False,
+                              exclude_frozen_parameters=self.lora)
 
     def load_sharded(self, model, optimizer, folder: Path) -> None:
         model.load_checkpoint(str(folder / "deepspeed"), tag="engine", load_optimizer_states=True,
@@ -287,6 +348,21 @@ class DeepSpeedZero(Engine):
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         return local, total
+
+
+def _mlps_as_zero3_leaves(model) -> None:
+    """ZeRO-3 gathers a module's parameters when that module's own forward starts. An MLP's parameters are read
+    directly inside its forward (masked compute, a predictor's down-projection norms, distillation's reference on the
+    same projections), so each decoder layer's MLP is a ZeRO-3 leaf: all its parameters, its children's included,
+    are gathered for the whole of its forward and backward."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from sparsetune.surgery.architectures import layout_for
+    from sparsetune.surgery.structure import base_causal_lm, decoder_layers
+
+    layout = layout_for(base_causal_lm(model).config.model_type)
+    classes = list({type(getattr(layer, layout.mlp)) for layer in decoder_layers(model)})
+    set_z3_leaf_modules(model, classes)
 
 
 class FSDP2(Engine):
@@ -312,14 +388,32 @@ class FSDP2(Engine):
         return model, optimizer, build_scheduler(optimizer, self.recipe.train)
 
     def prepare_teacher(self, model):
+        """Sharded per decoder layer, and each layer's MLP as a unit of its own: layer-wise distillation calls a
+        teacher MLP directly, and its forward gathers (and frees) just that MLP."""
         from torch.distributed.fsdp import fully_shard
 
-        from sparsetune.surgery.structure import decoder_layers
+        from sparsetune.surgery.architectures import layout_for
+        from sparsetune.surgery.sparse_mlp import patched_mlps
+        from sparsetune.surgery.structure import base_causal_lm, decoder_layers
 
         model.to(self.accelerator.device)
+        layout = layout_for(base_causal_lm(model).config.model_type)
         for layer in decoder_layers(model):
+            fully_shard(getattr(layer, layout.mlp))
             fully_shard(layer)
-        return fully_shard(model)
+        fully_shard(model)
+        # FSDP2 initializes its units at the root's first forward, and a unit called directly before that would
+        # make itself a root: one token through the root now (no activation recorded), so an MLP can be called alone
+        with torch.no_grad(), patched_mlps(model, sink=None, override=None):
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.accelerator.device))
+        model.reshard()  # the root keeps its parameters gathered after a forward (for a backward): free them
+        return model
+
+    def place_references(self, modules: list[nn.Module]) -> list[nn.Module]:
+        """Each sharded as a unit of its own: its forward gathers its parameters and frees them after."""
+        from torch.distributed.fsdp import fully_shard
+
+        return [fully_shard(m.requires_grad_(False).to(self.accelerator.device)) for m in modules]
 
     def sync_context(self, model, last: bool):
         model.set_requires_gradient_sync(last)
@@ -357,7 +451,10 @@ class FSDP2(Engine):
         from sparsetune.checkpoint.resume import read_weights
 
         full = read_weights(folder / "model")
-        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in full:
+        if self.lora:  # peft writes adapter tensors without the adapter's name: put it back for the model's keys
+            full = {key: full[key.replace(".default.", ".")] for key in model.state_dict()
+                    if key.replace(".default.", ".") in full and ".default." in key}
+        elif getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in full:
             full["lm_head.weight"] = full["model.embed_tokens.weight"]
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         state = {"optimizer": get_optimizer_state_dict(model, optimizer)}

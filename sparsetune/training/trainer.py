@@ -90,6 +90,7 @@ class Trainer:
         self.accelerator: Accelerator | None = None
         self.engine: Engine | None = None  # the training engine; each step runs on its phase's (self.phases)
         self.phases: Phases | None = None
+        self.engine_in_use: Engine | None = None  # the engine of the phase the last step ran in
         self.device: torch.device | None = None
         self.is_main = True
         self.tokenizer = None
@@ -125,6 +126,7 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(r.train.mixed_precision))
         self.engine = Engine.create(self.accelerator, r)
         self.phases = Phases(r, self.engine)
+        self.engine_in_use = self.engine
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         check_launch(r, Engine.strategy_of(self.accelerator), self.engine.shards_parameters,
@@ -376,7 +378,8 @@ class Trainer:
         r = self.recipe
         reduce = self._reduce_sum if self.accelerator.num_processes > 1 else None
         return EvalContext(self.model, self.device, reduce, self._held_out_batches, self.progress.step,
-                           train_batches=lambda n: list(eval_batches(self.train_data, r.train.micro_batch_size, n)))
+                           train_batches=lambda n: list(eval_batches(self.train_data, r.train.micro_batch_size, n)),
+                           sharded=self.engine.shards_parameters)
 
     def evaluate(self) -> dict:
         r = self.recipe
@@ -451,6 +454,10 @@ class Trainer:
         accum = r.train.grad_accum_steps
         step = self.progress.step
         engine = self.phases.engine_at(step)
+        if engine is not self.engine_in_use:  # a new phase begins (also when a resume starts inside it)
+            if self.is_main:
+                self.notice(f"step {step + 1} on: {engine.describe()}")
+            self.engine_in_use = engine
         for c in self.components:
             c.begin_step(step, engine.trains_model)
         sums = {"loss": 0.0, "lm_loss": 0.0, **{k: 0.0 for c in self.components for k in c.step_metric_keys}}

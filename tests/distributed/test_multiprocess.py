@@ -199,9 +199,9 @@ def test_two_machines_over_loopback(tiny_model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("preset, overrides, key", [
-    ("zero3", ["predictor.enabled=true"], "predictor.dynamic_eval_batches"),
+    ("zero3", ["predictor.enabled=true", "predictor.dynamic_eval_batches=3"], "predictor.dynamic_eval_batches"),
     ("fsdp", ["train.eval_batches=3"], "train.eval_batches"),
-    ("zero2", ["peft.method=lora"], "peft.method"),
+    ("zero3", ["thresholds.cett=0.2"], "thresholds.cett"),
 ])
 def test_impossible_preset_combinations_fail_before_launch(tiny_model_dirs, tmp_path, preset, overrides, key):
     proc = sparsetune("train", "quickstart", f"model.path={tiny_model_dirs['llama']}", f"output_dir={tmp_path / 'r'}",

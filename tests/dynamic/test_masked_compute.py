@@ -104,3 +104,32 @@ def test_gqa_kv_entries_are_skipped_per_kv_head():
     written, skipped = run(both, "kv_written"), run(both, "kv_skipped")
     torch.testing.assert_close(written[:, :4], skipped[:, :4], rtol=1e-5, atol=1e-5)
     assert (written[:, 4:] - skipped[:, 4:]).abs().max() > 1e-4
+
+
+def test_masked_compute_of_a_lora_model_includes_its_adapters():
+    """The dynamic evaluation of a LoRA run computes with base weight + adapter delta (what the model computes),
+    not the base weights alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from sparsetune.evaluation.dynamic import KeptFraction, mlp_override
+    from sparsetune.surgery.sparse_mlp import sparse_mlps
+
+    model = tiny_model("llama")
+    relufy(model, relufy_config(activation="relu"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)  # trained adapters: B is no longer zero
+    model.eval()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    every = lambda mlp, x: torch.ones(*x.shape[:-1], mlp.projections()[0].out_features, dtype=torch.bool)  # noqa: E731
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with mlp_override(model, every, KeptFraction()):
+            masked = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert len(sparse_mlps(model)) == 2
+    assert not torch.allclose(dense, base, atol=1e-3)  # the adapters change the model
+    torch.testing.assert_close(masked, dense, rtol=1e-4, atol=1e-4)

@@ -70,6 +70,16 @@ class EvalContext:
     held_out_batches: Callable[[int], list[dict]]  # the first n held-out micro-batches of this rank
     step: int
     train_batches: Callable[[int], list[dict]] | None = None  # the first n training micro-batches (same on all ranks)
+    sharded: bool = False  # parameters are sharded: every forward is collective, each rank runs as many
+
+    def equal_count(self, batches: list[dict]) -> list[dict]:
+        """This rank's batches cut to the fewest any rank has, so every rank runs the same number of forwards
+        when they are collective (sharded parameters); unchanged otherwise."""
+        if not self.sharded or self.reduce is None:
+            return batches
+        count = torch.tensor(len(batches), device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        return batches[:int(count)]
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,28 +75,29 @@ class MLPTargets:
     """Layer-wise MLP distillation, computed inside the student's forward: a forward hook on every SparseMLP runs
     the layer's dense reference on the same input (no graph) and keeps the normalized MSE of the student's output
     to it. Armed for the training forward only (`arm()` before it, `pop_loss()` after it), so evaluations, the LoRA
-    teacher pass and gradient checkpointing's recomputation inside backward add nothing."""
+    teacher pass and gradient checkpointing's recomputation inside backward add nothing.
 
-    def __init__(self, references: list[SparseMLP], recorder):
+    `references`: layer -> (the function computing the layer's dense MLP, the dtype it computes in). The hook runs
+    first among the MLP's forward hooks, while the parameters the forward gathered are still there (ZeRO-3 frees
+    them in its own hook)."""
+
+    def __init__(self, references: dict[int, tuple[Callable, torch.dtype]], recorder):
         self.references = references
         self.recorder = recorder  # its token mask marks the real tokens of the forward
         self.terms: list[torch.Tensor] = []
         self.armed = False
 
     def attach(self, student_mlps: list[SparseMLP]) -> None:
-        by_layer = {r.layer_idx: r for r in self.references}
         for mlp in student_mlps:
-            mlp.register_forward_hook(self._hook(by_layer[mlp.layer_idx]))
+            mlp.register_forward_hook(self._hook(*self.references[mlp.layer_idx]), prepend=True)
 
-    def _hook(self, reference: SparseMLP):
-        weight = reference.projections()[0].weight
-
+    def _hook(self, reference: Callable, dtype: torch.dtype):
         def hook(module, args, output):
             if not self.armed:
                 return
             x = args[0].detach()
             with torch.no_grad():
-                dense = reference.dense(x.to(weight.dtype)).to(output.dtype)
+                dense = reference(x.to(dtype)).to(output.dtype)
             mask = self.recorder.token_mask
             # Keep the graph of this term outside gradient checkpointing's pack hooks: the recomputation in
             # backward runs unarmed, so it would not save these tensors again.
@@ -111,6 +113,11 @@ class MLPTargets:
         """Mean over layers of this forward's terms; disarms."""
         terms, self.terms, self.armed = self.terms, [], False
         return torch.stack(terms).mean() if terms else None
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in (ZeRO-3 keeps it on partitioned parameters as well)."""
+    return next(module.parameters()).dtype
 
 
 class Distillation(Component):
@@ -151,10 +158,13 @@ class Distillation(Component):
             self.teacher = (setup.load_model() if partitioned else copy.deepcopy(setup.model)).eval()
             self.teacher.requires_grad_(False)
         elif self.mlp_weight > 0 and not self.student_mlps_frozen:
-            # Full fine-tune without a teacher: copy only the MLP weights (not the whole model).
+            # Full fine-tune without a teacher: copy only the MLP weights (not the whole model); a student loaded
+            # partitioned (ZeRO-3) is loaded again, partitioned alike, and its MLPs kept
             layout = layout_for(base_causal_lm(setup.model).config.model_type)
-            self.mlp_copies = [copy.deepcopy(getattr(layer, layout.mlp)).requires_grad_(False)
-                               for layer in decoder_layers(setup.model)]
+            partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
+            source = setup.load_model() if partitioned else setup.model
+            mlps = [getattr(layer, layout.mlp) for layer in decoder_layers(source)]
+            self.mlp_copies = [(m if partitioned else copy.deepcopy(m)).requires_grad_(False) for m in mlps]
 
     def after_prepare(self, setup: Setup) -> None:
         if self.teacher is not None:
@@ -163,18 +173,21 @@ class Distillation(Component):
             self.mlp_targets = MLPTargets(self._mlp_references(setup), setup.recorder)
             self.mlp_targets.attach(sparse_mlps(setup.model))
 
-    def _mlp_references(self, setup: Setup) -> list[SparseMLP]:
+    def _mlp_references(self, setup: Setup) -> dict[int, tuple[Callable, torch.dtype]]:
+        """Each layer's dense MLP: the student's own frozen weights (LoRA base layers, train.freeze_model), computed
+        inside its forward; else the teacher's MLP as the engine placed it (a unit of its own under FSDP2, a ZeRO-3
+        leaf); else the copy taken before surgery, placed by the engine like the layer (sharded alike)."""
         student = sparse_mlps(setup.model)
         layout = layout_for(base_causal_lm(setup.model).config.model_type)
         if self.student_mlps_frozen:
-            return [dense_reference(m, layout) for m in student]
-        if self.teacher is not None:  # the teacher's MLPs, as the engine placed them
+            refs = [dense_reference(m, layout) for m in student]
+            return {r.layer_idx: (r.dense, r.projections()[0].weight.dtype) for r in refs}
+        if self.teacher is not None:
             sources = [getattr(layer, layout.mlp) for layer in decoder_layers(self.teacher)]
-        else:  # the copy, placed and typed like the student's weights
-            w = student[0].projections()[0].weight
-            sources, self.mlp_copies = [c.to(device=w.device, dtype=w.dtype) for c in self.mlp_copies], None
-        return [dense_reference(m, layout, [getattr(src, n) for n in m.layout_names])
-                for m, src in zip(student, sources)]
+            return {m.layer_idx: (src, _dtype_of(src)) for m, src in zip(student, sources)}
+        dtypes = [_dtype_of(c) for c in self.mlp_copies]
+        copies, self.mlp_copies = setup.engine.place_references(self.mlp_copies), None
+        return {m.layer_idx: (c, dtype) for m, c, dtype in zip(student, copies, dtypes)}
 
     def begin_step(self, step: int, model_trains: bool) -> None:
         self.active = model_trains  # no teacher work in the predictor-only phase

@@ -141,7 +141,7 @@ class Predictors(Component):
         dyn = {}
         n = self.recipe.predictor.dynamic_eval_batches
         if n:
-            dyn = dynamic_eval(ctx.model, self.bank, ctx.held_out_batches(n), ctx.device,
+            dyn = dynamic_eval(ctx.model, self.bank, ctx.equal_count(ctx.held_out_batches(n)), ctx.device,
                                exact_zeros=self.bank.exact_zeros,
                                silu_active_fraction=self.recipe.predictor.silu_active_fraction, all_reduce=ctx.reduce)
         self.bank.train()
@@ -178,7 +178,8 @@ class Predictors(Component):
         cfg = self.recipe.predictor
         self.bank.eval()
         try:
-            sweep = predictor_sweep(ctx.model, self.bank, ctx.held_out_batches(cfg.dynamic_eval_batches),
+            held = ctx.equal_count(ctx.held_out_batches(cfg.dynamic_eval_batches))
+            sweep = predictor_sweep(ctx.model, self.bank, held,
                                     ctx.train_batches(cfg.calibration_batches), ctx.device, cfg.sweep_targets,
                                     all_reduce=ctx.reduce)
         finally:

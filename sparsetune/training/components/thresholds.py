@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.recorder import ActivationRecorder
@@ -45,9 +44,6 @@ class ThresholdConversion(Component):
     def after_prepare(self, setup: Setup) -> None:
         self.model, self.accelerator, self.engine = setup.model, setup.accelerator, setup.engine
         self.eval_context = setup.eval_context
-        if self.recipe.thresholds.cett is not None and self.engine.shards_parameters:
-            raise SparsetuneError("thresholds.cett needs the MLP weights unsharded (not fsdp / zero3); use "
-                                  "thresholds.target_sparsity with this launch")
 
     # ------------------------------------------------------------ conversion
     def begin_step(self, step: int, model_trains: bool) -> None:
