@@ -146,7 +146,8 @@ class DistillSection(Section):
     mlp_weight: float = Field(
         0.0, ge=0.0, description="Weight of layer-wise MLP distillation: each sparse MLP's output is pulled toward "
         "the original dense SiLU MLP's output on the same input (squared error over the dense output's squared norm, "
-        "mean over layers; logged as train/mlp_distill_loss); 0 = off. Not with fsdp / zero3 (sharded weights)."
+        "mean over layers; logged as train/mlp_distill_loss); 0 = off. Under fsdp / zero3 the reference is sharded "
+        "like its layer."
     )
 
 
