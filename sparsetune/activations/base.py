@@ -15,6 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, ClassVar
 
+from pydantic import model_validator
+
+from sparsetune.recipe.section import Section
+
 
 class _OnFirstUse:
     """A module imported when one of its attributes is first read."""
@@ -91,6 +95,17 @@ class MLPActivation:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"
+
+
+class PerLayerThresholds(Section):
+    """A recipe section whose `thresholds` field (declared by the subclass) holds one threshold per decoder layer,
+    each >= 0."""
+
+    @model_validator(mode="after")
+    def _thresholds_valid(self) -> PerLayerThresholds:
+        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
+            raise ValueError("relufy.thresholds must be >= 0")
+        return self
 
 
 def per_layer_value(values: list[float] | None, layer: int, key: str) -> float | None:

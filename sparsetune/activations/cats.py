@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from sparsetune.activations.base import F, MLPActivation, per_layer_value, torch
-from sparsetune.recipe.section import Section
+from sparsetune.activations.base import F, MLPActivation, PerLayerThresholds, per_layer_value, torch
 
 
-class Config(Section):
+class Config(PerLayerThresholds):
     activation: Literal["cats"]
     target_sparsity: float = Field(
         0.5, gt=0.0, lt=1.0, description="cats: fraction of |SiLU(gate)| values each layer's threshold zeroes "
@@ -22,12 +21,6 @@ class Config(Section):
         "(kept in each checkpoint's activation state, so resume, export and eval reuse them).")
     calibration_batches: int = Field(
         8, ge=1, description="cats: training micro-batches whose activations set the thresholds.")
-
-    @model_validator(mode="after")
-    def _thresholds_valid(self) -> Config:
-        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
-            raise ValueError("relufy.thresholds must be >= 0")
-        return self
 
 
 class CATS(MLPActivation):

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from sparsetune.activations.base import MLPActivation, per_layer_value, torch
-from sparsetune.recipe.section import Section
+from sparsetune.activations.base import MLPActivation, PerLayerThresholds, per_layer_value, torch
 
 
-class Config(Section):
+class Config(PerLayerThresholds):
     activation: Literal["fatrelu"]
     threshold: float = Field(0.01, ge=0.0, description="t in fatrelu: gate values below t become 0.")
     thresholds: list[float] | None = Field(
         None, description="fatrelu: per-layer thresholds on the gate, one per decoder layer; when given they "
         "replace `threshold` (ProSparse's per-layer shift: what the `thresholds` section fits; exports carry them "
         "in sparsetune.json, which plain transformers cannot read).")
-
-    @model_validator(mode="after")
-    def _thresholds_valid(self) -> Config:
-        if self.thresholds is not None and any(t < 0 for t in self.thresholds):
-            raise ValueError("relufy.thresholds must be >= 0")
-        return self
 
 
 class FATReLU(MLPActivation):

@@ -35,14 +35,7 @@ def load_activation_state(model, folder: Path, report=None) -> bool:
     if report is not None:
         report(f"{folder} keeps its fitted thresholds in {LEGACY_CONVERSION_FILE} (written by an older sparsetune); "
                "using them")
-    relufy(model, _converted_spec(done))
+    from sparsetune.sparsity.thresholds import Conversion
+
+    Conversion.from_json(done).apply(model)  # as the conversion put them on the model when it ran
     return True
-
-
-def _converted_spec(conversion: dict) -> dict:
-    """The per-layer activation a saved conversion record gives (fatrelu or cats on the gate)."""
-    spec = {"activation": conversion["kind"], "thresholds": conversion["thresholds"]}
-    if conversion["kind"] == "cats":
-        sparsities = conversion.get("fit_sparsity_per_layer") or [0.5]
-        spec["target_sparsity"] = min(max(sum(sparsities) / len(sparsities), 1e-3), 1 - 1e-3)
-    return spec

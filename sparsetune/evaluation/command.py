@@ -62,7 +62,7 @@ class EvalResult:
 
 def load_target(args: EvalArgs) -> SparseModel:
     """The model to measure (models/build.py builds it), with --activation / --target-sparsity swapped in."""
-    fitted = [a for a in ACTIVATIONS if "target_sparsity" in RELUFY_VARIANTS[ACTIVATIONS.index(a)].model_fields]
+    fitted = [a for a, variant in zip(ACTIVATIONS, RELUFY_VARIANTS) if "target_sparsity" in variant.model_fields]
     if args.target_sparsity is not None and args.activation not in fitted:
         raise SparsetuneError(f"--target-sparsity applies to --activation {' / '.join(fitted)} only")
     swap = None

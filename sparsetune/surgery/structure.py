@@ -35,6 +35,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_submodule(lm, layout_for(lm.config.model_type).layers)
 
 
+def decoder_mlps(model: nn.Module) -> list[nn.Module]:
+    """Each decoder layer's MLP module, whatever it is (the model's own class, or a SparseMLP after surgery)."""
+    lm = base_causal_lm(model)
+    layout = layout_for(lm.config.model_type)
+    return [getattr(layer, layout.mlp) for layer in get_submodule(lm, layout.layers)]
+
+
 
 def readable_weight(linear: nn.Module):
     """The weight a linear layer computes with, as a full tensor: a peft-wrapped layer's base weight plus its active

@@ -357,12 +357,9 @@ def _mlps_as_zero3_leaves(model) -> None:
     are gathered for the whole of its forward and backward."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    from sparsetune.surgery.architectures import layout_for
-    from sparsetune.surgery.structure import base_causal_lm, decoder_layers
+    from sparsetune.surgery.structure import decoder_mlps
 
-    layout = layout_for(base_causal_lm(model).config.model_type)
-    classes = list({type(getattr(layer, layout.mlp)) for layer in decoder_layers(model)})
-    set_z3_leaf_modules(model, classes)
+    set_z3_leaf_modules(model, list({type(mlp) for mlp in decoder_mlps(model)}))
 
 
 class FSDP2(Engine):
@@ -392,14 +389,12 @@ class FSDP2(Engine):
         teacher MLP directly, and its forward gathers (and frees) just that MLP."""
         from torch.distributed.fsdp import fully_shard
 
-        from sparsetune.surgery.architectures import layout_for
         from sparsetune.surgery.sparse_mlp import patched_mlps
-        from sparsetune.surgery.structure import base_causal_lm, decoder_layers
+        from sparsetune.surgery.structure import decoder_layers, decoder_mlps
 
         model.to(self.accelerator.device)
-        layout = layout_for(base_causal_lm(model).config.model_type)
-        for layer in decoder_layers(model):
-            fully_shard(getattr(layer, layout.mlp))
+        for layer, mlp in zip(decoder_layers(model), decoder_mlps(model)):
+            fully_shard(mlp)
             fully_shard(layer)
         fully_shard(model)
         # FSDP2 initializes its units at the root's first forward, and a unit called directly before that would

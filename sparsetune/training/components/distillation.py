@@ -19,7 +19,7 @@ from sparsetune.activations.silu import SiLU
 from sparsetune.recipe.schema import Recipe
 from sparsetune.surgery.architectures import MLPLayout, layout_for
 from sparsetune.surgery.sparse_mlp import SparseMLP, patched_mlps, sparse_mlps
-from sparsetune.surgery.structure import base_causal_lm, decoder_layers
+from sparsetune.surgery.structure import base_causal_lm, decoder_mlps
 from sparsetune.training.components.base import Component, LossTerm, Setup, StepContext
 
 
@@ -60,11 +60,11 @@ def dense_base(model):
         yield
 
 
-def dense_reference(mlp: SparseMLP, layout: MLPLayout, projections: list[nn.Module] | None = None) -> SparseMLP:
-    """The original SwiGLU MLP of `mlp`'s layer: SiLU over `projections` (gate, up, down; default: `mlp`'s own,
-    LoRA adapters left out). A SparseMLP outside the model, so `dense()` is the one dense MLP computation."""
-    if projections is None:  # peft wraps a projection; its base layer holds the original, frozen weights
-        projections = [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in mlp.projections()]
+def dense_reference(mlp: SparseMLP, layout: MLPLayout) -> SparseMLP:
+    """The original SwiGLU MLP of `mlp`'s layer: SiLU over `mlp`'s own frozen projections (LoRA adapters left out).
+    A SparseMLP outside the model, so `dense()` is the one dense MLP computation."""
+    # peft wraps a projection; its base layer holds the original, frozen weights
+    projections = [p.get_base_layer() if hasattr(p, "get_base_layer") else p for p in mlp.projections()]
     holder = nn.Module()
     for name, module in zip(mlp.layout_names, projections):
         holder.add_module(name, module)
@@ -151,19 +151,15 @@ class Distillation(Component):
         return cls(recipe) if d.weight > 0 or d.mlp_weight > 0 else None
 
     def before_surgery(self, setup: Setup) -> None:
+        # Under ZeRO-3 transformers may load the student already partitioned (deepspeed.zero.Init); a copy of a
+        # partitioned module holds empty tensors, so what is copied is then loaded a second time, partitioned alike.
+        partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
         if self.weight > 0 and not self.lora:
-            # Under ZeRO-3 transformers may load the student already partitioned (deepspeed.zero.Init); a copy of a
-            # partitioned module holds empty tensors, so the teacher is then loaded a second time, partitioned alike.
-            partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
             self.teacher = (setup.load_model() if partitioned else copy.deepcopy(setup.model)).eval()
             self.teacher.requires_grad_(False)
         elif self.mlp_weight > 0 and not self.student_mlps_frozen:
-            # Full fine-tune without a teacher: copy only the MLP weights (not the whole model); a student loaded
-            # partitioned (ZeRO-3) is loaded again, partitioned alike, and its MLPs kept
-            layout = layout_for(base_causal_lm(setup.model).config.model_type)
-            partitioned = any(hasattr(p, "ds_id") for p in setup.model.parameters())
-            source = setup.load_model() if partitioned else setup.model
-            mlps = [getattr(layer, layout.mlp) for layer in decoder_layers(source)]
+            # Full fine-tune without a teacher: copy only the MLP weights (not the whole model)
+            mlps = decoder_mlps(setup.load_model() if partitioned else setup.model)
             self.mlp_copies = [(m if partitioned else copy.deepcopy(m)).requires_grad_(False) for m in mlps]
 
     def after_prepare(self, setup: Setup) -> None:
@@ -183,7 +179,7 @@ class Distillation(Component):
             refs = [dense_reference(m, layout) for m in student]
             return {r.layer_idx: (r.dense, r.projections()[0].weight.dtype) for r in refs}
         if self.teacher is not None:
-            sources = [getattr(layer, layout.mlp) for layer in decoder_layers(self.teacher)]
+            sources = decoder_mlps(self.teacher)
             return {m.layer_idx: (src, _dtype_of(src)) for m, src in zip(student, sources)}
         dtypes = [_dtype_of(c) for c in self.mlp_copies]
         copies, self.mlp_copies = setup.engine.place_references(self.mlp_copies), None
