@@ -18,7 +18,7 @@ __all__ = ["MLPActivation", "activation_class", "activation_modules", "activatio
            "for_hidden_act"]
 
 # The order the recipe reference lists them in; a plugin not named here follows, alphabetically.
-_ORDER = ["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"]
+_ORDER = ["silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats", "output_aware"]
 
 
 @cache

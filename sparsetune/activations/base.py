@@ -52,6 +52,10 @@ class MLPActivation:
                     (only the down row), "none" (no exact zeros)
     fused_code      the fused batch-1 decode kernel's code for it (dynamic/kernels.py), or None (gather kernel)
     powerinfer_refusal  why PowerInfer's llama path cannot run it truthfully, or None when it can
+    undropped       the elementwise activation whose values its zeros are cut from (cats: silu), or None: what
+                    dropped-activation compensation adds back the mean of (sparsity/compensation.py)
+    per_layer_keys  spec keys holding one value per decoder layer -> the attribute holding this layer's value
+                    (the model's spec lists every layer's: surgery/relufy.activation_spec)
     """
 
     name: ClassVar[str] = ""
@@ -65,6 +69,8 @@ class MLPActivation:
     skips: ClassVar[str] = "gate"
     fused_code: ClassVar[int | None] = None
     powerinfer_refusal: ClassVar[str | None] = "PowerInfer's llama path computes relu(gate) * up only"
+    per_layer_keys: ClassVar[dict[str, str]] = {"thresholds": "threshold"}
+    undropped: ClassVar[str | None] = None
 
     @classmethod
     def from_config(cls, cfg, layer: int) -> MLPActivation:
@@ -77,6 +83,13 @@ class MLPActivation:
     def spec(self) -> dict:
         """JSON description (a `relufy` section), stored with checkpoints and exports to rebuild the activation."""
         return {"activation": self.name}
+
+    def annealed(self, gate, up, progress: float):
+        """The activation `progress` (0..1) of the way from the model's SiLU(gate) * up to this one, for annealed
+        surgery (recipe `anneal`): an interpolation by default (0 = the dense model exactly, 1 = this activation);
+        an activation with a natural path (a rising top-k or threshold share) overrides it."""
+        dense = F.silu(gate) * up
+        return dense if progress <= 0 else torch.lerp(dense, self(gate, up), progress)
 
     def elementwise(self) -> MLPActivation:
         """The per-neuron function, for computing a chosen subset of neurons (itself unless the activation looks

@@ -30,6 +30,7 @@ class CATS(MLPActivation):
     calibrated, which computes plain SiLU. The rule reads the gate alone."""
 
     name, plain_fallback, threshold_form, needs_data = "cats", "silu", "cats", True
+    undropped = "silu"
 
     def __init__(self, threshold: float, target_sparsity: float, calibration_batches: int = 8):
         self.threshold = float(threshold)

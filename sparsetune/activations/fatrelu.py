@@ -24,6 +24,7 @@ class FATReLU(MLPActivation):
     `relufy.thresholds`), so the spec lists every layer's."""
 
     name, threshold_form = "fatrelu", "fatrelu"
+    undropped = "relu"
     powerinfer_refusal = "PowerInfer has no activation threshold"
 
     def __init__(self, threshold: float, per_layer: bool = False):

@@ -23,6 +23,7 @@ class TopK(MLPActivation):
     needs up and a sort across neurons: an engine skips only down rows, after computing every gate and up row."""
 
     name, plain_fallback, threshold_form, skips = "topk", "silu", "cats", "product"
+    undropped = "silu"
 
     def __init__(self, fraction: float):
         self.fraction = float(fraction)
@@ -35,8 +36,15 @@ class TopK(MLPActivation):
         return max(1, math.ceil(self.fraction * width))
 
     def __call__(self, gate, up):
+        return self._top(gate, up, self.fraction)
+
+    def annealed(self, gate, up, progress: float):
+        """The kept share falls from every neuron to top_k_fraction as the annealing progresses."""
+        return self._top(gate, up, 1.0 - progress * (1.0 - self.fraction))
+
+    def _top(self, gate, up, fraction: float):
         dense = F.silu(gate) * up
-        k = self.k_for(dense.shape[-1])
+        k = max(1, math.ceil(fraction * dense.shape[-1]))
         if k >= dense.shape[-1]:
             return dense
         idx = dense.detach().abs().topk(k, dim=-1).indices

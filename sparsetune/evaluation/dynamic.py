@@ -84,7 +84,7 @@ def neuron_contributions(mlp: SparseMLP, a: torch.Tensor) -> torch.Tensor:
 
 def _masked(mlp: SparseMLP, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     g, u, d = mlp.projections()
-    return gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise())
+    return mlp.compensate(gathered_mlp(x, keep, g, u, d, mlp.activation.elementwise()))
 
 
 @contextlib.contextmanager
@@ -187,7 +187,7 @@ def prompt_override(model, masks: PromptMasks, tally: KeptFraction):
         rest = x[:, p:]
         keep = masks.select(neuron_contributions(mlp, a).sum(dim=1))[:, None, :].expand(-1, rest.shape[1], -1)
         tally.add(keep)
-        return torch.cat([down(a), _masked(mlp, rest, keep)], dim=1)
+        return torch.cat([mlp.compensate(down(a)), _masked(mlp, rest, keep)], dim=1)
 
     with patched_mlps(model, override=override):
         yield

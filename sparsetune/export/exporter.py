@@ -64,6 +64,37 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
         f"`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`) to get the trained activation.{per_layer}")
 
 
+def fold_compensation(lm, load_spec: dict) -> tuple[bool, dict, str]:
+    """Put the compensation biases (when the model has them) where plain transformers computes them: the down
+    projection's bias of an MLP class that has one (`config.mlp_bias`: llama and kin; gate / up get zero biases),
+    else they stay in sparsetune.json's load_activation. Returns (exact in plain transformers, load spec, note)."""
+    mlps = sparse_mlps(lm)
+    if "compensation" not in load_spec:
+        return True, load_spec, ""
+    import torch
+
+    biased = lm.config.to_dict().get("mlp_bias") is not None
+    if biased:
+        lm.config.mlp_bias = True
+        with torch.device("meta"):
+            probe = mlps[0].original_class(lm.config)
+        biased = all(getattr(probe, n).bias is not None for n in mlps[0].layout_names)
+        if not biased:
+            lm.config.mlp_bias = False
+    if not biased:
+        return False, load_spec, (f"The dropped-activation compensation biases are in `sparsetune.json` "
+                                  f"(`load_activation.compensation`): `{lm.config.model_type}`'s MLP has no "
+                                  "down-projection bias, so plain transformers leaves them out.")
+    for m in mlps:
+        for name, proj in zip(m.layout_names, m.projections()):
+            value = m.compensation if name == m.layout_names[2] else torch.zeros(proj.out_features)
+            proj.bias = torch.nn.Parameter(value.detach().to(proj.weight.dtype).clone())
+        m.compensation = None
+    rest = {k: v for k, v in load_spec.items() if k != "compensation"}
+    return True, rest, ("The dropped-activation compensation is the down projection's bias (`config.mlp_bias = "
+                        "true`; gate and up biases are zero): plain transformers computes it.")
+
+
 def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
            overwrite: bool = False, device: str = "auto", trust_remote_code: bool = False,
            powerinfer: bool = False) -> Path:
@@ -121,6 +152,8 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
     lm = base_causal_lm(model)
     trained_spec = activation_spec(lm)
     exact, load_spec, note = configure_plain_activation(lm, trained_spec)
+    folded, load_spec, comp_note = fold_compensation(lm, load_spec)
+    exact, note = exact and folded, f"{note} {comp_note}".strip()
     restore_hf_mlps(lm)
     for attr in ("quantization_config",):
         if hasattr(lm.config, attr):

@@ -25,3 +25,7 @@ def check_launch(recipe: Recipe, strategy: str, shards_parameters: bool, num_pro
             f"{where}: thresholds.cett={recipe.thresholds.cett:g} fits each layer's threshold on its full "
             "down-projection outside the forward, which is sharded under this preset; use thresholds.target_sparsity "
             "(fitted on the gate alone), or launch with --launch ddp or zero2")
+    if recipe.compensation.enabled:
+        raise SparsetuneError(
+            f"{where}: compensation.enabled fits each layer's bias on its full down-projection outside the forward, "
+            "which is sharded under this preset; launch with --launch ddp or zero2")

@@ -254,10 +254,12 @@ class ThresholdsSection(Section):
         None, gt=0.0, lt=1.0, description="Or: each layer's highest threshold whose mean CETT (relative error of "
         "the MLP output when the neurons the threshold rule zeroes are dropped) stays within this budget, e.g. "
         "0.2 (the dynamic-activation studies) or 0.01. Needs unsharded weights (not fsdp / zero3).")
-    kind: Literal["auto", "fatrelu", "cats"] = Field(
+    kind: Literal["auto", "fatrelu", "cats", "output_aware"] = Field(
         "auto", description="The exact-zero form: fatrelu = per-layer FATReLU on the gate (relu / fatrelu runs: "
         "ProSparse's last step); cats = per-layer threshold on abs(SiLU(gate)) (silu / topk / cats runs: top-k to "
-        "exact zeros); auto = fatrelu for the ReLU family, cats for SiLU-based activations.")
+        "exact zeros); output_aware = fixed per-layer thresholds on its output-aware score (output_aware runs, "
+        "which convert at the end to relufy.target_sparsity when this section sets nothing); auto = the "
+        "activation's own form.")
     at_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="When to convert, as a fraction of train.max_steps: 1.0 = after the last "
         "step, before the final evaluation (training-free); < 1 = at step round(at_fraction * max_steps), then "
@@ -278,7 +280,8 @@ class ThresholdsSection(Section):
         form = natural if self.kind == "auto" else self.kind
         if natural is None or form != natural:
             raise ValueError(f"thresholds.kind={self.kind} cannot convert relufy.activation={activation}: fatrelu "
-                             "thresholds fit relu / fatrelu runs, cats thresholds fit silu / topk / cats runs")
+                             "thresholds fit relu / fatrelu runs, cats thresholds fit silu / topk / cats runs, "
+                             "output_aware thresholds fit output_aware runs")
         return form
 
     @model_validator(mode="after")
@@ -286,6 +289,45 @@ class ThresholdsSection(Section):
         if self.target_sparsity is not None and self.cett is not None:
             raise ValueError("set one of thresholds.target_sparsity and thresholds.cett, not both")
         return self
+
+
+class AnnealSection(Section):
+    """Annealed surgery: instead of swapping SiLU for relufy's activation at step 0 (a shock: perplexity 21 -> 4654
+    on SmolLM2 for ReLU), the MLPs move there over the first part of the run, so step 0 computes the dense model."""
+
+    fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="The share of train.max_steps over which the activation moves from SiLU "
+        "to relufy's: an interpolation (1 - p) * SiLU(gate)*up + p * target, p rising linearly from 0; top-k's "
+        "kept share falls from every neuron, output_aware's zeroed share rises from none. 0 = swap at step 0; "
+        "empty = 0.5 for output_aware, 0 otherwise.")
+
+    def steps(self, max_steps: int) -> int:
+        return round((self.fraction or 0.0) * max_steps)
+
+
+class CompensationSection(Section):
+    """Dropped-activation compensation: each layer adds back the mean of what its zeros drop, a bias on the MLP
+    output fitted in closed form on calibration tokens (sparsity/compensation.py)."""
+
+    enabled: bool = Field(
+        False, description="Fit each layer's compensation bias W_down mean(a_ref - a) (a_ref: the SiLU / ReLU the "
+        "zeros are cut from) after training, on calibration_batches training micro-batches. Exported as the "
+        "down-projection bias where transformers' MLP has one (llama's mlp_bias), else in sparsetune.json. Needs "
+        "an activation cut from an elementwise one (cats, topk, output_aware, fatrelu, or a `thresholds` "
+        "conversion) and unsharded weights (not fsdp / zero3).")
+    train: bool = Field(
+        False, description="Fit the bias when the final rule is in place (the conversion step, or the annealing's "
+        "end) and train it with the model from then on (full fine-tuning only).")
+    calibration_batches: int = Field(8, ge=1, description="Training micro-batches the bias is fitted on.")
+
+    def fit_step(self, recipe) -> int | None:
+        """The step the bias is fitted before (None: after the last step)."""
+        if not self.train:
+            return None
+        t = recipe.thresholds
+        if t.enabled:
+            return None if t.at_fraction >= 1.0 else round(t.at_fraction * recipe.train.max_steps)
+        return recipe.anneal.steps(recipe.train.max_steps)
 
 
 class LoraSection(Section):
@@ -357,6 +399,8 @@ class Recipe(Section):
     peft: PeftSection = Field(default_factory=PeftSection)
     predictor: PredictorSection = Field(default_factory=PredictorSection)
     thresholds: ThresholdsSection = Field(default_factory=ThresholdsSection)
+    anneal: AnnealSection = Field(default_factory=AnnealSection)
+    compensation: CompensationSection = Field(default_factory=CompensationSection)
     train: TrainSection = Field(default_factory=TrainSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
 
@@ -375,8 +419,30 @@ class Recipe(Section):
         if self.train.freeze_model and self.peft.method != "none":
             raise ValueError(
                 "train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")
+        if self.relufy.activation == "output_aware" and not self.thresholds.enabled and not self.relufy.thresholds:
+            # its per-forward rule is for training only: fixed thresholds are fitted after the last step by default
+            self.thresholds.target_sparsity = self.relufy.target_sparsity
         if self.thresholds.enabled:
             self.thresholds.form_for(self.relufy.activation)
+        if self.anneal.fraction is None:
+            self.anneal.fraction = 0.5 if self.relufy.activation == "output_aware" else 0.0
+        if self.compensation.enabled:
+            final = self.thresholds.form_for(self.relufy.activation) if self.thresholds.enabled else \
+                self.relufy.activation
+            if _ACTIVATION_MODULES[final].ACTIVATION.undropped is None:
+                raise ValueError(f"compensation.enabled: the run ends with relufy.activation={final}, which is not "
+                                 "cut from an elementwise activation (cats, topk, output_aware, fatrelu are; or add "
+                                 "a `thresholds` conversion)")
+            if self.compensation.train and self.peft.method != "none":
+                raise ValueError("compensation.train=true trains the bias with the model: full fine-tuning only "
+                                 "(peft.method=none)")
+            if self.compensation.train and self.compensation.fit_step(self) is None:
+                raise ValueError("compensation.train=true needs the final rule before the last step: a "
+                                 "thresholds.at_fraction < 1, or an activation fixed from the start")
+        if (self.thresholds.enabled and self.thresholds.at_fraction < 1.0
+                and self.thresholds.at_fraction < self.anneal.fraction):
+            raise ValueError(f"thresholds.at_fraction={self.thresholds.at_fraction} converts before the annealing "
+                             f"ends (anneal.fraction={self.anneal.fraction}); convert at or after it")
         for i, stage in enumerate(self.regularizer.stages):
             if stage.end_step is not None and stage.end_step > self.train.max_steps:
                 raise ValueError(

@@ -5,6 +5,8 @@ engine decides from the gate which up / down rows to skip, with no sort:
 
   fatrelu  value = gate          a = gate * [gate >= t] * up   (ReLU-family runs; t >= 0, t = 0 is ReLU itself)
   cats     value = |SiLU(gate)|  a = SiLU(gate) * [|SiLU(gate)| >= t] * up   (SiLU-based runs: silu, topk, cats)
+  output_aware  value = the activation's output-aware score (activations/output_aware.py; its `product` score
+           reads up too, so an engine skips only down rows there)
 
 Each layer's t is chosen on a sample of calibration tokens, for a target sparsity (the share of values below t) or
 for a CETT budget: the highest t whose mean CETT (sparsity/cett.py) of dropping by this rule stays within the
@@ -51,8 +53,12 @@ def reference_activation(kind: str) -> MLPActivation:
     return ReLU() if kind == "fatrelu" else SiLU()
 
 
-def thresholded_activation(kind: str, threshold: float, sparsity: float = 0.5) -> MLPActivation:
-    """One layer's converted activation. CATS's target_sparsity is informational once its threshold is set."""
+def thresholded_activation(kind: str, threshold: float, sparsity: float = 0.5,
+                           current: MLPActivation | None = None) -> MLPActivation:
+    """One layer's converted activation. CATS's target_sparsity is informational once its threshold is set;
+    output_aware keeps the `current` activation's score and scales."""
+    if kind == "output_aware":
+        return current.with_threshold(threshold)
     if kind == "fatrelu":
         return FATReLU(threshold, per_layer=True)
     return CATS(threshold, min(max(sparsity, 1e-3), 1 - 1e-3))
@@ -81,9 +87,11 @@ class _GateSampler:
             return
         idx = torch.randperm(rows_g.shape[0], generator=self.generator)[:take].to(rows_g.device)
         g = rows_g[idx]
-        self.values.setdefault(layer, []).append(rule_values(self.kind, g))
+        scored = self.kind == "output_aware"
+        up = self.mlps[layer].projections()[1](rows_x[idx]) if self.with_activation or scored else None
+        values = self.mlps[layer].activation.scores(g, up) if scored else rule_values(self.kind, g)
+        self.values.setdefault(layer, []).append(values)
         if self.with_activation:
-            up = self.mlps[layer].projections()[1](rows_x[idx])
             self.activations.setdefault(layer, []).append(self.reference(g, up).float())
 
 
@@ -139,7 +147,8 @@ def apply_thresholds(model, kind: str, thresholds: list[float], sparsities: list
 
         raise SparsetuneError(f"{len(thresholds)} fitted thresholds for a model with {len(mlps)} MLP layers")
     for i, m in enumerate(mlps):
-        m.activation = thresholded_activation(kind, thresholds[i], sparsities[i] if sparsities else 0.5)
+        m.activation = thresholded_activation(kind, thresholds[i], sparsities[i] if sparsities else 0.5,
+                                              m.activation)
 
 
 @dataclass

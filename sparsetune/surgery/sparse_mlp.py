@@ -39,6 +39,9 @@ class SparseMLP(nn.Module):
         self.layer_idx = layer_idx
         self.sink: ActivationSink | None = None
         self.override: Callable[[SparseMLP, torch.Tensor], torch.Tensor] | None = None
+        self.anneal = 1.0  # annealed surgery's progress from SiLU to `activation` (training/components/annealing.py)
+        # the dropped-activation compensation: a bias added to the MLP output (sparsity/compensation.py), or None
+        self.register_buffer("compensation", None, persistent=False)
         self.original_class = type(original)
 
     def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -50,11 +53,18 @@ class SparseMLP(nn.Module):
         `mask(mlp, x)` (a bool mask or None), down sees a * mask: the mask-aware forward of training."""
         gate_proj, up_proj, down_proj = self.projections()
         gate = gate_proj(x)
-        a = self.activation(gate, up_proj(x))
+        if self.anneal >= 1.0:
+            a = self.activation(gate, up_proj(x))
+        else:
+            a = self.activation.annealed(gate, up_proj(x), self.anneal)
         if sink is not None:
             sink.record(self.layer_idx, a, x, gate)
         keep = mask(self, x) if mask is not None else None
-        return down_proj(a if keep is None else a * keep.to(a.dtype))
+        return self.compensate(down_proj(a if keep is None else a * keep.to(a.dtype)))
+
+    def compensate(self, out: torch.Tensor) -> torch.Tensor:
+        """The MLP output plus the compensation bias, when the model has one."""
+        return out if self.compensation is None else out + self.compensation.to(out.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.override is not None:

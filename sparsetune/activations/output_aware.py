@@ -1,0 +1,130 @@
+"""output_aware: SwiGLU kept (SiLU(gate) * up, the model's own function), each layer zeroing the neurons whose
+output-aware score is below its threshold: score `product` = |SiLU(gate) * up| * ||W_down[:, i]|| (WINA's and
+CETT's score: what the neuron adds to the MLP output; an engine skips only the down row of a zero neuron unless
+predictors supply the mask), score `gate` = |SiLU(gate)| * ||W_down[:, i]|| * mean|up_i| (read from the gate alone:
+an engine skips the up and down rows too). While training, each forward zeroes the lowest-scoring `target` share of
+the batch's values per layer (straight-through gradient), the target rising from 0 over `anneal.fraction` of the
+run (no swap shock: step 0 computes the dense model); the `thresholds` section then fits fixed per-layer
+thresholds on calibration tokens (by default at the end of the run, to this section's target_sparsity)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from sparsetune.activations.base import F, MLPActivation, PerLayerThresholds, per_layer_value, torch
+
+# Values a forward's quantile is taken over per layer: enough for the target to within ~0.3%, cheap on 7B layers.
+QUANTILE_SAMPLE = 1 << 16
+
+
+class Config(PerLayerThresholds):
+    activation: Literal["output_aware"]
+    target_sparsity: float = Field(
+        0.7, gt=0.0, lt=1.0, description="output_aware: share of each layer's neurons zeroed (per batch while "
+        "training; the fixed thresholds fitted after it aim at it too, unless `thresholds` says otherwise).")
+    score: Literal["product", "gate"] = Field(
+        "product", description="output_aware: product = |SiLU(gate)*up| * ||W_down[:, i]|| (most accurate; an "
+        "engine skips down rows only, or all three with predictors); gate = |SiLU(gate)| * ||W_down[:, i]|| * "
+        "mean|up_i| (read from the gate: an engine skips up and down rows too).")
+    thresholds: list[float] | None = Field(
+        None, description="output_aware: fitted per-layer thresholds on the score (empty = per-batch quantile "
+        "rule until the `thresholds` conversion fits them).")
+    scales: list[list[float]] | None = Field(
+        None, description="output_aware: per-layer per-neuron score scales (||W_down[:, i]||, times mean|up_i| for "
+        "score gate), measured at the start of the run (kept in the activation state).")
+    calibration_batches: int = Field(
+        8, ge=1, description="output_aware: training micro-batches the score scales are measured on.")
+
+
+class OutputAware(MLPActivation):
+    """SiLU(gate) * up with the neurons of low output-aware score zeroed (see the module docstring).
+
+    `threshold` NaN: the per-forward rule (the lowest `target_sparsity` share of this forward's scores, per layer;
+    while annealing, that share times the annealing's progress); a number: the fixed rule score >= threshold.
+    `scales` (a per-neuron list) is None until measured (`uncalibrated`)."""
+
+    name, plain_fallback, threshold_form, needs_data = "output_aware", "silu", "output_aware", True
+    undropped = "silu"
+    per_layer_keys: ClassVar[dict[str, str]] = {"thresholds": "threshold", "scales": "scales"}
+
+    def __init__(self, target_sparsity: float, score: str = "product", threshold: float = float("nan"),
+                 scales: list[float] | None = None, calibration_batches: int = 8):
+        self.target_sparsity = float(target_sparsity)
+        self.score_kind = score
+        self.threshold = float(threshold)
+        self.scales = None if scales is None else [float(s) for s in scales]
+        self.calibration_batches = calibration_batches
+        self._scale_tensor = None
+
+    @property
+    def skips(self) -> str:  # type: ignore[override]
+        return "gate" if self.score_kind == "gate" else "product"
+
+    @classmethod
+    def from_config(cls, cfg, layer: int) -> OutputAware:
+        t = per_layer_value(cfg.thresholds, layer, "thresholds")
+        scales = per_layer_value(cfg.scales, layer, "scales")
+        return cls(cfg.target_sparsity, cfg.score, float("nan") if t is None else t, scales, cfg.calibration_batches)
+
+    def uncalibrated(self) -> bool:
+        return self.scales is None
+
+    def with_threshold(self, threshold: float) -> OutputAware:
+        """This activation with the fixed rule score >= threshold."""
+        return OutputAware(self.target_sparsity, self.score_kind, threshold, self.scales, self.calibration_batches)
+
+    def scale_on(self, like):
+        if self._scale_tensor is None or self._scale_tensor.device != like.device:
+            self._scale_tensor = torch.tensor(self.scales, dtype=torch.float32, device=like.device)
+        return self._scale_tensor
+
+    def scores(self, gate, up):
+        """The per-neuron output-aware score (float32, no graph)."""
+        gate, up = gate.detach().float(), up.detach().float()
+        value = F.silu(gate).abs() * (up.abs() if self.score_kind == "product" else 1.0)
+        return value * self.scale_on(value)
+
+    def batch_threshold(self, scores, target: float) -> float:
+        """The threshold zeroing `target` of this forward's scores (one quantile rule, surgery/calibration)."""
+        from sparsetune.surgery.calibration import quantile_threshold
+
+        flat = scores.reshape(-1)
+        if flat.numel() > QUANTILE_SAMPLE:  # an even stride: deterministic, so resume stays bitwise
+            flat = flat[:: math.ceil(flat.numel() / QUANTILE_SAMPLE)]
+        return quantile_threshold(flat, target)
+
+    def __call__(self, gate, up):
+        return self._thresholded(gate, up, self.target_sparsity)
+
+    def annealed(self, gate, up, progress: float):
+        """SwiGLU stays; the per-forward target rises with the annealing (a fixed threshold is final already)."""
+        return self._thresholded(gate, up, self.target_sparsity * progress)
+
+    def _thresholded(self, gate, up, target: float):
+        dense = F.silu(gate) * up
+        if self.scales is None:
+            return dense
+        if math.isnan(self.threshold) and target <= 0:
+            return dense
+        s = self.scores(gate, up)
+        t = self.batch_threshold(s, target) if math.isnan(self.threshold) else self.threshold
+        sparse = torch.where(s >= t, dense, torch.zeros_like(dense))
+        # Forward value: the thresholded activation; gradient: straight through to the dense one (as top-k).
+        return dense + (sparse - dense).detach() if dense.requires_grad else sparse
+
+    def elementwise(self) -> MLPActivation:
+        from sparsetune.activations.silu import SiLU
+
+        return SiLU()  # on a chosen subset of neurons the rule is the mask: what is kept computes SwiGLU
+
+    def spec(self) -> dict:
+        fitted = not math.isnan(self.threshold)
+        return {"activation": self.name, "target_sparsity": self.target_sparsity, "score": self.score_kind,
+                "thresholds": [self.threshold] if fitted else None, "scales": [self.scales] if self.scales else None,
+                "calibration_batches": self.calibration_batches}
+
+
+ACTIVATION = OutputAware
