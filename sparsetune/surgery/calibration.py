@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from sparsetune.activations.cats import CATS
 from sparsetune.activations.output_aware import OutputAware
 from sparsetune.activations.silu import SiLU
-from sparsetune.surgery.structure import readable_weight
 from sparsetune.surgery.sparse_mlp import measuring_pass, sparse_mlps
+from sparsetune.surgery.structure import readable_weight
 
 # Values kept per layer per batch: enough for a quantile accurate to ~0.1%, small enough for 7B layers.
 SAMPLE_PER_BATCH = 1 << 17
