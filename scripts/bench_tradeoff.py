@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LICENSES = Path("/usr/share/common-licenses")
+DEFAULT_STEPS = 160  # 81,920 tokens per trained variant
 
 # Progressive L1 (ProSparse-style sine stages): recover first, then push.
 PROSPARSE = ("regularizer.type=l1", "regularizer.schedule=prosparse",
@@ -64,6 +65,24 @@ VARIANTS = {
                         ("train", ["relufy.activation=topk", "relufy.top_k_fraction=0.1", "regularizer.type=none",
                                    "distill.mlp_weight=1.0", "thresholds.target_sparsity=0.88",
                                    "thresholds.at_fraction=0.5"])),
+    # issue 22: SwiGLU kept, output-aware thresholds, annealed (no swap shock), dropped-activation compensation
+    "oa50": ("output-aware thresholds 50% (training-free)", ("eval", "output_aware", 0.5)),
+    "oa70": ("output-aware thresholds 70% (training-free)", ("eval", "output_aware", 0.7)),
+    "oa70_t": ("output-aware 70%, ramped over half the run + compensation",
+               ("train", ["relufy.activation=output_aware", "relufy.target_sparsity=0.7", "regularizer.type=none",
+                          "compensation.enabled=true"])),
+    "oa70_gate_t": ("output-aware 70% on the gate score, ramped + compensation",
+                    ("train", ["relufy.activation=output_aware", "relufy.target_sparsity=0.7", "relufy.score=gate",
+                               "regularizer.type=none", "compensation.enabled=true"])),
+    "oa85_t": ("output-aware 85%, ramped over half the run + compensation",
+               ("train", ["relufy.activation=output_aware", "relufy.target_sparsity=0.85", "regularizer.type=none",
+                          "compensation.enabled=true"])),
+    "oa85_kl_t": ("output-aware 85%, ramped + distillation + compensation",
+                  ("train", ["relufy.activation=output_aware", "relufy.target_sparsity=0.85", "regularizer.type=none",
+                             "distill.weight=1.0", "compensation.enabled=true"])),
+    "relu_anneal_l1_distill": ("ReLU annealed from SiLU over 25% + progressive L1 + distillation",
+                               ("train", ["relufy.activation=relu", *PROSPARSE, "distill.weight=1.0",
+                                          "anneal.fraction=0.25"])),
 }
 
 
@@ -78,30 +97,71 @@ def legal_text(out: Path) -> Path:
     return path
 
 
+def run_key(name: str, args) -> str:
+    """A variant's key in results.json (and its run folder): its name at the default budget, name@steps otherwise."""
+    return name if args.steps == DEFAULT_STEPS else f"{name}@{args.steps}"
+
+
 def train(name: str, overrides: list[str], args) -> tuple[Path, float]:
-    run = args.out / name
+    run = args.out / run_key(name, args)
     done = run / "bench_done.json"
     if done.is_file() and json.loads(done.read_text()).get("steps") == args.steps:
         return run, json.loads(done.read_text())["train_seconds"]
+    resume = args.resume and (run / "checkpoints").is_dir()
     cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"output_dir={run}", f"model.path={args.model}",
            f"train.max_steps={args.steps}", "train.lr=3e-4", "train.lr_warmup_steps=10", "train.eval_every=0",
-           "train.save_every=0", f"train.eval_batches={args.batches}", "wandb.mode=disabled", *overrides, "--overwrite"]
+           f"train.save_every={args.save_every}", f"train.eval_batches={args.batches}", "wandb.mode=disabled",
+           *overrides, "--resume" if resume else "--overwrite"]
     print(f"[{name}] {' '.join(cmd[3:])}", flush=True)
+    spent = json.loads((run / "bench_partial.json").read_text())["train_seconds"] if resume and (
+        run / "bench_partial.json").is_file() else 0.0
     start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    seconds = time.time() - start
+    try:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    finally:  # the wall time of an interrupted run counts when it is resumed
+        if run.is_dir():
+            (run / "bench_partial.json").write_text(json.dumps({"train_seconds": spent + time.time() - start}))
+    seconds = spent + time.time() - start
     done.write_text(json.dumps({"train_seconds": seconds, "steps": args.steps, "command": cmd[1:]}))
     return run, seconds
 
 
-def measure(target: str, activation, target_sparsity, data_path, batches: int, args=None) -> tuple[dict, dict | None]:
+def skips_from_overrides(entry: dict) -> str:
+    """engine_skips for a variant measured before the column existed: its final activation from its overrides."""
+    from sparsetune.activations import activation_class
+
+    keys = dict(o.split("=", 1) for o in entry.get("overrides", []))
+    name = keys.get("relufy.activation", entry.get("activation") or "silu")
+    if any(k.startswith("thresholds.") for k in keys):
+        name = activation_class(name).threshold_form or name
+    return activation_class(name).skips
+
+
+def engine_skips(run: Path | None, activation: str | None) -> str:
+    """Which MLP rows an engine skips for a zero neuron without predictors: "gate" (up + down), "product" (down only),
+    "none" (no exact zeros); read from the run's final activation (or the evaluated one)."""
+    from sparsetune.activations import build_activation
+
+    if run is not None:
+        from sparsetune.checkpoint.store import CheckpointStore
+
+        spec = json.loads((CheckpointStore(run).latest_complete() / "activation_state.json").read_text())["activation"]
+    else:
+        spec = {"activation": activation or "silu"}
+    spec = {k: v for k, v in spec.items() if k != "compensation"}
+    return build_activation(spec).skips
+
+
+def measure(target: str, activation, target_sparsity, data_path, batches: int, args=None,
+            no_compensation: bool = False) -> tuple[dict, dict | None]:
     """Held-out figures on `data_path`, and with `args` (--tasks ...) the harness's scores per task."""
     from sparsetune.evaluation.command import EvalArgs, run_eval
 
     tasks = dict(tasks=tuple(args.tasks.split(",")), include_path=args.include_path, num_fewshot=args.num_fewshot,
                  limit=args.limit) if args is not None else {}
     result = run_eval(EvalArgs(target, data=data_path, seq_len=256, batches=batches, batch_size=2,
-                               activation=activation, target_sparsity=target_sparsity, **tasks))
+                               activation=activation, target_sparsity=target_sparsity,
+                               no_compensation=no_compensation, **tasks))
     keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer", "cett_sparsity")
     held = {k: result.held_out[k] for k in keep if k in result.held_out}
     return held, (result.downstream["tasks"] if result.downstream else None)
@@ -155,9 +215,10 @@ def results_budget(results: dict) -> str:
 
 def table(results: dict) -> str:
     tasks = list(dict.fromkeys(t for r in results.values() for t in r.get("downstream", {}).get("tasks", {})))
-    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | CETT sparsity 1% / 20% "
-             "| legal perplexity | legal sparsity | train time |" + "".join(f" {t} acc |" for t in tasks),
-             "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
+    lines = ["| variant | tokens trained | code-docs perplexity | code-docs sparsity | engine skips (no predictors) "
+             "| CETT sparsity 1% / 20% | without compensation | legal perplexity | legal sparsity | train time |"
+             + "".join(f" {t} acc |" for t in tasks),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(tasks)]
     for name, res in results.items():
         code, legal = res["eval"]["code-docs"], res["eval"]["legal"]
         def sp(m):
@@ -166,10 +227,43 @@ def table(results: dict) -> str:
         t = f"{res['train_seconds'] / 60:.1f} min" if res["kind"] == "train" else "-"
         scores = res.get("downstream", {}).get("tasks", {})
         accs = "".join(f" {acc(scores.get(task))} |" for task in tasks)
+        raw = res["eval"].get("code-docs-no-compensation")
+        raw = f"{raw['perplexity']:.2f}" if raw else "-"
         lines.append(f"| {res['label']} (`{name}`) | {res.get('train_tokens', 0):,} | {code['perplexity']:.2f} | "
-                     f"{sp(code)} | "
-                     f"{cett_cell(code)} | {legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
-    return "\n".join(lines) + "\n"
+                     f"{sp(code)} | {skip_cell(code, res.get('skips'))} | "
+                     f"{cett_cell(code)} | {raw} | "
+                     f"{legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
+    return "\n".join(lines) + "\n" + slopes(results)
+
+
+ROWS = {"gate": "up + down rows", "product": "down rows only", "none": "nothing"}
+
+
+def skip_cell(m: dict, skips: str | None) -> str:
+    """The share of MLP neurons whose rows an engine can skip from the activation's own zeros, and which rows."""
+    if skips is None:
+        return "-"
+    if skips == "none":
+        return "0% (no exact zeros)"
+    return f"{100 * m.get('sparsity', 0.0):.1f}% ({ROWS[skips]})"
+
+
+def slopes(results: dict) -> str:
+    """Tokens-to-quality between the budgets a variant was trained at: code-docs perplexity per doubling of tokens."""
+    import math
+
+    lines = []
+    for name, res in results.items():
+        if "@" in name or res["kind"] != "train":
+            continue
+        for other, longer in results.items():
+            if other.startswith(name + "@"):
+                p0, p1 = res["eval"]["code-docs"]["perplexity"], longer["eval"]["code-docs"]["perplexity"]
+                t0, t1 = res["train_tokens"], longer["train_tokens"]
+                per = (math.log(p1) - math.log(p0)) / math.log2(t1 / t0)
+                lines.append(f"- `{name}`: {p0:.2f} at {t0:,} tokens -> {p1:.2f} at {t1:,} tokens "
+                             f"({100 * (math.exp(per) - 1):+.1f}% perplexity per doubling of tokens)")
+    return ("\nTokens-to-quality (code-docs):\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def cett_cell(m: dict) -> str:
@@ -190,7 +284,12 @@ def acc(scores: dict | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=160, help="optimizer steps per trained variant (512 tokens each)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help="optimizer steps per trained variant (512 tokens each); other than the default, results are "
+                        "kept as NAME@STEPS beside the default budget's")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (for --resume of long runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted trained variant from its newest checkpoint instead of restarting it")
     p.add_argument("--batches", type=int, default=8, help="held-out batches of 2 x 256 tokens per measurement")
     p.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_tradeoff")
@@ -207,6 +306,8 @@ def main() -> None:
     args = p.parse_args()
     if args.replot:
         published = json.loads((args.docs / "tradeoff.json").read_text())["results"]
+        for entry in published.values():
+            entry.setdefault("skips", skips_from_overrides(entry))
         (args.docs / "tradeoff.md").write_text(table(published))
         plot(published, args.docs / "tradeoff.png")
         print(f"rewrote {args.docs / 'tradeoff.md'} and tradeoff.png from tradeoff.json")
@@ -224,20 +325,24 @@ def main() -> None:
     published = args.docs / "tradeoff.json"
     if not results and published.is_file():  # the measured record: variants not asked for again keep their numbers
         results = json.loads(published.read_text())["results"]
+        for entry in results.values():
+            entry.setdefault("skips", skips_from_overrides(entry))
         print(f"reusing {len(results)} measured variants from {published} (rerun one with --only NAME)", flush=True)
     start = time.time()
     for name in names:
         label, how = VARIANTS[name]
+        key = run_key(name, args) if how[0] == "train" else name
         if how[0] == "train":
             run, seconds = train(name, how[1], args)
             entry = {"label": label, "kind": "train", "overrides": how[1], "train_seconds": seconds,
-                     "train_tokens": args.steps * 2 * 256, "steps": args.steps}
+                     "train_tokens": args.steps * 2 * 256, "steps": args.steps, "skips": engine_skips(run, None)}
             target, activation, ts = str(run), None, None
         else:
-            entry = {"label": label, "kind": "eval", "activation": how[1], "target_sparsity": how[2]}
+            entry = {"label": label, "kind": "eval", "activation": how[1], "target_sparsity": how[2],
+                     "skips": engine_skips(None, how[1])}
             target, activation, ts = args.model, how[1], how[2]
         settings = downstream_settings(args, entry)
-        previous = results.get(name, {}).get("downstream")
+        previous = results.get(key, {}).get("downstream")
         if settings is None:  # no --tasks: earlier scores of this very model are kept
             same_model = previous and all(previous["settings"].get(k) == v for k, v in
                                           (("model", args.model), ("train_seconds", entry.get("train_seconds"))))
@@ -247,14 +352,18 @@ def main() -> None:
         code_docs, scores = measure(target, activation, ts, None, args.batches,
                                     args if settings is not None and reuse is None else None)
         entry["eval"] = {"code-docs": code_docs, "legal": measure(target, activation, ts, legal, args.batches)[0]}
+        if "compensation.enabled=true" in entry.get("overrides", []):  # what the compensation buys
+            entry["eval"]["code-docs-no-compensation"] = measure(target, None, None, None, args.batches,
+                                                                 no_compensation=True)[0]
         if reuse is not None or scores is not None:
             entry["downstream"] = reuse or {"settings": settings, "tasks": scores}
-        results[name] = entry
+        results[key] = entry
         c = entry["eval"]["code-docs"]
-        print(f"[{name}] code-docs perplexity {c['perplexity']:.2f}, sparsity {100 * c.get('sparsity', 0):.1f}%  "
+        print(f"[{key}] code-docs perplexity {c['perplexity']:.2f}, sparsity {100 * c.get('sparsity', 0):.1f}%  "
               f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
         results_file.write_text(json.dumps(results, indent=1))
-    ordered = {n: results[n] for n in VARIANTS if n in results}
+    ordered = {k: results[k] for n in VARIANTS for k in [n, *sorted(k for k in results if k.startswith(n + "@"))]
+               if k in results}
     args.docs.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "steps": args.steps, "tokens_per_step": 512, "held_out_batches": args.batches,
             "held_out": {"code-docs": "stdlib-docs eval split", "legal": str(LICENSES)},

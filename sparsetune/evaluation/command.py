@@ -4,6 +4,7 @@ accuracy on lm-evaluation-harness tasks (`downstream.py`)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +70,11 @@ def load_target(args: EvalArgs) -> SparseModel:
     if args.activation is not None:
         extra = {"target_sparsity": args.target_sparsity} if args.target_sparsity is not None else {}
         swap = relufy_config(activation=args.activation, **extra).model_dump()
-    return SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code, activation=swap)
+    built = SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code, activation=swap)
+    if args.no_compensation:
+        for m in sparse_mlps(built.model):
+            m.compensation = None
+    return built
 
 
 def run_eval(args: EvalArgs) -> EvalResult:
@@ -188,10 +193,19 @@ def _calibrate_predictors(model, bank, data_cfg, tokenizer, args: EvalArgs, devi
 
 
 def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> dict:
-    """CATS thresholds from the training split of `data_cfg` (never the held-out text)."""
+    """CATS thresholds (or output_aware's scales, then its fixed thresholds at its target sparsity) from the
+    training split of `data_cfg` (never the held-out text)."""
+    from sparsetune.activations.output_aware import OutputAware
+    from sparsetune.sparsity.thresholds import apply_thresholds, fit_thresholds
     from sparsetune.surgery.calibration import calibrate
 
-    thresholds = calibrate(model, training_batches(data_cfg, tokenizer, batch_size, n), device, total=n)
+    batches = training_batches(data_cfg, tokenizer, batch_size, n)
+    thresholds = calibrate(model, batches, device, total=n)
+    first = sparse_mlps(model)[0].activation
+    if isinstance(first, OutputAware) and math.isnan(first.threshold):  # training-free: the fixed rule
+        fits = fit_thresholds(model, batches, device, "output_aware", first.target_sparsity, batches_count=n)
+        thresholds = [f.threshold for f in fits]
+        apply_thresholds(model, "output_aware", thresholds)
     return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
             "thresholds": thresholds}
 

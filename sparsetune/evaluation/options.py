@@ -35,7 +35,11 @@ class EvalArgs:
              "thresholds calibrated to --target-sparsity)")
     target_sparsity: float | None = option(
         "--target-sparsity", None, type=float,
-        help="with --activation cats: fraction of |SiLU(gate)| to zero per layer (default 0.5)")
+        help="with --activation cats / output_aware: fraction of each layer's neurons to zero (thresholds "
+             "calibrated on the training split; default 0.5 / 0.7)")
+    no_compensation: bool = option(
+        "--no-compensation", False,
+        help="measure without the run's dropped-activation compensation biases (what they buy)")
     calibration_batches: int = option(
         "--calibration-batches", 8, type=POSITIVE,
         help="training-split batches used to calibrate thresholds (--activation cats, --target-*recall)")

@@ -178,8 +178,9 @@ class PredictorSection(Section):
         "threshold) to the highest one whose kept neurons reach this recall on calibration_batches training "
         "micro-batches; saved in predictors.json and used by eval, decoding and export.")
     target_mass_recall: float | None = Field(
-        None, gt=0.0, le=1.0, description="The same for mass recall: the kept neurons' share of the MLP output's "
-        "contribution |a_j| * ||W_down[:, j]|| (misses of neurons that barely matter are allowed).")
+        0.99, gt=0.0, le=1.0, description="The same for mass recall: the kept neurons' share of the MLP output's "
+        "contribution |a_j| * ||W_down[:, j]|| (misses of neurons that barely matter are allowed). On by default "
+        "(0.99: the masks keep quality); empty (null) = the global `threshold`; setting target_recall turns it off.")
     calibration_batches: int = Field(8, ge=1, description="Training micro-batches used to calibrate thresholds.")
     mask_aware_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Mask-aware fine-tuning: over this last fraction of train.max_steps the "
@@ -196,9 +197,9 @@ class PredictorSection(Section):
         "and measure skipped fraction vs perplexity beside the best possible masks at the same skipped fraction "
         "(sweep.json, sweep.png in output_dir, a W&B table and image); [] = no sweep.")
     label_weighting: Literal["none", "importance"] = Field(
-        "none", description="bce loss: none = every active neuron alike; importance = each active neuron weighted by "
-        "its contribution to the MLP output |a_j| * ||W_down[:, j]|| (mean 1 over the batch's positives), so misses "
-        "that cost quality cost more than misses that cost nothing.")
+        "importance", description="bce loss: none = every active neuron alike; importance (default) = each active "
+        "neuron weighted by its contribution to the MLP output |a_j| * ||W_down[:, j]|| (mean 1 over the batch's "
+        "positives), so misses that cost quality cost more than misses that cost nothing.")
     threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="A neuron is predicted active when sigmoid(logit) >= this.")
     silu_active_fraction: float = Field(
@@ -225,6 +226,14 @@ class PredictorSection(Section):
     head_rank: int = Field(32, ge=1, description="Low rank of each head predictor.")
     head_active_fraction: float = Field(
         0.5, gt=0.0, le=1.0, description="Head labels: heads whose output norm is in this top fraction per token.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recall_replaces_mass_recall(cls, data):
+        """A recipe asking for target_recall gets it instead of the default mass-recall calibration."""
+        if isinstance(data, dict) and data.get("target_recall") is not None and "target_mass_recall" not in data:
+            return {**data, "target_mass_recall": None}
+        return data
 
     @model_validator(mode="after")
     def _one_target(self) -> PredictorSection:

@@ -88,4 +88,18 @@ def test_relufy_keys_live_with_their_activation():
               "thresholds": [0.1, 0.2], "calibration_batches": 8}
     r = validate_recipe({"output_dir": "x", "relufy": legacy})
     assert r.relufy.thresholds == [0.1, 0.2] and r.relufy.target_sparsity == 0.7
-    assert set(ACTIVATIONS) == {"silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats"}
+    assert set(ACTIVATIONS) == {"silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats",
+                                "output_aware"}
+
+
+def test_predictor_defaults_give_calibrated_importance_weighted_predictors():
+    r = load_recipe("quickstart", ["output_dir=/tmp/x", "predictor.enabled=true"])
+    assert r.predictor.target_mass_recall == 0.99 and r.predictor.target_recall is None
+    assert r.predictor.label_weighting == "importance"
+    r = load_recipe("quickstart", ["output_dir=/tmp/x", "predictor.enabled=true", "predictor.target_recall=0.9"])
+    assert r.predictor.target_recall == 0.9 and r.predictor.target_mass_recall is None  # asked for instead
+    r = load_recipe("quickstart", ["output_dir=/tmp/x", "predictor.enabled=true", "predictor.target_mass_recall=null"])
+    assert r.predictor.target_mass_recall is None  # the global threshold, when asked for
+    with pytest.raises(SparsetuneError, match="at most one of predictor.target_recall"):
+        load_recipe("quickstart", ["output_dir=/tmp/x", "predictor.target_recall=0.9",
+                                   "predictor.target_mass_recall=0.95"])

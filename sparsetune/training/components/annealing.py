@@ -42,7 +42,7 @@ class Annealing(Component):
         self._set(step / self.steps)
 
     def step_metrics(self) -> dict[str, float]:
-        return {"anneal/progress": self.progress}
+        return {"anneal_progress": self.progress}
 
     def finish_training(self, ctx: EvalContext) -> None:
         self._set(1.0)  # the final evaluation, conversions and exports see the target activation
