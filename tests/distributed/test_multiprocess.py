@@ -202,6 +202,7 @@ def test_two_machines_over_loopback(tiny_model_dirs, tmp_path):
     ("zero3", ["predictor.enabled=true", "predictor.dynamic_eval_batches=3"], "predictor.dynamic_eval_batches"),
     ("fsdp", ["train.eval_batches=3"], "train.eval_batches"),
     ("zero3", ["thresholds.cett=0.2"], "thresholds.cett"),
+    ("fsdp", ["relufy.activation=cats", "compensation.enabled=true"], "compensation.enabled"),
 ])
 def test_impossible_preset_combinations_fail_before_launch(tiny_model_dirs, tmp_path, preset, overrides, key):
     proc = sparsetune("train", "quickstart", f"model.path={tiny_model_dirs['llama']}", f"output_dir={tmp_path / 'r'}",
