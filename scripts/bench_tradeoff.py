@@ -40,7 +40,7 @@ PROSPARSE = ("regularizer.type=l1", "regularizer.schedule=prosparse",
              "regularizer.stages=[{end_fraction: 0.1, coef: 0.0}, {end_fraction: 0.4, coef: 20.0}, "
              "{end_fraction: 0.7, coef: 50.0}, {end_fraction: 1.0, coef: 80.0}]")
 
-# name -> (label, how): how = ("eval", activation, target_sparsity) or ("train", overrides)
+# name -> (label, how): how = ("eval", activation, target_sparsity[, compensate]) or ("train", overrides)
 VARIANTS = {
     "dense": ("dense SiLU, as shipped", ("eval", None, None)),
     "relu_swap": ("ReLU swap, untrained", ("eval", "relu", None)),
@@ -68,6 +68,9 @@ VARIANTS = {
     # issue 22: SwiGLU kept, output-aware thresholds, annealed (no swap shock), dropped-activation compensation
     "oa50": ("output-aware thresholds 50% (training-free)", ("eval", "output_aware", 0.5)),
     "oa70": ("output-aware thresholds 70% (training-free)", ("eval", "output_aware", 0.7)),
+    "oa70_comp": ("output-aware thresholds 70% + compensation (training-free)",
+                  ("eval", "output_aware", 0.7, True)),
+    "cats70_comp": ("CATS 70% + compensation (training-free)", ("eval", "cats", 0.7, True)),
     "oa70_t": ("output-aware 70%, ramped over half the run + compensation",
                ("train", ["relufy.activation=output_aware", "relufy.target_sparsity=0.7", "regularizer.type=none",
                           "compensation.enabled=true"])),
@@ -84,6 +87,21 @@ VARIANTS = {
                                ("train", ["relufy.activation=relu", *PROSPARSE, "distill.weight=1.0",
                                           "anneal.fraction=0.25"])),
 }
+
+
+def measured(args) -> dict:
+    """Every variant measured so far: DOCS/tradeoff.json (the published record), overlaid by this --out's
+    results.json (newer measurements win), in VARIANTS order."""
+    results = {}
+    published = args.docs / "tradeoff.json"
+    if published.is_file():
+        results.update(json.loads(published.read_text())["results"])
+    if (args.out / "results.json").is_file():
+        results.update(json.loads((args.out / "results.json").read_text()))
+    for entry in results.values():
+        entry.setdefault("skips", skips_from_overrides(entry))
+    return {k: results[k] for n in VARIANTS for k in [n, *sorted(k for k in results if k.startswith(n + "@"))]
+            if k in results}
 
 
 def legal_text(out: Path) -> Path:
@@ -153,7 +171,7 @@ def engine_skips(run: Path | None, activation: str | None) -> str:
 
 
 def measure(target: str, activation, target_sparsity, data_path, batches: int, args=None,
-            no_compensation: bool = False) -> tuple[dict, dict | None]:
+            no_compensation: bool = False, compensate: bool = False) -> tuple[dict, dict | None]:
     """Held-out figures on `data_path`, and with `args` (--tasks ...) the harness's scores per task."""
     from sparsetune.evaluation.command import EvalArgs, run_eval
 
@@ -161,7 +179,7 @@ def measure(target: str, activation, target_sparsity, data_path, batches: int, a
                  limit=args.limit) if args is not None else {}
     result = run_eval(EvalArgs(target, data=data_path, seq_len=256, batches=batches, batch_size=2,
                                activation=activation, target_sparsity=target_sparsity,
-                               no_compensation=no_compensation, **tasks))
+                               no_compensation=no_compensation, compensate=compensate, **tasks))
     keep = ("perplexity", "loss", "tokens", "sparsity", "near_zero", "per_layer", "cett_sparsity")
     held = {k: result.held_out[k] for k in keep if k in result.held_out}
     return held, (result.downstream["tasks"] if result.downstream else None)
@@ -305,12 +323,10 @@ def main() -> None:
                    help="examples per task (a fraction when < 1); the whole task by default")
     args = p.parse_args()
     if args.replot:
-        published = json.loads((args.docs / "tradeoff.json").read_text())["results"]
-        for entry in published.values():
-            entry.setdefault("skips", skips_from_overrides(entry))
+        published = measured(args)
         (args.docs / "tradeoff.md").write_text(table(published))
         plot(published, args.docs / "tradeoff.png")
-        print(f"rewrote {args.docs / 'tradeoff.md'} and tradeoff.png from tradeoff.json")
+        print(f"rewrote {args.docs / 'tradeoff.md'} and tradeoff.png from tradeoff.json and {args.out}/results.json")
         return
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
@@ -321,13 +337,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     legal = str(legal_text(args.out))
     results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    published = args.docs / "tradeoff.json"
-    if not results and published.is_file():  # the measured record: variants not asked for again keep their numbers
-        results = json.loads(published.read_text())["results"]
-        for entry in results.values():
-            entry.setdefault("skips", skips_from_overrides(entry))
-        print(f"reusing {len(results)} measured variants from {published} (rerun one with --only NAME)", flush=True)
+    results = measured(args)
     start = time.time()
     for name in names:
         label, how = VARIANTS[name]
@@ -339,8 +349,9 @@ def main() -> None:
             target, activation, ts = str(run), None, None
         else:
             entry = {"label": label, "kind": "eval", "activation": how[1], "target_sparsity": how[2],
-                     "skips": engine_skips(None, how[1])}
+                     "skips": engine_skips(None, how[1]), "compensate": len(how) > 3 and how[3]}
             target, activation, ts = args.model, how[1], how[2]
+        comp = {"compensate": bool(entry.get("compensate"))}
         settings = downstream_settings(args, entry)
         previous = results.get(key, {}).get("downstream")
         if settings is None:  # no --tasks: earlier scores of this very model are kept
@@ -350,8 +361,9 @@ def main() -> None:
         else:
             reuse = previous if previous and previous["settings"] == settings else None
         code_docs, scores = measure(target, activation, ts, None, args.batches,
-                                    args if settings is not None and reuse is None else None)
-        entry["eval"] = {"code-docs": code_docs, "legal": measure(target, activation, ts, legal, args.batches)[0]}
+                                    args if settings is not None and reuse is None else None, **comp)
+        entry["eval"] = {"code-docs": code_docs,
+                         "legal": measure(target, activation, ts, legal, args.batches, **comp)[0]}
         if "compensation.enabled=true" in entry.get("overrides", []):  # what the compensation buys
             entry["eval"]["code-docs-no-compensation"] = measure(target, None, None, None, args.batches,
                                                                  no_compensation=True)[0]
@@ -363,7 +375,7 @@ def main() -> None:
               f"({(time.time() - start) / 60:.1f} min so far)", flush=True)
         results_file.write_text(json.dumps(results, indent=1))
     ordered = {k: results[k] for n in VARIANTS for k in [n, *sorted(k for k in results if k.startswith(n + "@"))]
-               if k in results}
+               if k in results}  # the published record and this run's, in VARIANTS order
     args.docs.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "steps": args.steps, "tokens_per_step": 512, "held_out_batches": args.batches,
             "held_out": {"code-docs": "stdlib-docs eval split", "legal": str(LICENSES)},

@@ -93,6 +93,13 @@ def run_eval(args: EvalArgs) -> EvalResult:
     calibration = None
     if needs_calibration(model):  # on the model's own training data, also when --data names other held-out text
         calibration = _calibrate(model, data_cfg, t.tokenizer, args.batch_size, args.calibration_batches, dev)
+    if args.compensate:
+        from sparsetune.sparsity.compensation import apply_compensation, fit_compensation
+
+        fit = fit_compensation(model, training_batches(data_cfg, t.tokenizer, args.batch_size,
+                                                       args.calibration_batches), dev)
+        apply_compensation(model, fit.biases)
+        calibration = {**(calibration or {}), "compensation_removed_error": fit.removed}
     predictor_calibration = None
     if args.target_recall is not None or args.target_mass_recall is not None:
         if bank is None:

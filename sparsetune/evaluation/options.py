@@ -38,8 +38,12 @@ class EvalArgs:
         help="with --activation cats / output_aware: fraction of each layer's neurons to zero (thresholds "
              "calibrated on the training split; default 0.5 / 0.7)")
     no_compensation: bool = option(
-        "--no-compensation", False,
+        "--no-compensation", False, exclusive="compensation",
         help="measure without the run's dropped-activation compensation biases (what they buy)")
+    compensate: bool = option(
+        "--compensate", False,
+        help="fit dropped-activation compensation biases on --calibration-batches of the training split first "
+             "(training-free; replaces any the model has)", exclusive="compensation")
     calibration_batches: int = option(
         "--calibration-batches", 8, type=POSITIVE,
         help="training-split batches used to calibrate thresholds (--activation cats, --target-*recall)")
