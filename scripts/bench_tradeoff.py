@@ -209,6 +209,10 @@ def plot(results: dict, path: Path) -> None:
                        color="tab:green" if trained else "tab:gray")
             ax.annotate(name, (100 * m.get("sparsity", 0.0), m["perplexity"]), fontsize=7,  # labels: docs table
                         xytext=(4, 3), textcoords="offset points")
+            raw = res["eval"].get(f"{domain}-no-compensation")
+            if raw:  # the same run without its compensation biases: an open circle
+                ax.scatter(100 * raw.get("sparsity", 0.0), raw["perplexity"], marker="o", s=60, facecolors="none",
+                           edgecolors="tab:green")
         dense_ft = results.get("dense_ft", {}).get("eval", {}).get(domain)
         if dense_ft:
             ax.axhline(dense_ft["perplexity"] * 1.1, color="tab:red", lw=0.8, ls="--",
