@@ -255,7 +255,40 @@ def table(results: dict) -> str:
                      f"{sp(code)} | {skip_cell(code, res.get('skips'))} | "
                      f"{cett_cell(code)} | {raw} | "
                      f"{legal['perplexity']:.2f} | {sp(legal)} | {t} |{accs}")
-    return "\n".join(lines) + "\n" + slopes(results)
+    return "\n".join(lines) + "\n" + winners(results) + slopes(results)
+
+
+BANDS = [(0.45, 0.6), (0.6, 0.8), (0.8, 0.88), (0.88, 1.0)]
+
+
+def winners(results: dict) -> str:
+    """The lowest code-docs perplexity at each band of exact-zero sparsity, trained or not, with and without
+    compensation (the same run measured both ways), and what an engine skips for it."""
+    points = []
+    for name, res in results.items():
+        for key, how in (("code-docs", ""), ("code-docs-no-compensation", " without compensation")):
+            m = res["eval"].get(key)
+            if m and res.get("skips") != "none":
+                points.append((m.get("sparsity", 0.0), m["perplexity"], f"`{name}`{how}", res.get("skips")))
+    dense_ft = results.get("dense_ft", {}).get("eval", {}).get("code-docs", {}).get("perplexity")
+    lines = []
+    for lo, hi in BANDS:
+        band = [p for p in points if lo <= p[0] < hi]
+        if not band:
+            continue
+        def describe(point):
+            s, ppl, who, skips = point
+            ratio = f" ({ppl / dense_ft:.2f}x the dense fine-tune)" if dense_ft else ""
+            return f"{who}, {ppl:.2f} at {100 * s:.1f}%{ratio}, an engine skips {ROWS[skips]}"
+
+        best = min(band, key=lambda p: p[1])
+        text = f"- {100 * lo:.0f}-{100 * hi:.0f}% exact zeros: {describe(best)}"
+        gate = [p for p in band if p[3] == "gate"]
+        if best[3] != "gate" and gate:
+            text += f"; read from the gate alone: {describe(min(gate, key=lambda p: p[1]))}"
+        lines.append(text)
+    head = "\nBest point per sparsity band (code-docs; what an engine skips without predictors):\n\n"
+    return (head + "\n".join(lines) + "\n") if lines else ""
 
 
 ROWS = {"gate": "up + down rows", "product": "down rows only", "none": "nothing"}
