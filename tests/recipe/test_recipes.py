@@ -36,6 +36,13 @@ def test_required_recipe_keys_exist():
         (["train.max_steps"], r"must look like KEY=VALUE"),
         (["train.max_steps=5", "regularizer.schedule=prosparse", "regularizer.stages=[{end_step: 9, coef: 1}]"],
          r"regularizer.stages.0.end_step=9 is beyond train.max_steps=5"),
+        (["compensation.enabled=true"], r"ends with relufy.activation=relu, which is not cut from an elementwise"),
+        (["relufy.activation=cats", "compensation.enabled=true", "compensation.train=true", "peft.method=lora"],
+         r"compensation.train=true trains the bias with the model: full fine-tuning only"),
+        (["relufy.activation=output_aware", "compensation.enabled=true", "compensation.train=true"],
+         r"compensation.train=true needs the final rule before the last step"),
+        (["relufy.activation=output_aware", "relufy.score=both"], r"'relufy.score' = 'both' is not allowed"),
+        (["anneal.fraction=1.5"], r"recipe key 'anneal.fraction': Input should be less than or equal to 1"),
     ],
 )
 def test_bad_recipes_give_one_clear_line(overrides, message):
