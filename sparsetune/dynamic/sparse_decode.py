@@ -29,8 +29,8 @@ def mlp_mode(model, bank: PredictorBank | None, timer: _Timer, kernel: str = "fu
     mlps = sparse_mlps(model)
     if bank is not None and bank.cfg.lookahead:
         raise SparsetuneError("--generate: lookahead predictors are not supported for sparse decoding yet")
-    if bank is not None and any(p.bias is not None for m in mlps for p in m.projections()) or any(
-            bank is not None and m.compensation is not None for m in mlps):
+    if bank is not None and any(m.compensation is not None or any(p.bias is not None for p in m.projections())
+                                for m in mlps):
         raise SparsetuneError("--generate: MLPs with biases are not supported by the sparse decode kernels yet")
     weights = {}
     if bank is not None:

@@ -41,7 +41,7 @@ def needs_calibration(model) -> bool:
 
 class _Collector:
     """A sink that samples each layer's |SiLU(gate)| over the real tokens of the current batch and, for the layers
-    in `up_means`, sums |up| per neuron."""
+    in `up_layers`, sums |up| per neuron."""
 
     def __init__(self, seed: int, up_layers: dict):
         self.samples: dict[int, list[torch.Tensor]] = {}

@@ -52,11 +52,8 @@ class SparseMLP(nn.Module):
         """The MLP on every neuron: down(act(gate(x), up(x))), the activation handed to `sink` if given. With
         `mask(mlp, x)` (a bool mask or None), down sees a * mask: the mask-aware forward of training."""
         gate_proj, up_proj, down_proj = self.projections()
-        gate = gate_proj(x)
-        if self.anneal >= 1.0:
-            a = self.activation(gate, up_proj(x))
-        else:
-            a = self.activation.annealed(gate, up_proj(x), self.anneal)
+        gate, up = gate_proj(x), up_proj(x)
+        a = self.activation(gate, up) if self.anneal >= 1.0 else self.activation.annealed(gate, up, self.anneal)
         if sink is not None:
             sink.record(self.layer_idx, a, x, gate)
         keep = mask(self, x) if mask is not None else None

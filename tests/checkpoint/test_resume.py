@@ -48,6 +48,18 @@ def train_losses(run):
     return {m["step"]: m["train/loss"] for m in train_logs(run)}
 
 
+def stop_and_resume(model_dir, stopped, straight, stop, args, monkeypatch) -> None:
+    """Run `args` into `stopped` as if SIGTERM arrived during step `stop`, resume it, and check the per-step losses
+    and final weights equal those of the straight run in `straight`, exactly."""
+    with monkeypatch.context() as patch:
+        preempt_at(patch, stop)
+        assert train_tiny(model_dir, stopped, *args) == 0
+    assert CheckpointStore(stopped).latest_complete().name == f"step-{stop:08d}"
+    assert train_tiny(model_dir, stopped, *args, "--resume") == 0
+    assert train_losses(stopped) == train_losses(straight)  # exact, not approximate
+    assert_same_weights(final_weights(straight)[1], final_weights(stopped)[1])
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, monkeypatch, mode):
     extra = (["distill.weight=0.5", "predictor.enabled=true", "predictor.rank=4", "predictor.heads=true"]

@@ -19,8 +19,8 @@ from sparsetune.sparsity.compensation import apply_compensation, fit_compensatio
 from sparsetune.surgery.calibration import calibrate
 from sparsetune.surgery.relufy import activation_spec, relufy
 from sparsetune.surgery.sparse_mlp import measuring_pass, sparse_mlps
-from tests.checkpoint.test_resume import assert_same_weights, final_weights, train_losses
-from tests.e2e_helpers import logs_with, preempt_at, train_tiny
+from tests.checkpoint.test_resume import stop_and_resume
+from tests.e2e_helpers import logs_with, train_tiny
 from tests.surgery.test_cats import Rows
 from tests.tiny_models import tiny_model
 
@@ -128,12 +128,7 @@ def test_a_trained_bias_is_fitted_at_its_step_trained_and_resumed_exactly(tiny_m
     assert fitted["step"] == 3
     for stop in (2, 4):  # before the fit, and after it (the trained bias and its optimizer state come back)
         stopped = tmp_path / f"stopped{stop}"
-        with monkeypatch.context() as patch:
-            preempt_at(patch, stop)
-            assert train_tiny(tiny_model_dirs["llama"], stopped, *run_args) == 0
-        assert train_tiny(tiny_model_dirs["llama"], stopped, *run_args, "--resume") == 0
-        assert train_losses(stopped) == train_losses(straight)
-        assert_same_weights(final_weights(straight)[1], final_weights(stopped)[1])
+        stop_and_resume(tiny_model_dirs["llama"], stopped, straight, stop, run_args, monkeypatch)
         state = [json.loads((CheckpointStore(r).latest_complete() / "activation_state.json").read_text())
                  for r in (straight, stopped)]
         assert state[0] == state[1]

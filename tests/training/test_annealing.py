@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from sparsetune.activations import build_activation
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.recipe.loading import load_recipe
-from tests.checkpoint.test_resume import assert_same_weights, final_weights, train_losses
-from tests.e2e_helpers import logs_with, preempt_at, train_logs, train_tiny
+from tests.checkpoint.test_resume import stop_and_resume
+from tests.e2e_helpers import logs_with, train_logs, train_tiny
 
 
 @pytest.mark.parametrize("spec", [{"activation": "relu"}, {"activation": "drelu"},
@@ -65,11 +65,4 @@ def test_step_0_is_the_dense_model_the_end_the_target_and_resume_inside_is_bitwi
     state = json.loads((CheckpointStore(annealed).latest_complete() / "activation_state.json").read_text())
     assert state["activation"] == {"activation": "relu"}  # what the model computes from the annealing's end on
 
-    for stop in (2,):  # inside the annealing
-        stopped = tmp_path / f"stopped{stop}"
-        with monkeypatch.context() as patch:
-            preempt_at(patch, stop)
-            assert train_tiny(tiny_model_dirs["llama"], stopped, *RUN) == 0
-        assert train_tiny(tiny_model_dirs["llama"], stopped, *RUN, "--resume") == 0
-        assert train_losses(stopped) == train_losses(annealed)
-        assert_same_weights(final_weights(annealed)[1], final_weights(stopped)[1])
+    stop_and_resume(tiny_model_dirs["llama"], tmp_path / "stopped", annealed, 2, RUN, monkeypatch)  # inside it
