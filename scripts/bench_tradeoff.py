@@ -86,6 +86,20 @@ VARIANTS = {
     "relu_anneal_l1_distill": ("ReLU annealed from SiLU over 25% + progressive L1 + distillation",
                                ("train", ["relufy.activation=relu", *PROSPARSE, "distill.weight=1.0",
                                           "anneal.fraction=0.25"])),
+    # issue 30: the ReLU form PowerInfer runs (relu(gate) * up on every kept neuron), trained the way SwiGLU-kept won:
+    # output-aware zeros ramped in while SiLU(gate) * up moves to relu(gate) * up, fixed thresholds fitted at the end
+    "relu_oa70_t": ("ReLU form, output-aware 70%, annealed from SiLU over half the run",
+                    ("train", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.target_sparsity=0.7",
+                               "regularizer.type=none"])),
+    "relu_oa70_kl_t": ("ReLU form, output-aware 70%, annealed from SiLU + distillation",
+                       ("train", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.target_sparsity=0.7",
+                                  "regularizer.type=none", "distill.weight=1.0"])),
+    "relu_oa85_kl_t": ("ReLU form, output-aware 85%, annealed from SiLU + distillation",
+                       ("train", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.target_sparsity=0.85",
+                                  "regularizer.type=none", "distill.weight=1.0"])),
+    "relu_oa70_mlp_t": ("ReLU form, output-aware 70%, annealed from SiLU + layer-wise MLP distillation",
+                        ("train", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.target_sparsity=0.7",
+                                   "regularizer.type=none", "distill.mlp_weight=1.0"])),
 }
 
 

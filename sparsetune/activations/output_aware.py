@@ -5,7 +5,11 @@ predictors supply the mask), score `gate` = |SiLU(gate)| * ||W_down[:, i]|| * me
 an engine skips the up and down rows too). While training, each forward zeroes the lowest-scoring `target` share of
 the batch's values per layer (straight-through gradient), the target rising from 0 over `anneal.fraction` of the
 run (no swap shock: step 0 computes the dense model); the `thresholds` section then fits fixed per-layer
-thresholds on calibration tokens (by default at the end of the run, to this section's target_sparsity)."""
+thresholds on calibration tokens (by default at the end of the run, to this section's target_sparsity).
+
+`form: relu` is the same rule on the ReLU form relu(gate) * up (what PowerInfer's sparse FFN and plain transformers
+compute): the annealing moves SiLU(gate) * up to the thresholded relu(gate) * up, so the model computes relu(gate) * up
+on every neuron it keeps, and an engine with perfect predictors computes exactly it."""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ class Config(PerLayerThresholds):
     target_sparsity: float = Field(
         0.7, gt=0.0, lt=1.0, description="output_aware: share of each layer's neurons zeroed (per batch while "
         "training; the fixed thresholds fitted after it aim at it too, unless `thresholds` says otherwise).")
+    form: Literal["silu", "relu"] = Field(
+        "silu", description="output_aware: the elementwise activation kept neurons compute: silu = SwiGLU kept "
+        "(best quality; no engine runs it sparse), relu = relu(gate) * up (what PowerInfer runs sparse).")
     score: Literal["product", "gate"] = Field(
         "product", description="output_aware: product = |SiLU(gate)*up| * ||W_down[:, i]|| (most accurate; an "
         "engine skips down rows only, or all three with predictors); gate = |SiLU(gate)| * ||W_down[:, i]|| * "
@@ -51,13 +58,23 @@ class OutputAware(MLPActivation):
     per_layer_keys: ClassVar[dict[str, str]] = {"thresholds": "threshold", "scales": "scales"}
 
     def __init__(self, target_sparsity: float, score: str = "product", threshold: float = float("nan"),
-                 scales: list[float] | None = None, calibration_batches: int = 8):
+                 scales: list[float] | None = None, calibration_batches: int = 8, form: str = "silu"):
         self.target_sparsity = float(target_sparsity)
+        self.form = form
+        self.undropped = form  # compensation adds back the mean of what is cut from this elementwise activation
+        self.plain_fallback = form
         self.score_kind = score
         self.threshold = float(threshold)
         self.scales = None if scales is None else [float(s) for s in scales]
         self.calibration_batches = calibration_batches
         self._scale_tensor = None
+
+    @property
+    def powerinfer_refusal(self) -> str | None:  # type: ignore[override]
+        return None if self.form == "relu" else "PowerInfer's llama path computes relu(gate) * up only"
+
+    def _elementwise(self, gate):
+        return F.relu(gate) if self.form == "relu" else F.silu(gate)
 
     @property
     def skips(self) -> str:  # type: ignore[override]
@@ -67,14 +84,16 @@ class OutputAware(MLPActivation):
     def from_config(cls, cfg, layer: int) -> OutputAware:
         t = per_layer_value(cfg.thresholds, layer, "thresholds")
         scales = per_layer_value(cfg.scales, layer, "scales")
-        return cls(cfg.target_sparsity, cfg.score, float("nan") if t is None else t, scales, cfg.calibration_batches)
+        return cls(cfg.target_sparsity, cfg.score, float("nan") if t is None else t, scales, cfg.calibration_batches,
+                   cfg.form)
 
     def uncalibrated(self) -> bool:
         return self.scales is None
 
     def with_threshold(self, threshold: float) -> OutputAware:
         """This activation with the fixed rule score >= threshold."""
-        return OutputAware(self.target_sparsity, self.score_kind, threshold, self.scales, self.calibration_batches)
+        return OutputAware(self.target_sparsity, self.score_kind, threshold, self.scales, self.calibration_batches,
+                           self.form)
 
     def scale_on(self, like):
         if self._scale_tensor is None or self._scale_tensor.device != like.device:
@@ -84,7 +103,7 @@ class OutputAware(MLPActivation):
     def scores(self, gate, up):
         """The per-neuron output-aware score (float32, no graph)."""
         gate, up = gate.detach().float(), up.detach().float()
-        value = F.silu(gate).abs() * (up.abs() if self.score_kind == "product" else 1.0)
+        value = self._elementwise(gate).abs() * (up.abs() if self.score_kind == "product" else 1.0)
         return value * self.scale_on(value)
 
     def batch_threshold(self, scores, target: float) -> float:
@@ -100,11 +119,16 @@ class OutputAware(MLPActivation):
         return self._thresholded(gate, up, self.target_sparsity)
 
     def annealed(self, gate, up, progress: float):
-        """SwiGLU stays; the per-forward target rises with the annealing (a fixed threshold is final already)."""
-        return self._thresholded(gate, up, self.target_sparsity * progress)
+        """The per-forward target rises with the annealing (a fixed threshold is final already); form relu also
+        moves from SiLU(gate) * up to the thresholded relu(gate) * up (0 = the dense model exactly)."""
+        sparse = self._thresholded(gate, up, self.target_sparsity * progress)
+        if self.form == "silu" or progress >= 1:
+            return sparse
+        dense = F.silu(gate) * up
+        return dense if progress <= 0 else torch.lerp(dense, sparse, progress)
 
     def _thresholded(self, gate, up, target: float):
-        dense = F.silu(gate) * up
+        dense = self._elementwise(gate) * up
         if self.scales is None:
             return dense
         if math.isnan(self.threshold) and target <= 0:
@@ -116,13 +140,16 @@ class OutputAware(MLPActivation):
         return dense + (sparse - dense).detach() if dense.requires_grad else sparse
 
     def elementwise(self) -> MLPActivation:
+        from sparsetune.activations.relu import ReLU
         from sparsetune.activations.silu import SiLU
 
-        return SiLU()  # on a chosen subset of neurons the rule is the mask: what is kept computes SwiGLU
+        # on a chosen subset of neurons the rule is the mask: what is kept computes the elementwise form
+        return ReLU() if self.form == "relu" else SiLU()
 
     def spec(self) -> dict:
         fitted = not math.isnan(self.threshold)
-        return {"activation": self.name, "target_sparsity": self.target_sparsity, "score": self.score_kind,
+        return {"activation": self.name, "target_sparsity": self.target_sparsity, "form": self.form,
+                "score": self.score_kind,
                 "thresholds": [self.threshold] if fitted else None, "scales": [self.scales] if self.scales else None,
                 "calibration_batches": self.calibration_batches}
 

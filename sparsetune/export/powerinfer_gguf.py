@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsetune.activations import activation_class
+from sparsetune.activations import build_activation
 from sparsetune.errors import SparsetuneError
 
 GGUF_FILE = "model.powerinfer.gguf"
@@ -66,7 +66,7 @@ def check_model(config) -> None:
 def check_activation(spec: dict) -> None:
     """PowerInfer's sparse llama FFN computes relu(gate) * up and nothing else (llama.cpp:5050)."""
     name = spec["activation"]
-    why = activation_class(name).powerinfer_refusal  # the activation plugin says why, or None when it runs
+    why = build_activation(spec).powerinfer_refusal  # the activation says why, or None when it runs
     if why is not None:
         raise SparsetuneError(f"--powerinfer: activation {name!r} cannot run truthfully in PowerInfer's llama path "
                               f"({why}); export a relu run, or export without --powerinfer")

@@ -23,7 +23,7 @@ from sparsetune.surgery.sparse_mlp import measuring_pass, patched_mlps, sparse_m
 
 def undropped_activation(activation):
     """The elementwise activation `activation`'s zeros are cut from, or None when it drops nothing of one."""
-    name = type(activation).undropped
+    name = activation.undropped  # an instance may say (output_aware's form)
     return None if name is None else activation_class(name)()
 
 

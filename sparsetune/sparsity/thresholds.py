@@ -92,7 +92,8 @@ class _GateSampler:
         values = self.mlps[layer].activation.scores(g, up) if scored else rule_values(self.kind, g)
         self.values.setdefault(layer, []).append(values)
         if self.with_activation:
-            self.activations.setdefault(layer, []).append(self.reference(g, up).float())
+            reference = self.mlps[layer].activation.elementwise() if scored else self.reference
+            self.activations.setdefault(layer, []).append(reference(g, up).float())
 
 
 @dataclass
