@@ -19,6 +19,7 @@ from sparsetune.surgery.calibration import needs_calibration
 from sparsetune.surgery.relufy import activation_spec
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
+from sparsetune.training.completion import refuse_unfinished_source
 
 
 @dataclass
@@ -70,6 +71,8 @@ def load_target(args: EvalArgs) -> SparseModel:
     if args.activation is not None:
         extra = {"target_sparsity": args.target_sparsity} if args.target_sparsity is not None else {}
         swap = relufy_config(activation=args.activation, **extra).model_dump()
+    if swap is None:  # a swapped activation is the user's own, training-free model
+        refuse_unfinished_source(args.target, "eval")
     built = SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code, activation=swap)
     if args.no_compensation:
         for m in sparse_mlps(built.model):

@@ -36,6 +36,7 @@ from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.relufy import activation_spec, restore_hf_mlps
 from sparsetune.surgery.sparse_mlp import sparse_mlps
 from sparsetune.surgery.structure import base_causal_lm, decoder_layers
+from sparsetune.training.completion import refuse_unfinished
 
 
 def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
@@ -106,6 +107,7 @@ def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True,
     # judged by what it is: `.` is the working folder, a symlink its target
     out = Path(os.path.abspath(resolve_link(Path(out), "--out", _notice)))  # resolve_link also checks the name
     ckpt = resolve_checkpoint(Path(run_or_checkpoint))
+    refuse_unfinished(ckpt, "export")
     check_export_target(out, ckpt, overwrite)
     dev = resolve_device(device)
     lock = export_lock(out)  # one export at a time into `out`; held until it is in place

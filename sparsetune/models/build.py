@@ -48,6 +48,12 @@ def _notice(message: str) -> None:
     print(f"sparsetune: {message}", flush=True)
 
 
+def is_run_or_checkpoint(path: Path) -> bool:
+    """`path` is a run folder or one checkpoint (what `SparseModel.from_source` reads as a checkpoint)."""
+    return path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
+                              or (path / RUN_MARKER).is_file())
+
+
 @dataclass
 class SparseModel:
     """A model with SparseMLPs and what came with it. `data`: the held-out data it belongs with (its run's or
@@ -71,8 +77,7 @@ class SparseModel:
         dict) swaps the activation afterwards. Remote code runs only when the caller passes `trust_remote_code`
         (the command line), never because a checkpoint's or export's own recipe asks for it."""
         path = Path(source)
-        if path.is_dir() and ((path / "checkpoints").is_dir() or (path / MARKER).is_file()
-                              or (path / RUN_MARKER).is_file()):
+        if is_run_or_checkpoint(path):
             built = cls._from_checkpoint(resolve_checkpoint(path), trust_remote_code, merge_lora)
         elif path.is_dir() and (path / "config.json").is_file():
             built = cls._from_folder(path, trust_remote_code)

@@ -626,7 +626,7 @@ class Trainer:
                                 f"resume with: {self.command} --resume")
                 return p.last_eval
         bar.close()
-        for c in self.components:
+        for c in sorted(self.components, key=lambda c: c.order if c.finish_order is None else c.finish_order):
             c.finish_training(self._eval_context())
         final = self.evaluate()
         ckpt = self.save_checkpoint()

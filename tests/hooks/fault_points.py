@@ -11,7 +11,7 @@ can act meanwhile. Used in-process by tests and, through sitecustomize.py, in ch
 Phases: setup (while the data is tokenized), eval (at the start of an evaluation), step (before step STEP),
 checkpoint (half-way through writing checkpoint STEP: after the weights), prune (half-way through deleting an old
 checkpoint), clear (half-way through --overwrite removing checkpoints/), export-write (the export's copy is written,
-not yet in place), export-swap (between the two renames replacing an earlier export), export (export holds its lock).
+not yet in place), export-swap (between the two renames replacing an earlier export), export (export holds its lock), fit (inside the `thresholds` conversion's fit, after the last step by default).
 """
 
 from __future__ import annotations
@@ -105,6 +105,16 @@ def install(phase: str, action: str, step: int | None = None, sentinel: str | No
             return original(*args, **kwargs)
 
         patch(exporter, name, wrapped)
+    elif phase == "fit":
+        from sparsetune.training.components import thresholds
+
+        fit = thresholds.fit_thresholds
+
+        def fit_then(*args, **kwargs):
+            fire_once()
+            return fit(*args, **kwargs)
+
+        patch(thresholds, "fit_thresholds", fit_then)
     elif phase == "export-swap":
         replace = os.replace
 

@@ -44,6 +44,12 @@ class Annealing(Component):
     def step_metrics(self) -> dict[str, float]:
         return {"anneal_progress": self.progress}
 
+    def unfinished(self, step: int) -> str | None:
+        if step >= self.steps:
+            return None
+        return (f"the rest of the anneal (it ends at step {self.steps}; at step {step} the MLPs compute "
+                f"{step / self.steps:.0%} of the way from SiLU to the target, which no export can express)")
+
     def finish_training(self, ctx: EvalContext) -> None:
         self._set(1.0)  # the final evaluation, conversions and exports see the target activation
 

@@ -146,6 +146,14 @@ class Component:
     def finish_training(self, ctx: EvalContext) -> None:
         pass
 
+    finish_order: int | None = None  # finish_training runs in this order (default: `order`)
+
+    def unfinished(self, step: int) -> str | None:
+        """What a checkpoint saved after `step` optimizer steps, before the run's end, lacks of what this component
+        does to the model later (a fit after the last step, the rest of a ramp), or None: export and eval refuse
+        such a checkpoint by these names (training/completion.py)."""
+        return None
+
     # ------------------------------------------------------------ checkpoint
     has_state: bool = False
 

@@ -49,6 +49,12 @@ class Compensation(Component):
         if self.fitted is None and self.fit_step is not None and step >= self.fit_step:
             self._fit(self.eval_context())
 
+    def unfinished(self, step: int) -> str | None:
+        if self.fit_step is not None and step > self.fit_step:
+            return None
+        return "the compensation biases' fit" + (" (after the last step)" if self.fit_step is None
+                                                  else f" (at step {self.fit_step})")
+
     def finish_training(self, ctx: EvalContext) -> None:
         if self.fitted is None:
             self._fit(ctx)

@@ -156,6 +156,14 @@ class Predictors(Component):
             self._set_mask_aware(True)
         return report
 
+    finish_order = 90  # calibrated after the thresholds conversion (50) and compensation (60): the model's final zeros
+
+    def unfinished(self, step: int) -> str | None:
+        cfg = self.recipe.predictor
+        if cfg.target_mass_recall is None and cfg.target_recall is None:
+            return None
+        return "the predictors' per-layer threshold calibration (after the last step)"
+
     def finish_training(self, ctx: EvalContext) -> None:
         """The sweep curve (predictor.sweep_targets), then per-layer thresholds to predictor.target_recall /
         target_mass_recall, both on training micro-batches."""

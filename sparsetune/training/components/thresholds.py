@@ -52,6 +52,13 @@ class ThresholdConversion(Component):
         if self.conversion is None and step >= self.at_step:
             self._convert(self.eval_context())
 
+    def unfinished(self, step: int) -> str | None:
+        if step > self.at_step and self.at_step < self.recipe.train.max_steps:
+            return None  # converted at the start of step at_step
+        return (f"the `thresholds` conversion to fixed per-layer `{self.kind}` thresholds"
+                + (" (fitted after the last step)" if self.at_step >= self.recipe.train.max_steps
+                   else f" (at step {self.at_step})"))
+
     def finish_training(self, ctx: EvalContext) -> None:
         if self.conversion is None:
             self._convert(ctx)
