@@ -11,10 +11,11 @@ from pathlib import Path
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.options import EvalArgs  # the command's typed options (kept light for the CLI)
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
-from sparsetune.models.build import SparseModel
+from sparsetune.models.build import SPEC_FILE, SparseModel
 from sparsetune.recipe.schema import ACTIVATIONS, RELUFY_VARIANTS, DataSection, relufy_config
 from sparsetune.sources.device import resolve_device
 from sparsetune.sparsity.cett import TokenSampler, cett_report
+from sparsetune.sparsity.compensation import COMPENSATION_BIAS, bias_to_compensation
 from sparsetune.surgery.calibration import needs_calibration
 from sparsetune.surgery.relufy import activation_spec
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
@@ -74,6 +75,9 @@ def load_target(args: EvalArgs) -> SparseModel:
     if swap is None:  # a swapped activation is the user's own, training-free model
         refuse_unfinished_source(args.target, "eval")
     built = SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code, activation=swap)
+    spec_file = Path(args.target) / SPEC_FILE
+    if built.what == "export" and json.loads(spec_file.read_text()).get("compensation_in") == COMPENSATION_BIAS:
+        bias_to_compensation(built.model)  # so --no-compensation drops it and --compensate replaces it
     if args.no_compensation:
         for m in sparse_mlps(built.model):
             m.compensation = None

@@ -18,6 +18,7 @@ from sparsetune.checkpoint.storage import first_line, storage_failure
 from sparsetune.checkpoint.store import resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
+from sparsetune.export.hf_code import CODE_FILE, write_code_target
 from sparsetune.export.model_card import model_card
 from sparsetune.export.powerinfer import neuron_activation_counts, powerinfer_layers
 from sparsetune.export.powerinfer_gguf import (
@@ -31,6 +32,7 @@ from sparsetune.models.build import SPEC_FILE, SparseModel
 from sparsetune.predictors.bank import load_predictors
 from sparsetune.recipe.loading import recipe_to_yaml
 from sparsetune.sources.device import resolve_device
+from sparsetune.sparsity.compensation import COMPENSATION_BIAS
 from sparsetune.sparsity.thresholds import read_conversion
 from sparsetune.surgery.architectures import layout_for
 from sparsetune.surgery.relufy import activation_spec, restore_hf_mlps
@@ -60,9 +62,10 @@ def configure_plain_activation(lm, spec: dict) -> tuple[bool, dict, str]:
     per_layer = (f" Its {len(spec['thresholds'])} per-layer thresholds are in `sparsetune.json` "
                  "(`load_activation.thresholds`)." if spec.get("thresholds") else "")
     return False, spec, (
-        f"**Plain transformers cannot express `{name}`** for model type `{lm.config.model_type}`: loaded with "
-        f"`AutoModelForCausalLM` it computes `{closest}` instead and its outputs differ. Load it with "
-        f"`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`) to get the trained activation.{per_layer}")
+        f"**Plain transformers cannot express `{name}`** for model type `{lm.config.model_type}` (no `hidden_act` "
+        f"computes it; `{closest}` would run the model without its zeros). Load it with "
+        f"`sparsetune.load_sparse_model(path)` (or `sparsetune eval path`), or with transformers' remote code as below."
+        f"{per_layer}")
 
 
 def fold_compensation(lm, load_spec: dict) -> tuple[bool, dict, str]:
@@ -85,7 +88,7 @@ def fold_compensation(lm, load_spec: dict) -> tuple[bool, dict, str]:
     if not biased:
         return False, load_spec, (f"The dropped-activation compensation biases are in `sparsetune.json` "
                                   f"(`load_activation.compensation`): `{lm.config.model_type}`'s MLP has no "
-                                  "down-projection bias, so plain transformers leaves them out.")
+                                  "down-projection bias to hold them.")
     for m in mlps:
         for name, proj in zip(m.layout_names, m.projections()):
             value = m.compensation if name == m.layout_names[2] else torch.zeros(proj.out_features)
@@ -93,7 +96,7 @@ def fold_compensation(lm, load_spec: dict) -> tuple[bool, dict, str]:
         m.compensation = None
     rest = {k: v for k, v in load_spec.items() if k != "compensation"}
     return True, rest, ("The dropped-activation compensation is the down projection's bias (`config.mlp_bias = "
-                        "true`; gate and up biases are zero): plain transformers computes it.")
+                        "true`; gate and up biases are zero), added after the trained activation's zeros.")
 
 
 def export(run_or_checkpoint: str | Path, out: str | Path, measure: bool = True, eval_batches_n: int | None = None,
@@ -154,15 +157,25 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
     lm = base_causal_lm(model)
     trained_spec = activation_spec(lm)
     exact, load_spec, note = configure_plain_activation(lm, trained_spec)
+    compensated = "compensation" in load_spec
     folded, load_spec, comp_note = fold_compensation(lm, load_spec)
+    in_bias = compensated and "compensation" not in load_spec
     exact, note = exact and folded, f"{note} {comp_note}".strip()
+    layout = layout_for(lm.config.model_type)
+    if not exact:  # its own model_type and code: computed exactly with trust_remote_code, refused without it
+        note = (f"{note} The folder therefore has its own `model_type` (`sparsetune_{lm.config.model_type}`) and "
+                f"modeling code (`{CODE_FILE}`): `AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)` "
+                "computes the trained model exactly (per-layer values in config.json's `sparsetune_activation`); "
+                "without `trust_remote_code` transformers refuses to load it instead of running the dense model.")
     restore_hf_mlps(lm)
     for attr in ("quantization_config",):
         if hasattr(lm.config, attr):
             delattr(lm.config, attr)
 
     report = {
-        "activation": trained_spec, "plain_transformers_exact": exact, "step": state.get("step"),
+        "activation": trained_spec, "plain_transformers_exact": exact,
+        "load_with": "AutoModelForCausalLM" if exact else "AutoModelForCausalLM, trust_remote_code=True",
+        "step": state.get("step"),
         "tokens_seen": state.get("tokens_seen"),
         "evaluation": {k: report_eval.get(k) for k in ("perplexity", "loss", "tokens", "sparsity", "per_layer",
                                                         "near_zero", "near_zero_per_layer", "near_zero_threshold")
@@ -185,12 +198,16 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
              "README.md": model_card(recipe, report, note, exact, powerinfer)}
     spec = {"activation": trained_spec, "load_activation": load_spec, "plain_transformers_exact": exact,
             "source_checkpoint": str(ckpt.resolve()), "step": state.get("step"), "model_type": lm.config.model_type}
+    if in_bias:  # eval --no-compensation / --compensate move it back out (sparsity/compensation.bias_to_compensation)
+        spec["compensation_in"] = COMPENSATION_BIAS
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         lm.save_pretrained(tmp)
+        if not exact:
+            write_code_target(tmp, load_spec, layout)
         tokenizer.save_pretrained(tmp)
         if lm.generation_config is not None:
             lm.generation_config.save_pretrained(tmp)

@@ -26,6 +26,7 @@ from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
 from sparsetune.errors import SparsetuneError
 from sparsetune.models.lora import with_peft
 from sparsetune.recipe.schema import DataSection, Recipe, RelufyConfig
+from sparsetune.sources.code_export import base_config
 from sparsetune.sources.loading import load_model, load_model_and_tokenizer, load_tokenizer
 from sparsetune.surgery.calibration import calibrate, calibration_batches, needs_calibration
 from sparsetune.surgery.relufy import relufy
@@ -121,7 +122,8 @@ class SparseModel:
     @classmethod
     def _from_folder(cls, path: Path, trust_remote_code: bool) -> SparseModel:
         """An export (its activation in sparsetune.json, its data in recipe.yaml) or a plain HF folder."""
-        model = load_model(str(path), trust_remote_code=trust_remote_code)
+        # a "with code" export is read as its base architecture; sparsetune runs none of the folder's code
+        model = load_model(str(path), trust_remote_code=trust_remote_code, config=base_config(path))
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         spec_file = path / SPEC_FILE
         if spec_file.is_file():

@@ -237,13 +237,15 @@ def load_tokenizer(location: str, revision: str | None = None, trust_remote_code
 
 
 def load_model(location: str, dtype: str = "float32", revision: str | None = None, trust_remote_code: bool = False,
-               what: str | None = None):
-    """The causal LM at `location`; one-line SparsetuneError when it cannot be read (`what` as in load_tokenizer)."""
+               what: str | None = None, config=None):
+    """The causal LM at `location`; one-line SparsetuneError when it cannot be read (`what` as in load_tokenizer).
+    `config`: the config to build it with instead of the folder's (an export read as its base architecture)."""
     from transformers import AutoModelForCausalLM
 
+    extra = {} if config is None else {"config": config}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            location, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code
+            location, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code, **extra
         )
     except _LOAD_ERRORS as exc:
         raise _load_error(what or f"model {location}", location, exc) from None

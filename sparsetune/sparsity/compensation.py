@@ -88,6 +88,19 @@ def fit_compensation(model, batches: Iterable[dict], device) -> CompensationFit:
     return CompensationFit(biases, removed, sink.tokens[mlps[0].layer_idx])
 
 
+COMPENSATION_BIAS = "down_proj.bias"  # sparsetune.json's `compensation_in` when an export holds it there
+
+
+def bias_to_compensation(model) -> None:
+    """Move the compensation an export holds as each down projection's bias (export/exporter.fold_compensation)
+    back to the SparseMLPs' compensation, which computes the same and which eval can drop or replace."""
+    for m in sparse_mlps(model):
+        down = m.projections()[2]
+        if down.bias is not None:
+            m.compensation = down.bias.detach().float().clone()
+            down.register_parameter("bias", None)
+
+
 def apply_compensation(model, biases: list, trainable: bool = False) -> None:
     """Every SparseMLP adds its layer's bias from now on (an nn.Parameter when `trainable`, else a buffer)."""
     mlps = sparse_mlps(model)

@@ -1,4 +1,6 @@
-"""Each activation exports to plain transformers where the math allows, and through sparsetune otherwise."""
+"""Each activation's export loads three ways: sparsetune's loader, plain transformers (equal logits where the math
+allows a plain folder; else it refuses instead of running the dense model) and transformers with the folder's own
+code (`trust_remote_code=True`, equal logits)."""
 
 import json
 
@@ -26,6 +28,15 @@ pytestmark = pytest.mark.e2e
         ("qwen2", ["relufy.activation=fatrelu", "relufy.threshold=0.02"], False, "relu"),
         ("llama", ["relufy.activation=cats", "relufy.target_sparsity=0.6", "relufy.calibration_batches=2"], False,
          "silu"),
+        ("llama", ["relufy.activation=relu"], True, "relu"),
+        ("llama", ["relufy.activation=output_aware", "relufy.target_sparsity=0.6", "regularizer.type=none",
+                   "relufy.calibration_batches=2", "thresholds.calibration_batches=2"], False, "silu"),
+        ("llama", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.score=gate",
+                   "relufy.target_sparsity=0.6", "regularizer.type=none", "relufy.calibration_batches=2",
+                   "thresholds.calibration_batches=2", "compensation.enabled=true"], False, "relu"),
+        ("mistral", ["relufy.activation=output_aware", "relufy.target_sparsity=0.6", "regularizer.type=none",
+                     "relufy.calibration_batches=2", "thresholds.calibration_batches=2", "compensation.enabled=true"],
+         False, "silu"),
     ],
 )
 def test_activation_export(tiny_model_dirs, tmp_path, family, overrides, exact, hidden_act):
@@ -38,18 +49,28 @@ def test_activation_export(tiny_model_dirs, tmp_path, family, overrides, exact, 
     spec = json.loads((out / "sparsetune.json").read_text())
     assert spec["plain_transformers_exact"] is exact
     ids = torch.randint(0, trained.config.vocab_size, (2, 16))
-    plain = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert plain.config.hidden_act == hidden_act
     with torch.no_grad():
         expected = trained.eval()(ids).logits
         via_sparsetune = sparsetune.load_sparse_model(out).eval()(ids).logits
-        plain_logits = plain(ids).logits
     torch.testing.assert_close(via_sparsetune, expected, rtol=1e-5, atol=1e-5)
     if exact:
-        torch.testing.assert_close(plain_logits, expected, rtol=1e-5, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert plain.config.hidden_act == hidden_act
+        with torch.no_grad():
+            torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert not (out / "modeling_sparsetune.py").exists()
     else:
-        assert not torch.allclose(plain_logits, expected, atol=1e-4)
-        assert "Plain transformers cannot express" in (out / "README.md").read_text()
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] == f"sparsetune_{family}" and config["hidden_act"] == hidden_act
+        with pytest.raises(ValueError, match="trust_remote_code"):  # refused, never the dense model
+            AutoModelForCausalLM.from_pretrained(out)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert type(remote).__name__ == "SparsetuneForCausalLM"
+        with torch.no_grad():
+            torch.testing.assert_close(remote(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        card = (out / "README.md").read_text()
+        assert "Plain transformers cannot express" in card or "compensation" in card
+        assert "trust_remote_code=True" in card
     if "shifted_relu" in overrides[0] and exact:
         assert plain.config.mlp_bias is True
         torch.testing.assert_close(plain.model.layers[0].mlp.gate_proj.bias,
