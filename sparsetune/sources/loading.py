@@ -242,13 +242,22 @@ def load_model(location: str, dtype: str = "float32", revision: str | None = Non
     `config`: the config to build it with instead of the folder's (an export read as its base architecture)."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     extra = {} if config is None else {"config": config}
+    quiet = config is not None and hf_logging.get_verbosity() < hf_logging.ERROR
+    if quiet:  # transformers warns that config.json's own model_type is not the one given: that is the point
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
     try:
         return AutoModelForCausalLM.from_pretrained(
             location, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code, **extra
         )
     except _LOAD_ERRORS as exc:
         raise _load_error(what or f"model {location}", location, exc) from None
+    finally:
+        if quiet:
+            hf_logging.set_verbosity(level)
 
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", revision: str | None = None,
