@@ -241,7 +241,6 @@ def load_model(location: str, dtype: str = "float32", revision: str | None = Non
     """The causal LM at `location`; one-line SparsetuneError when it cannot be read (`what` as in load_tokenizer).
     `config`: the config to build it with instead of the folder's (an export read as its base architecture)."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     extra = {} if config is None else {"config": config}
