@@ -25,6 +25,7 @@ from sparsetune.export.powerinfer_gguf import (
     GGUF_FILE,
     check_activation,
     check_model,
+    tensor_bytes,
     write_activation_counts,
     write_gguf,
 )
@@ -214,7 +215,9 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
         if bank is not None:
             bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
         if powerinfer:
-            write_gguf(lm, tokenizer, fc_layers, threshold, tmp / GGUF_FILE, name=f"sparsetune {out.name}")
+            gguf = write_gguf(lm, tokenizer, fc_layers, threshold, tmp / GGUF_FILE, name=f"sparsetune {out.name}")
+            report["powerinfer"]["tensor_bytes"] = tensor_bytes(gguf)  # predictor bytes beside the MLP's
+            texts["sparsity_report.json"] = json.dumps(report, indent=1)
             write_activation_counts(counts, tmp)
         for name, text in texts.items():
             (tmp / name).write_text(text)

@@ -1,5 +1,5 @@
 """The neuron predictors as PowerInfer computes them: per layer idx = fc2 @ relu(fc1 @ ffn_inp), a neuron skipped
-when idx < one global `sparse_threshold` (PowerInfer d3ebd7c, llama.cpp:4680-4686, ggml.c:14256), with `ffn_inp` the
+when idx < one global `sparse_threshold` (PowerInfer d3ebd7c, llama.cpp:4688-4692, ggml.c:14256), with `ffn_inp` the
 residual stream before the post-attention norm (llama.cpp:5045).
 
 sparsetune's neuron predictors are `Linear(d -> r) [-> act] -> Linear(r -> m)` on `predictor.input`. They map
@@ -78,8 +78,25 @@ def powerinfer_layers(bank: PredictorBank, norm_weights: list[torch.Tensor] | No
 
 
 def engine_mask(fc1: torch.Tensor, fc2: torch.Tensor, threshold: float, residual: torch.Tensor) -> torch.Tensor:
-    """The neurons PowerInfer computes for residual-stream rows, the way its graph does: fc2 relu(fc1 r) >= T."""
-    return torch.relu(residual.float() @ fc1.float().t()) @ fc2.float().t() >= threshold
+    """The neurons PowerInfer computes for residual-stream rows, the way its graph does: fc2 relu(fc1 r) >= T
+    (llama.cpp:4688-4692). With F16 weights (as the GGUF stores them by default) ggml's CPU mul_mat first rounds its
+    F32 input to F16, the weight's vec_dot type (ggml.c:430-439, 9703-9715), and sums the products in F32: so does
+    this, for the residual before fc1 and the hidden ReLU output before fc2."""
+    x = residual.float()
+    if fc1.dtype == torch.float16:
+        x = x.half().float()
+    hidden = torch.relu(x @ fc1.float().t())
+    if fc2.dtype == torch.float16:
+        hidden = hidden.half().float()
+    return hidden @ fc2.float().t() >= threshold
+
+
+def f16_margin(fc1: torch.Tensor, fc2: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """A bound on how far F16 storage of fc1/fc2 and ggml's F16 rounding of their inputs can move a predictor output
+    (first order: four roundings of 2^-11 each along |fc2| |fc1| |r|, plus F32 sums): a neuron whose F32 output is
+    further than this from the threshold is kept or skipped alike by PowerInfer's F16 predictors."""
+    u = 2.0 ** -11
+    return 5 * u * ((residual.float().abs() @ fc1.float().abs().t()) @ fc2.float().abs().t()) + 1e-6
 
 
 class _Counter:

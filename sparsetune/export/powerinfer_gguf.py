@@ -10,11 +10,20 @@ Every name, shape, dtype and key below comes from PowerInfer's public source at 
     `ffn_up` {n_embd, n_ff}, `ffn_down_t` {n_embd, n_ff} (the down projection transposed), `fc1` {n_embd, r},
     `fc2` {r, n_ff}; `llama.cpp:2111`: the file must hold exactly these tensors (ggml dims are numpy's reversed).
   - `ggml.c:14314-14440` (mul_mat_axpy): `ffn_down_t` is read as F16, so 2-D model weights are F16 (as PowerInfer's
-    own converter writes them, `convert-hf-to-powerinfer-gguf.py:397-405`); 1-D norms stay F32. The predictors are
-    written F32 so the masks PowerInfer computes are those sparsetune measured (ggml_mul_mat takes any float type).
+    own converter writes them, `convert-hf-to-powerinfer-gguf.py:397-410`); 1-D norms stay F32.
+  - Predictors: the loader checks only their names and shapes, not their type (`llama.cpp:3263-3264` with the
+    wildcard rank; `create_tensor`, `llama.cpp:2076-2107`, compares `ne` only), and the graph runs them through
+    the generic `ggml_mul_mat` (`llama.cpp:4688-4692`), which takes F32, F16 or quantized weights. Both of
+    PowerInfer's converters write them F16 by default (`convert-hf-to-powerinfer-gguf.py:403-410`, `--outtype`
+    default f16 at 621; `convert.py:124-129, 997-999`, default f16 at 1200) and its quantizer makes them Q4_0/Q5_0
+    (`llama.cpp:9096-9099`). So they are written F16 here by default (half the bytes of F32). ggml then also rounds
+    the predictor's input (the residual) and its hidden ReLU output to F16 before the dot products (`ggml.c:430-439`:
+    F16's vec_dot_type is F16; `ggml.c:9703-9715`), summing in F32: PowerInfer's masks can differ from sparsetune's
+    F32 ones on neurons within F16 rounding of the threshold (`engine_mask` computes them the engine's way).
+    `predictor_dtype="f32"` writes them F32 (exactly sparsetune's masks on the same residual stream).
   - `llama.cpp:5028-5050` (build_llama): the sparse FFN is relu(gate) * up (LLM_FFN_RELU, LLM_FFN_PAR, no biases)
     and its predictor reads `ffn_inp`, the residual stream before `ffn_norm`: idx = fc2 @ relu(fc1 @ ffn_inp)
-    (`llama.cpp:4680-4686`); `ggml.c:14256, 14427`: a neuron is skipped when idx < sparse_threshold.
+    (`llama.cpp:4688-4692`); `ggml.c:14256, 14427`: a neuron is skipped when idx < sparse_threshold.
   - `llama.cpp:362, 2345-2350`: the threshold is the f32 key `powerinfer.sparse_threshold`.
   - `llama.cpp:327-347, 2356`: `llama.context_length`, `.embedding_length`, `.block_count`,
     `.feed_forward_length`, `.rope.dimension_count`, `.attention.head_count(_kv)`,
@@ -27,7 +36,9 @@ Every name, shape, dtype and key below comes from PowerInfer's public source at 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -38,6 +49,8 @@ from sparsetune.activations import build_activation
 from sparsetune.errors import SparsetuneError
 
 GGUF_FILE = "model.powerinfer.gguf"
+PREDICTOR_DTYPES = ("f16", "f32")
+F16_MAX = float(np.finfo(np.float16).max)
 ACTIVATION_DIR = "activation"
 POWERINFER_MAGIC = b"PWRI"
 # model types whose llama.cpp architecture is "llama" with no attention or MLP biases
@@ -123,14 +136,20 @@ def _vocab(writer, tokenizer, vocab_size: int) -> None:
 
 
 def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, threshold: float, path: Path,
-               name: str = "sparsetune export") -> Path:
+               name: str = "sparsetune export", predictor_dtype: str = "f16") -> Path:
     """Write `lm` (a plain HF Llama with ReLU MLPs), its tokenizer and the PowerInfer predictor tensors
     (`fc1.weight` [r, d], `fc2.weight` [m, r] per layer, for idx = fc2 relu(fc1 residual) >= threshold).
     `fc_layers=None` writes a plain GGUF of the same weights for PowerInfer's dense path instead (`GGUF` magic,
-    `ffn_down`, no predictors; llama.cpp:3423): that path applies SiLU, so it is a speed reference only."""
+    `ffn_down`, no predictors; llama.cpp:3423): that path applies SiLU, so it is a speed reference only.
+    `predictor_dtype`: "f16" (PowerInfer's converters' default; a predictor tensor whose values F16 cannot hold is
+    written F32) or "f32". A failed write removes the partial file and raises the OS's own error (ENOSPC: "No space
+    left on device")."""
+    if predictor_dtype not in PREDICTOR_DTYPES:
+        raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     sparse = fc_layers is not None
     import gguf
 
+    path = Path(path)
     cfg = lm.config
     check_model(cfg)
     rope = rope_settings(cfg)
@@ -155,8 +174,16 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, t
         writer.add_float32("powerinfer.sparse_threshold", float(threshold))
     _vocab(writer, tokenizer, int(cfg.vocab_size))
 
+    arrays: list[np.ndarray] = []  # in the order of the tensor infos; written below with Python's own writes
+
     def add(name: str, t: torch.Tensor, f16: bool) -> None:
-        writer.add_tensor(name, np.ascontiguousarray(t.numpy().astype(np.float16 if f16 else np.float32)))
+        a = np.ascontiguousarray(t.numpy().astype(np.float16 if f16 else np.float32))
+        writer.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
+        arrays.append(a)
+
+    def add_predictor(name: str, t: torch.Tensor) -> None:
+        t = t.detach().float().cpu()  # F32 where F16 would overflow (a folded per-layer threshold can scale fc2 up)
+        add(name, t, predictor_dtype == "f16" and float(t.abs().max()) <= F16_MAX)
 
     embed = state["model.embed_tokens.weight"]
     add("token_embd.weight", embed, True)
@@ -176,16 +203,97 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, t
             add(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"], True)
             continue
         add(f"blk.{i}.ffn_down_t.weight", state[p + "mlp.down_proj.weight"].t().contiguous(), True)
-        add(f"blk.{i}.fc1.weight", fc_layers[i]["fc1.weight"], False)
-        add(f"blk.{i}.fc2.weight", fc_layers[i]["fc2.weight"], False)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    if sparse:
-        with open(path, "r+b") as f:  # PowerInfer's sparse file: the GGUF layout under its own magic
-            f.write(POWERINFER_MAGIC)
+        add_predictor(f"blk.{i}.fc1.weight", fc_layers[i]["fc1.weight"])
+        add_predictor(f"blk.{i}.fc2.weight", fc_layers[i]["fc2.weight"])
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        # The tensor data is written here rather than by writer.write_tensors_to_file(): that uses numpy's
+        # ndarray.tofile, whose short write on a full disk raises OSError("3145728 requested and 1258880 written")
+        # with no errno; Python's file writes raise the OS's error (ENOSPC, "No space left on device").
+        align = int(writer.data_alignment)
+        with open(path, "r+b") as f:
+            f.seek(0, 2)
+            _pad(f, align)
+            for a in arrays:
+                f.write(a.reshape(-1).view(np.uint8))
+                _pad(f, align)
+            if sparse:  # PowerInfer's sparse file: the GGUF layout under its own magic
+                f.seek(0)
+                f.write(POWERINFER_MAGIC)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # closing flushes what a full disk refused again
+            writer.close()
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:  # say which file
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        raise
     return path
+
+
+def _pad(f, align: int) -> None:
+    pad = -f.tell() % align
+    if pad:
+        f.write(b"\0" * pad)
+
+
+def tensor_bytes(path: Path) -> dict:
+    """What the GGUF's tensors weigh, read from its header (no tensor data is read): the predictors (`fc1`/`fc2`)
+    beside the MLP weights (`ffn_gate`, `ffn_up`, `ffn_down(_t)`), for sparsity_report.json."""
+    infos = _tensor_infos(Path(path))
+    groups = {"predictor": (".fc1.", ".fc2."), "mlp": (".ffn_gate.", ".ffn_up.", ".ffn_down.", ".ffn_down_t.")}
+    out = {f"{g}_bytes": sum(b for n, _, b in infos if any(k in n for k in keys)) for g, keys in groups.items()}
+    out["total_tensor_bytes"] = sum(b for _, _, b in infos)
+    out["predictor_dtypes"] = sorted({t for n, t, _ in infos if ".fc1." in n or ".fc2." in n})
+    out["file_bytes"] = Path(path).stat().st_size
+    return out
+
+
+def _tensor_infos(path: Path) -> list[tuple[str, str, int]]:
+    """(name, ggml type name, bytes) of every tensor, from a GGUF v2/v3 header (`GGUF` or `PWRI` magic)."""
+    import gguf
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+    string, array = 8, 9
+    with open(path, "rb") as f:
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: truncated GGUF header")
+            return struct.unpack(fmt, data)
+
+        def skip_value(vtype: int) -> None:
+            if vtype == string:
+                f.seek(read("<Q")[0], 1)
+            elif vtype == array:
+                item, count = read("<IQ")
+                if item in scalar:
+                    f.seek(scalar[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            else:
+                f.seek(scalar[vtype], 1)
+
+        magic, version = f.read(4), read("<I")[0]
+        if magic not in (b"GGUF", POWERINFER_MAGIC) or version not in (2, 3):
+            raise ValueError(f"{path} is not a GGUF v2/v3 file (magic {magic!r}, version {version})")
+        n_tensors, n_kv = read("<QQ")
+        for _ in range(n_kv):
+            f.seek(read("<Q")[0], 1)  # the key
+            skip_value(read("<I")[0])
+        infos = []
+        for _ in range(n_tensors):
+            name = f.read(read("<Q")[0]).decode()
+            dims = read(f"<{read('<I')[0]}Q")
+            kind = gguf.GGMLQuantizationType(read("<I")[0])
+            read("<Q")  # the offset
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            infos.append((name, kind.name, int(np.prod(dims, dtype=np.int64)) // block * size))
+    return infos
 
 
 def read_gguf(path: Path):

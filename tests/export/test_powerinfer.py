@@ -3,7 +3,10 @@ sparsetune/export/powerinfer_gguf.py for the cited source lines) and the masks P
 residual stream, equal to sparsetune's on the same tokens. PowerInfer itself is not on the package registries, so
 these tests read the file back with the `gguf` package; docs/ENGINES.md has the runs in the engine."""
 
+import contextlib
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -120,7 +123,7 @@ def powerinfer_export(tiny_model_dirs, tmp_path_factory):
 def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
     from transformers import AutoConfig
 
-    from sparsetune.export.powerinfer_gguf import GGUF_FILE, header_version, read_gguf
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, header_version, read_gguf, tensor_bytes
 
     base, out = powerinfer_export
     path = out / GGUF_FILE
@@ -141,8 +144,15 @@ def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
                          f"blk.{i}.fc2.weight": (8, m)})
     assert {k: tuple(int(x) for x in t.shape) for k, t in tensors.items()} == expected  # exactly these (llama.cpp:2111)
     for name, t in tensors.items():
-        want = "F32" if len(expected[name]) == 1 or ".fc" in name else "F16"  # axpy reads ffn_down_t as F16
+        # 1-D norms F32; axpy reads ffn_down_t as F16; the predictors F16 as PowerInfer's converters write them
+        want = "F32" if len(expected[name]) == 1 else "F16"
         assert t.tensor_type.name == want, name
+    # the predictors' bytes beside the MLP's, from the header alone (what sparsity_report.json carries)
+    sizes = tensor_bytes(path)
+    assert sizes["predictor_bytes"] == n * 2 * (d * 8 + 8 * m) and sizes["predictor_dtypes"] == ["F16"]
+    assert sizes["mlp_bytes"] == n * 2 * 3 * d * m
+    assert sizes["total_tensor_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
+    assert sizes["total_tensor_bytes"] < sizes["file_bytes"] == path.stat().st_size
     # tied embeddings: output.weight is written anyway, equal to the embedding
     assert np.array_equal(tensors["output.weight"].data, tensors["token_embd.weight"].data)
     fields = {f.name: f for f in reader.fields.values()}
@@ -212,19 +222,22 @@ def test_q_k_permutation_makes_ggml_rope_equal_transformers_rope(powerinfer_expo
 
 
 @pytest.mark.e2e
-def test_masks_from_the_gguf_equal_sparsetunes_on_the_same_tokens(powerinfer_export):
+def test_masks_from_the_gguf_equal_sparsetunes_on_the_same_tokens(powerinfer_export, tmp_path):
     """Run the export in sparsetune; on each layer's residual stream, the masks PowerInfer computes from the GGUF's
-    fc1/fc2 and sparse_threshold equal those sparsetune's predictors (as `eval --dynamic` applies them) compute."""
+    fc1/fc2 and sparse_threshold equal those sparsetune's predictors (as `eval --dynamic` applies them) compute:
+    exactly with F32 predictors; with the default F16 ones (computed as ggml does: F16 inputs, F32 sums) except on
+    neurons whose output lies within F16 rounding of the threshold."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from sparsetune import load_sparse_model
     from sparsetune.evaluation.dynamic import predicted_mask
-    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_gguf
+    from sparsetune.export.powerinfer import f16_margin
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_gguf, write_gguf
     from sparsetune.surgery.sparse_mlp import patched_mlps
 
     _, out = powerinfer_export
     model = load_sparse_model(out).eval()
     bank = load_predictors(out).bind(model)
-    reader = read_gguf(out / GGUF_FILE)
-    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
     threshold = float(json.loads((out / "sparsity_report.json").read_text())["powerinfer"]["sparse_threshold"])
     residuals, ours = {}, {}
     choose = predicted_mask(bank)
@@ -238,13 +251,30 @@ def test_masks_from_the_gguf_equal_sparsetunes_on_the_same_tokens(powerinfer_exp
     ids = torch.randint(3, model.config.vocab_size, (2, 48))
     with torch.no_grad(), patched_mlps(model, override=override):
         model(input_ids=ids)
-    kept = []
-    for i in range(model.config.num_hidden_layers):
-        fc1 = tensors[f"blk.{i}.fc1.weight"].reshape(-1, model.config.hidden_size)
-        fc2 = tensors[f"blk.{i}.fc2.weight"].reshape(model.config.intermediate_size, -1)
-        theirs = engine_mask(fc1, fc2, threshold, residuals[i])
-        assert torch.equal(theirs, ours[i]), i
-        kept.append(theirs.float().mean().item())
+    lm = AutoModelForCausalLM.from_pretrained(out)  # the same export, its predictors written F32
+    t_f32, fc_layers = powerinfer_layers(load_predictors(out), [b.post_attention_layernorm.weight
+                                                                 for b in lm.model.layers])
+    assert t_f32 == threshold
+    f32 = write_gguf(lm, AutoTokenizer.from_pretrained(out), fc_layers, threshold, tmp_path / "f32.gguf",
+                     predictor_dtype="f32")
+    d, m = model.config.hidden_size, model.config.intermediate_size
+    kept, differ = [], 0
+    for path, dtype in ((out / GGUF_FILE, np.float16), (f32, np.float32)):
+        tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in read_gguf(path).tensors}
+        for i in range(model.config.num_hidden_layers):
+            fc1 = tensors[f"blk.{i}.fc1.weight"].reshape(-1, d)
+            fc2 = tensors[f"blk.{i}.fc2.weight"].reshape(m, -1)
+            assert fc1.dtype == fc2.dtype == torch.from_numpy(np.zeros(1, dtype)).dtype
+            theirs = engine_mask(fc1, fc2, threshold, residuals[i])
+            if dtype == np.float32:
+                assert torch.equal(theirs, ours[i]), i
+                kept.append(theirs.float().mean().item())
+                continue
+            wrong = theirs != ours[i]
+            output = torch.relu(residuals[i] @ fc1.float().t()) @ fc2.float().t()
+            assert ((output - threshold).abs()[wrong] <= f16_margin(fc1, fc2, residuals[i])[wrong]).all(), i
+            differ += int(wrong.sum())
+    assert differ <= 0.01 * len(kept) * residuals[0].shape[0] * m  # a rare near-threshold neuron, if any
     assert 0 < min(kept) and max(kept) < 1  # a real cut, not all-or-nothing
 
 
@@ -265,3 +295,87 @@ def test_an_activation_powerinfer_cannot_run_is_refused(tiny_model_dirs, tmp_pat
     one_error(capsys, main(["export", str(biased), "--out", str(tmp_path / "x"), "--no-eval", "--powerinfer"]),
               r"predictor.output_bias=false")
     assert not (tmp_path / "x").exists()
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size: str):
+    """A real small filesystem (as tests/faults/test_real_faults.py mounts one): skipped where mount is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:  # root in a container without CAP_SYS_ADMIN
+        pytest.skip(f"mount is not permitted here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a real tmpfs needs root")
+def test_a_full_disk_while_writing_the_gguf_says_no_space_left(powerinfer_export, tmp_path, capsys, monkeypatch):
+    """numpy's ndarray.tofile (what the gguf package writes tensors with) reports a short write as
+    "3145728 requested and 1258880 written", with no errno; the GGUF's tensors are written with Python's own writes,
+    so a full disk is ENOSPC, "No space left on device", and the partial file is removed."""
+    import errno
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sparsetune.export.exporter as exporter
+    from sparsetune.export.powerinfer_gguf import write_gguf
+
+    _, out = powerinfer_export
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    _, fc_layers = powerinfer_layers(load_predictors(out), [b.post_attention_layernorm.weight for b in lm.model.layers])
+    with _tmpfs(tmp_path / "disk", "128k") as disk:  # room for the header (~7 kB), not for the tensors (~230 kB)
+        with pytest.raises(OSError) as caught:
+            write_gguf(lm, tokenizer, fc_layers, 0.0, disk / "m.gguf")
+        assert caught.value.errno == errno.ENOSPC and "No space left on device" in str(caught.value)
+        assert caught.value.filename == str(disk / "m.gguf") and not list(disk.iterdir())
+    with _tmpfs(tmp_path / "disk2", "8m") as disk:  # `export --powerinfer`: the disk fills just before the GGUF
+        real = exporter.write_gguf
+
+        def fill_then_write(*args, **kwargs):
+            with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(exporter, "write_gguf", fill_then_write)
+        capsys.readouterr()
+        line = one_error(capsys, main(["export", str(out.parent / "run"), "--out", str(disk / "x"), "--no-eval",
+                                       "--powerinfer"]),
+                         r"could not write the export .*x: No space left on device \(.*model\.powerinfer\.gguf\)")
+        assert "requested and" not in line and not (disk / "x").exists()
+
+
+def test_predictors_are_f16_unless_f16_cannot_hold_them_and_their_bytes_are_reported(tiny_tokenizer, tmp_path):
+    """PowerInfer's converters write fc1/fc2 F16 (convert-hf-to-powerinfer-gguf.py:403-410, convert.py:124-129) and
+    its loader checks only their shapes (llama.cpp:2076-2107); a tensor F16 would overflow (a per-layer threshold
+    folded into fc2 can scale it up) is written F32, which ggml_mul_mat takes as well."""
+    from sparsetune.export.powerinfer_gguf import read_gguf, tensor_bytes, write_gguf
+    from tests.tiny_models import tiny_model
+
+    lm = tiny_model("llama", vocab_size=len(tiny_tokenizer), hidden_act="relu")
+    d, m, n, r = lm.config.hidden_size, lm.config.intermediate_size, lm.config.num_hidden_layers, 8
+    torch.manual_seed(0)
+    fc = [{"fc1.weight": torch.randn(r, d), "fc2.weight": torch.randn(m, r)} for _ in range(n)]
+    fc[1]["fc2.weight"][0, 0] = 1e6
+    sizes = {}
+    for dtype in ("f16", "f32"):
+        path = write_gguf(lm, tiny_tokenizer, fc, -1.0, tmp_path / f"{dtype}.gguf", predictor_dtype=dtype)
+        types = {t.name: t.tensor_type.name for t in read_gguf(path).tensors}
+        sizes[dtype] = tensor_bytes(path)
+        assert sizes[dtype]["mlp_bytes"] == n * 3 * d * m * 2 == sum(
+            t.n_bytes for t in read_gguf(path).tensors if ".ffn_" in t.name and "norm" not in t.name)
+        if dtype == "f32":
+            assert {types[f"blk.{i}.fc{j}.weight"] for i in range(n) for j in (1, 2)} == {"F32"}
+            continue
+        assert types["blk.1.fc2.weight"] == "F32"  # 1e6 > 65504
+        assert {types[k] for k in ("blk.0.fc1.weight", "blk.0.fc2.weight", "blk.1.fc1.weight")} == {"F16"}
+        assert sizes[dtype]["predictor_dtypes"] == ["F16", "F32"]
+    assert sizes["f32"]["predictor_bytes"] == n * (r * d + m * r) * 4
+    assert sizes["f16"]["predictor_bytes"] == (n * (r * d + m * r) + m * r) * 2
+    with pytest.raises(ValueError, match="predictor_dtype"):
+        write_gguf(lm, tiny_tokenizer, fc, -1.0, tmp_path / "x.gguf", predictor_dtype="bf16")
