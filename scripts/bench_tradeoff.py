@@ -40,6 +40,13 @@ PROSPARSE = ("regularizer.type=l1", "regularizer.schedule=prosparse",
              "regularizer.stages=[{end_fraction: 0.1, coef: 0.0}, {end_fraction: 0.4, coef: 20.0}, "
              "{end_fraction: 0.7, coef: 50.0}, {end_fraction: 1.0, coef: 80.0}]")
 
+# Predictors PowerInfer runs as they are (recipes/powerinfer.yaml): residual input, bias-free fc1 -> ReLU -> fc2
+POWERINFER_PREDICTORS = ("predictor.enabled=true", "predictor.input=residual", "predictor.output_bias=false",
+                         "predictor.nonlinearity=relu", "predictor.rank=112", "predictor.lr=0.01",
+                         "predictor.train_token_fraction=1.0", "predictor.mask_aware_fraction=0.4",
+                         "predictor.target_mass_recall=0.985", "predictor.only_steps=120",
+                         "predictor.dynamic_eval_batches=4")
+
 # name -> (label, how): how = ("eval", activation, target_sparsity[, compensate]) or ("train", overrides)
 VARIANTS = {
     "dense": ("dense SiLU, as shipped", ("eval", None, None)),
@@ -97,6 +104,10 @@ VARIANTS = {
     "relu_oa85_kl_t": ("ReLU form, output-aware 85%, annealed from SiLU + distillation",
                        ("train", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.target_sparsity=0.85",
                                   "regularizer.type=none", "distill.weight=1.0"])),
+    "relu_oa85_kl_pi_t": ("ReLU form, output-aware 85%, annealed + distillation + PowerInfer's predictors",
+                          ("train", ["relufy.activation=output_aware", "relufy.form=relu",
+                                     "relufy.target_sparsity=0.85", "regularizer.type=none", "distill.weight=1.0",
+                                     *POWERINFER_PREDICTORS])),
     "relu_oa70_mlp_t": ("ReLU form, output-aware 70%, annealed from SiLU + layer-wise MLP distillation",
                         ("train", ["relufy.activation=output_aware", "relufy.form=relu", "relufy.target_sparsity=0.7",
                                    "regularizer.type=none", "distill.mlp_weight=1.0"])),
