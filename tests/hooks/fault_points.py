@@ -11,7 +11,8 @@ can act meanwhile. Used in-process by tests and, through sitecustomize.py, in ch
 Phases: setup (while the data is tokenized), eval (at the start of an evaluation), step (before step STEP),
 checkpoint (half-way through writing checkpoint STEP: after the weights), prune (half-way through deleting an old
 checkpoint), clear (half-way through --overwrite removing checkpoints/), export-write (the export's copy is written,
-not yet in place), export-swap (between the two renames replacing an earlier export), export (export holds its lock), fit (inside the `thresholds` conversion's fit, after the last step by default).
+not yet in place), export-swap (between the two renames replacing an earlier export), export (export holds its lock),
+fit (inside the `thresholds` conversion's fit, after the last step by default).
 """
 
 from __future__ import annotations
