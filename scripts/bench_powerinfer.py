@@ -14,9 +14,11 @@ tokenization of the held-out text, read from `main --verbose-prompt`):
     PowerInfer with predictors and with every neuron, sparsetune dense / predicted masks / oracle masks, and the
     fraction of neurons the predictors skip on those tokens (computed by sparsetune with PowerInfer's formula from
     the GGUF's own tensors, which PowerInfer does not print);
-  - decode tokens/s of `main` (its `eval time` line) over --runs runs each, interleaved: sparse, all neurons on, no
-    neuron (the ceiling of skipping the FFN), and a plain GGUF of the same weights on PowerInfer's dense path (which
-    applies SiLU: a speed reference only).
+  - decode tokens/s of `main` (its `eval time` line) over --runs runs each, interleaved: sparse (the export's file,
+    its neurons hot-first), sparse_model_order (the same export written again in the model's own neuron order, with
+    the same predictors and threshold: what the hot-first order gains), all neurons on, no neuron (the ceiling of
+    skipping the FFN), and a plain GGUF of the same weights on PowerInfer's dense path (which applies SiLU: a speed
+    reference only).
 """
 
 from __future__ import annotations
@@ -75,6 +77,44 @@ def pi_generate(bin_dir: Path, gguf: Path, prompt: str, n: int, threads: int, th
     return proc.stdout, float(speed.group(1)) if speed else float("nan")
 
 
+def model_order_counts(export: Path) -> list[torch.Tensor] | None:
+    """The export's activation counts (activation/, in its GGUF's row order) back in the model's neuron order, through
+    the recorded order (powerinfer_neuron_order.safetensors: file row r holds neuron order[r]); as they are when the
+    export recorded no order (its GGUF is then in the model's order). None when the export has no activation/."""
+    from sparsetune.export.powerinfer_gguf import ACTIVATION_DIR, read_neuron_order
+
+    files = sorted((export / ACTIVATION_DIR).glob("activation_*.pt"), key=lambda f: int(f.stem.split("_")[1]))
+    if not files:
+        return None
+    counts = [torch.load(f, weights_only=True) for f in files]
+    order = read_neuron_order(export)
+    if order is None:
+        return counts
+    return [torch.empty_like(c).index_copy_(0, o, c) for c, o in zip(counts, order)]
+
+
+def write_model_order_gguf(export: Path, folder: Path, lm, tokenizer, bank) -> Path:
+    """`folder/model.powerinfer.gguf`: the export's sparse file written again with neuron_order=None (the model's own
+    neuron order), its predictors built as the exporter builds them (powerinfer_layers(bank, norms)), and
+    `folder/activation/` in that order. `lm`: the export's plain HF Llama (ReLU MLPs). Refuses a threshold that is not
+    the export's (the two files would not run the same masks)."""
+    from sparsetune.export.powerinfer import powerinfer_layers
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, write_activation_counts, write_gguf
+    from sparsetune.surgery.structure import decoder_layers
+
+    norms = [layer.post_attention_layernorm.weight for layer in decoder_layers(lm)]
+    threshold, fc_layers = powerinfer_layers(bank, norms)
+    exported = json.loads((export / "sparsity_report.json").read_text()).get("powerinfer", {}).get("sparse_threshold")
+    if exported is not None and float(exported) != float(threshold):
+        sys.exit(f"error: the predictors give sparse_threshold {threshold}, the export's file has {exported}")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_gguf(lm, tokenizer, fc_layers, threshold, folder / GGUF_FILE, name="sparsetune model order")
+    counts = model_order_counts(export)
+    if counts is not None:
+        write_activation_counts(counts, folder)
+    return path
+
+
 def ppl_like_powerinfer(model, tokens: list[int], ctx: int, masks=None) -> float:
     """PowerInfer's (llama.cpp's) perplexity: chunks of ctx tokens from a fresh context; the logits at positions
     ctx/2 .. ctx-2 score the next token. `masks`: a context (mlp_override) in which the MLPs run masked."""
@@ -113,7 +153,7 @@ def main() -> None:
     from sparsetune import load_predictors, load_sparse_model
     from sparsetune.data.text_datasets import load_text_splits
     from sparsetune.evaluation.dynamic import KeptFraction, mlp_override, oracle_mask, predicted_mask
-    from sparsetune.export.powerinfer_gguf import GGUF_FILE, write_gguf
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_neuron_order, write_gguf
     from sparsetune.recipe.loading import read_yaml, validate_recipe
 
     torch.set_num_threads(args.threads)
@@ -158,11 +198,14 @@ def main() -> None:
     plain = load_sparse_model(out)
     restore_hf_mlps(base_causal_lm(plain))
     write_gguf(base_causal_lm(plain), tok, None, 0.0, dense_gguf)
-    speeds: dict[str, list[float]] = {"sparse": [], "all_neurons": [], "no_neuron": [], "dense_path_silu": []}
+    # the same sparse export in the model's own neuron order (the export's file is hot-first when it records an order)
+    model_order_gguf = write_model_order_gguf(out, work / "model_order", base_causal_lm(plain), tok, bank)
+    modes = {"sparse": (gguf, None), "sparse_model_order": (model_order_gguf, None), "all_neurons": (gguf, ALL_ON),
+             "no_neuron": (gguf, ALL_OFF), "dense_path_silu": (dense_gguf, None)}
+    speeds: dict[str, list[float]] = {mode: [] for mode in modes}
     decode_prompt = tok.decode(tokens[:16])
     for _ in range(args.runs):
-        for mode, (file, thr) in {"sparse": (gguf, None), "all_neurons": (gguf, ALL_ON), "no_neuron": (gguf, ALL_OFF),
-                                  "dense_path_silu": (dense_gguf, None)}.items():
+        for mode, (file, thr) in modes.items():
             speeds[mode].append(pi_generate(args.bin, file, decode_prompt, args.decode_tokens, args.threads, thr)[1])
 
     def summary(v: list[float]) -> dict:
@@ -179,6 +222,9 @@ def main() -> None:
                    pi_dense.startswith(prompt) else pi_dense, "sparsetune_predicted": hf_pred,
                    "powerinfer_predicted": pi_pred[len(prompt):] if pi_pred.startswith(prompt) else pi_pred},
         "decode_tokens_per_s": {k: summary(v) for k, v in speeds.items()},
+        "neuron_order": {"sparse": "hot-first" if read_neuron_order(out) is not None else "model order (the export "
+                         "records no neuron order)", "sparse_model_order": "model order",
+                         "model_order_file": str(model_order_gguf)},
     }
     g = result["greedy"]
     result["greedy"]["dense_equal"] = g["powerinfer_all_neurons"].startswith(g["transformers_dense"]) or \
@@ -188,6 +234,9 @@ def main() -> None:
     d = result["decode_tokens_per_s"]
     result["speedup_sparse_over_all_neurons"] = d["sparse"]["median"] / d["all_neurons"]["median"]
     result["speedup_sparse_over_dense_path"] = d["sparse"]["median"] / d["dense_path_silu"]["median"]
+    result["speedup_hot_first_over_model_order"] = d["sparse"]["median"] / d["sparse_model_order"]["median"]
+    result["speedup_sparse_model_order_over_all_neurons"] = (d["sparse_model_order"]["median"]
+                                                             / d["all_neurons"]["median"])
     result["ceiling_no_neuron_over_all_neurons"] = d["no_neuron"]["median"] / d["all_neurons"]["median"]
     print(json.dumps(result, indent=1))
     if args.json:

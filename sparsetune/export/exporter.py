@@ -20,14 +20,16 @@ from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate_held_out, held_out_data
 from sparsetune.export.hf_code import CODE_FILE, write_code_target
 from sparsetune.export.model_card import model_card
-from sparsetune.export.powerinfer import neuron_activation_counts, powerinfer_layers
+from sparsetune.export.powerinfer import hot_first_order, neuron_activation_counts, powerinfer_layers
 from sparsetune.export.powerinfer_gguf import (
     GGUF_FILE,
+    NEURON_ORDER_FILE,
     check_activation,
     check_model,
     tensor_bytes,
     write_activation_counts,
     write_gguf,
+    write_neuron_order,
 )
 from sparsetune.models.build import SPEC_FILE, SparseModel
 from sparsetune.predictors.bank import load_predictors
@@ -153,6 +155,7 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
 
         counts, count_tokens = neuron_activation_counts(model.to(dev), training_batches(
             recipe.data, tokenizer, recipe.train.micro_batch_size, bank.cfg.calibration_batches), dev)
+        neuron_order = hot_first_order(counts)  # the GGUF's rows hot-first; HF weights and predictors keep theirs
     model.to("cpu")
 
     lm = base_causal_lm(model)
@@ -191,7 +194,9 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
     if powerinfer:
         report["powerinfer"] = {"file": GGUF_FILE, "sparse_threshold": threshold,
                                 "predictor_input": bank.cfg.input, "activation_counts": {
-                                    "folder": "activation", "tokens": count_tokens}}
+                                    "folder": "activation", "tokens": count_tokens, "order": "file rows"},
+                                "neuron_order": f"hot-first by activation count on {count_tokens} calibration tokens",
+                                "neuron_order_file": NEURON_ORDER_FILE}
         report["predictors"] = {"files": ["predictors.safetensors", "predictors.json"], **{
             k: v for k, v in bank.spec().items() if k != "config"}, "config": bank.cfg.model_dump(mode="json"),
             "evaluation": {k: state.get("last_eval", {}).get(k) for k in ("predictor", "dynamic")}}
@@ -215,10 +220,12 @@ def _export(ckpt: Path, out: Path, measure: bool, eval_batches_n: int | None, de
         if bank is not None:
             bank.save(tmp, metrics=state.get("last_eval", {}).get("predictor"))
         if powerinfer:
-            gguf = write_gguf(lm, tokenizer, fc_layers, threshold, tmp / GGUF_FILE, name=f"sparsetune {out.name}")
+            gguf = write_gguf(lm, tokenizer, fc_layers, threshold, tmp / GGUF_FILE, name=f"sparsetune {out.name}",
+                              neuron_order=neuron_order)
             report["powerinfer"]["tensor_bytes"] = tensor_bytes(gguf)  # predictor bytes beside the MLP's
             texts["sparsity_report.json"] = json.dumps(report, indent=1)
-            write_activation_counts(counts, tmp)
+            write_activation_counts(counts, tmp, neuron_order)  # in the GGUF's row order, as PowerInfer reads them
+            write_neuron_order(neuron_order, tmp)  # file row r holds the model's neuron order[r]
         for name, text in texts.items():
             (tmp / name).write_text(text)
         # Written last: the marker of a finished export, listing what it wrote (what --overwrite may replace later).

@@ -99,6 +99,16 @@ def f16_margin(fc1: torch.Tensor, fc2: torch.Tensor, residual: torch.Tensor) -> 
     return 5 * u * ((residual.float().abs() @ fc1.float().abs().t()) @ fc2.float().abs().t()) + 1e-6
 
 
+def hot_first_order(counts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the neurons by descending activation count (a stable sort: equal counts keep their index order),
+    as int64 permutations of range(n_ff): file row r of the exported GGUF holds the model's neuron order[r].
+    Permuting a layer's MLP neurons (rows of gate/up, columns of down, rows of the predictor's fc2) is an exact
+    identity of the model's function; hot-first clusters the neurons that fire for a token towards the front rows,
+    which PowerInfer's CPU sparse kernels run faster than scattered rows."""
+    return [torch.sort(c.detach().cpu().reshape(-1), descending=True, stable=True).indices.to(torch.int64)
+            for c in counts]
+
+
 class _Counter:
     """A SparseMLP sink counting, per layer, the tokens on which each neuron is active (a != 0)."""
 

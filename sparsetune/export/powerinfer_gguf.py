@@ -32,6 +32,11 @@ Every name, shape, dtype and key below comes from PowerInfer's public source at 
     rotates (PowerInfer's `convert.py` `permute`).
   - `llama.cpp:3101-3110` and `powerinfer-py/powerinfer/solver.py:22`: the GPU split solver reads
     `<folder of the GGUF>/activation/activation_{i}.pt`, one 1-D tensor of n_ff activation counts per layer.
+  - Neuron order: a layer's MLP neurons may be written in any order (`write_gguf(neuron_order=...)`: the rows of
+    `ffn_gate`, `ffn_up`, `ffn_down_t` and `fc2`, the columns of `ffn_down`, permuted alike), an exact identity of
+    the model's function; `export --powerinfer` writes them hot-first and records the order in
+    `powerinfer_neuron_order.safetensors` (`layer.{i}`: file row r holds the model's neuron order[r]), with the
+    activation counts in the same (file-row) order.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from sparsetune.activations import build_activation
 from sparsetune.errors import SparsetuneError
 
 GGUF_FILE = "model.powerinfer.gguf"
+NEURON_ORDER_FILE = "powerinfer_neuron_order.safetensors"
 PREDICTOR_DTYPES = ("f16", "f32")
 F16_MAX = float(np.finfo(np.float16).max)
 ACTIVATION_DIR = "activation"
@@ -135,51 +141,59 @@ def _vocab(writer, tokenizer, vocab_size: int) -> None:
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
 
 
+def check_neuron_order(neuron_order, n_layer: int, n_ff: int) -> list[torch.Tensor]:
+    """`neuron_order` as int64 tensors, refused (ValueError) unless it is one permutation of range(n_ff) per layer."""
+    if len(neuron_order) != n_layer:
+        raise ValueError(f"neuron_order: {len(neuron_order)} layers given, the model has {n_layer}")
+    out = []
+    for i, order in enumerate(neuron_order):
+        order = torch.as_tensor(order).detach().cpu().to(torch.int64).reshape(-1)
+        if order.numel() != n_ff or not torch.equal(torch.sort(order).values, torch.arange(n_ff)):
+            raise ValueError(f"neuron_order[{i}] is not a permutation of range({n_ff})")
+        out.append(order)
+    return out
+
+
 def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, threshold: float, path: Path,
-               name: str = "sparsetune export", predictor_dtype: str = "f16") -> Path:
+               name: str = "sparsetune export", predictor_dtype: str = "f16",
+               neuron_order: list[torch.Tensor] | None = None) -> Path:
     """Write `lm` (a plain HF Llama with ReLU MLPs), its tokenizer and the PowerInfer predictor tensors
     (`fc1.weight` [r, d], `fc2.weight` [m, r] per layer, for idx = fc2 relu(fc1 residual) >= threshold).
     `fc_layers=None` writes a plain GGUF of the same weights for PowerInfer's dense path instead (`GGUF` magic,
     `ffn_down`, no predictors; llama.cpp:3423): that path applies SiLU, so it is a speed reference only.
     `predictor_dtype`: "f16" (PowerInfer's converters' default; a predictor tensor whose values F16 cannot hold is
-    written F32) or "f32". A failed write removes the partial file and raises the OS's own error (ENOSPC: "No space
-    left on device")."""
+    written F32) or "f32". `neuron_order`: per layer a permutation of range(n_ff); file row r of every per-neuron
+    tensor (`ffn_gate`, `ffn_up`, `ffn_down_t`, `fc2` rows; `ffn_down` columns) then holds the model's neuron
+    order[r] (the same function, exactly); None writes the model's own order. A failed write removes the partial file
+    and raises the OS's own error (ENOSPC: "No space left on device")."""
     if predictor_dtype not in PREDICTOR_DTYPES:
         raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     sparse = fc_layers is not None
-    import gguf
-
     path = Path(path)
     cfg = lm.config
     check_model(cfg)
     rope = rope_settings(cfg)
     state = {k: v.detach().float().cpu() for k, v in lm.state_dict().items()}
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
-    writer.add_context_length(int(cfg.max_position_embeddings))
-    writer.add_embedding_length(int(cfg.hidden_size))
-    writer.add_block_count(int(cfg.num_hidden_layers))
-    writer.add_feed_forward_length(int(cfg.intermediate_size))
-    writer.add_rope_dimension_count(int(cfg.hidden_size // n_head))
-    writer.add_head_count(int(n_head))
-    writer.add_head_count_kv(int(n_kv))
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_rope_freq_base(rope["theta"])
-    if rope["type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(rope["factor"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    if sparse:
-        writer.add_float32("powerinfer.sparse_threshold", float(threshold))
-    _vocab(writer, tokenizer, int(cfg.vocab_size))
+    if neuron_order is not None:
+        neuron_order = check_neuron_order(neuron_order, int(cfg.num_hidden_layers), int(cfg.intermediate_size))
 
-    arrays: list[np.ndarray] = []  # in the order of the tensor infos; written below with Python's own writes
+    def rows(t: torch.Tensor, layer: int) -> torch.Tensor:  # a per-neuron tensor's rows in the file's order
+        return t if neuron_order is None else t[neuron_order[layer]]
+
+    def metadata(writer) -> None:
+        add_llama_metadata(writer, name=name, context_length=int(cfg.max_position_embeddings),
+                           n_embd=int(cfg.hidden_size), n_layer=int(cfg.num_hidden_layers),
+                           n_ff=int(cfg.intermediate_size), n_head=int(n_head), n_head_kv=int(n_kv),
+                           rms_eps=float(cfg.rms_norm_eps), rope_theta=rope["theta"],
+                           rope_linear_factor=rope["factor"] if rope["type"] == "linear" else None,
+                           sparse_threshold=float(threshold) if sparse else None)
+        _vocab(writer, tokenizer, int(cfg.vocab_size))
+
+    arrays: dict[str, np.ndarray] = {}
 
     def add(name: str, t: torch.Tensor, f16: bool) -> None:
-        a = np.ascontiguousarray(t.numpy().astype(np.float16 if f16 else np.float32))
-        writer.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
-        arrays.append(a)
+        arrays[name] = np.ascontiguousarray(t.numpy().astype(np.float16 if f16 else np.float32))
 
     def add_predictor(name: str, t: torch.Tensor) -> None:
         t = t.detach().float().cpu()  # F32 where F16 would overflow (a folded per-layer threshold can scale fc2 up)
@@ -197,14 +211,92 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, t
         add(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"], True)
         add(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"], True)
         add(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"], False)
-        add(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"], True)
-        add(f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"], True)
+        add(f"blk.{i}.ffn_gate.weight", rows(state[p + "mlp.gate_proj.weight"], i), True)
+        add(f"blk.{i}.ffn_up.weight", rows(state[p + "mlp.up_proj.weight"], i), True)
+        down_t = rows(state[p + "mlp.down_proj.weight"].t(), i)  # [n_ff, n_embd]: one row per neuron
         if not sparse:
-            add(f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"], True)
+            add(f"blk.{i}.ffn_down.weight", down_t.t().contiguous(), True)
             continue
-        add(f"blk.{i}.ffn_down_t.weight", state[p + "mlp.down_proj.weight"].t().contiguous(), True)
+        add(f"blk.{i}.ffn_down_t.weight", down_t.contiguous(), True)
         add_predictor(f"blk.{i}.fc1.weight", fc_layers[i]["fc1.weight"])
-        add_predictor(f"blk.{i}.fc2.weight", fc_layers[i]["fc2.weight"])
+        add_predictor(f"blk.{i}.fc2.weight", rows(fc_layers[i]["fc2.weight"].detach().float().cpu(), i))
+    rank = int(fc_layers[0]["fc1.weight"].shape[0]) if sparse and cfg.num_hidden_layers else None
+    layout = llama_tensor_specs(int(cfg.vocab_size), int(cfg.hidden_size), int(cfg.num_hidden_layers),
+                                int(cfg.intermediate_size), int(cfg.hidden_size // n_head * n_kv), rank)
+    if [(n, tuple(s)) for n, s, _ in layout] != [(n, a.shape) for n, a in arrays.items()]:
+        raise SparsetuneError("--powerinfer: the tensors to write do not match PowerInfer's llama layout "
+                              "(llama_tensor_specs)")
+    # each tensor's own dtype: a predictor F16 cannot hold stays F32
+    specs = [(n, a.shape, a.dtype) for n, a in arrays.items()]
+    return write_gguf_tensors(path, metadata, specs, arrays.values(), sparse)
+
+
+def add_llama_metadata(writer, *, name: str, context_length: int, n_embd: int, n_layer: int, n_ff: int, n_head: int,
+                       n_head_kv: int, rms_eps: float, rope_theta: float, rope_linear_factor: float | None = None,
+                       sparse_threshold: float | None = None) -> None:
+    """The `llama.*` hyperparameters PowerInfer's loader reads (llama.cpp:327-347, 2356), the F16 file type and, for
+    the sparse file, `powerinfer.sparse_threshold` (llama.cpp:362, 2345-2350). The vocabulary is added separately."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(int(context_length))
+    writer.add_embedding_length(int(n_embd))
+    writer.add_block_count(int(n_layer))
+    writer.add_feed_forward_length(int(n_ff))
+    writer.add_rope_dimension_count(int(n_embd // n_head))
+    writer.add_head_count(int(n_head))
+    writer.add_head_count_kv(int(n_head_kv))
+    writer.add_layer_norm_rms_eps(float(rms_eps))
+    writer.add_rope_freq_base(float(rope_theta))
+    if rope_linear_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope_linear_factor))
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    if sparse_threshold is not None:
+        writer.add_float32("powerinfer.sparse_threshold", float(sparse_threshold))
+
+
+def llama_tensor_specs(n_vocab: int, n_embd: int, n_layer: int, n_ff: int, n_embd_kv: int, rank: int | None = None,
+                       predictor_dtype: str = "f16") -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, numpy shape, dtype) of every tensor PowerInfer's llama loader requires, in the order `write_gguf`
+    writes them (numpy shapes are ggml's dims reversed; llama.cpp:3236-3264 sparse, :3423 dense). `rank=None`: the
+    dense-path file (`ffn_down` {n_ff, n_embd} as ggml names it, no predictors); otherwise `ffn_down_t` and the
+    predictors `fc1` [rank, n_embd], `fc2` [n_ff, rank]. 2-D weights F16, norms F32, predictors `predictor_dtype`."""
+    if predictor_dtype not in PREDICTOR_DTYPES:
+        raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
+    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
+    pred = f16 if predictor_dtype == "f16" else f32
+    specs = [("token_embd.weight", (n_vocab, n_embd), f16), ("output_norm.weight", (n_embd,), f32),
+             ("output.weight", (n_vocab, n_embd), f16)]
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        specs += [(b + "attn_norm.weight", (n_embd,), f32), (b + "attn_q.weight", (n_embd, n_embd), f16),
+                  (b + "attn_k.weight", (n_embd_kv, n_embd), f16), (b + "attn_v.weight", (n_embd_kv, n_embd), f16),
+                  (b + "attn_output.weight", (n_embd, n_embd), f16), (b + "ffn_norm.weight", (n_embd,), f32),
+                  (b + "ffn_gate.weight", (n_ff, n_embd), f16), (b + "ffn_up.weight", (n_ff, n_embd), f16)]
+        if rank is None:
+            specs.append((b + "ffn_down.weight", (n_embd, n_ff), f16))
+        else:
+            specs += [(b + "ffn_down_t.weight", (n_ff, n_embd), f16), (b + "fc1.weight", (rank, n_embd), pred),
+                      (b + "fc2.weight", (n_ff, rank), pred)]
+    return specs
+
+
+def write_gguf_tensors(path: Path, metadata, specs, data, sparse: bool) -> Path:
+    """Write a GGUF holding the tensors `specs` ((name, numpy shape, dtype), in file order) with the key/values that
+    `metadata(writer)` adds (architecture `llama`), streaming their data from `data`: one item per spec, either an
+    array of exactly that shape and dtype or an iterable of row blocks (arrays of that dtype whose first dimensions
+    add up to the spec's), so a model larger than memory is written a tensor or a block at a time. `sparse`:
+    PowerInfer's `PWRI` magic instead of `GGUF`. A failed write removes the partial file and raises the OS's own
+    error (ENOSPC: "No space left on device")."""
+    import gguf
+
+    path = Path(path)
+    specs = [(str(n), tuple(int(x) for x in shape), np.dtype(dt)) for n, shape, dt in specs]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    metadata(writer)
+    for name, shape, dtype in specs:
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -214,12 +306,18 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, t
         # ndarray.tofile, whose short write on a full disk raises OSError("3145728 requested and 1258880 written")
         # with no errno; Python's file writes raise the OS's error (ENOSPC, "No space left on device").
         align = int(writer.data_alignment)
+        items = iter(data)
         with open(path, "r+b") as f:
             f.seek(0, 2)
             _pad(f, align)
-            for a in arrays:
-                f.write(a.reshape(-1).view(np.uint8))
+            for name, shape, dtype in specs:
+                item = next(items, None)
+                if item is None:
+                    raise ValueError(f"{path}: no data for tensor {name} (fewer data items than specs)")
+                _write_tensor(f, name, shape, dtype, item)
                 _pad(f, align)
+            if next(items, None) is not None:
+                raise ValueError(f"{path}: more data items than tensor specs")
             if sparse:  # PowerInfer's sparse file: the GGUF layout under its own magic
                 f.seek(0)
                 f.write(POWERINFER_MAGIC)
@@ -231,6 +329,18 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, t
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
     return path
+
+
+def _write_tensor(f, name: str, shape: tuple[int, ...], dtype: np.dtype, item) -> None:
+    """One tensor's data: `item` is the whole array or an iterable of row blocks; dtype and shape are checked."""
+    rows = 0
+    for block in [item] if isinstance(item, np.ndarray) else item:
+        if block.dtype != dtype or block.ndim != len(shape) or block.shape[1:] != shape[1:]:
+            raise ValueError(f"tensor {name}: got {block.dtype} {block.shape}, the layout says {dtype} {shape}")
+        f.write(np.ascontiguousarray(block).reshape(-1).view(np.uint8))
+        rows += block.shape[0]
+    if rows != shape[0]:
+        raise ValueError(f"tensor {name}: {rows} rows written, the layout says {dtype} {shape}")
 
 
 def _pad(f, align: int) -> None:
@@ -313,13 +423,61 @@ def read_gguf(path: Path):
         copy.unlink(missing_ok=True)
 
 
-def write_activation_counts(counts: list[torch.Tensor], folder: Path) -> Path:
-    """`folder/activation/activation_{i}.pt`: per layer, how often each neuron was active on calibration tokens."""
+def open_gguf(path: Path, mode: str = "r"):
+    """A GGUFReader over the file itself (memory-mapped, nothing copied), `GGUF` or PowerInfer's `PWRI` magic: for
+    files too large for `read_gguf`'s copy. Its tensors' `data_offset` are absolute file offsets; `mode="r+"` maps
+    the file writable."""
+    import gguf
+    import gguf.gguf_reader as reader_module
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"GGUF", POWERINFER_MAGIC):
+        raise ValueError(f"{path} is not a GGUF file (magic {magic!r})")
+    saved = reader_module.GGUF_MAGIC
+    reader_module.GGUF_MAGIC = struct.unpack("<I", magic)[0]  # the reader compares the first 4 bytes with this
+    try:
+        return gguf.GGUFReader(str(path), mode)
+    finally:
+        reader_module.GGUF_MAGIC = saved
+
+
+def write_activation_counts(counts: list[torch.Tensor], folder: Path,
+                            neuron_order: list[torch.Tensor] | None = None) -> Path:
+    """`folder/activation/activation_{i}.pt`: per layer, how often each neuron was active on calibration tokens, in
+    the GGUF's row order (`neuron_order`, as given to `write_gguf`: PowerInfer's split solver reads entry r as the
+    count of file row r)."""
     out = folder / ACTIVATION_DIR
     out.mkdir(parents=True, exist_ok=True)
+    if neuron_order is not None:
+        neuron_order = check_neuron_order(neuron_order, len(counts), int(counts[0].numel()) if counts else 0)
     for i, c in enumerate(counts):
-        torch.save(c.to(torch.int64).contiguous(), out / f"activation_{i}.pt")
+        c = c.detach().cpu().to(torch.int64).reshape(-1)
+        torch.save((c if neuron_order is None else c[neuron_order[i]]).contiguous(), out / f"activation_{i}.pt")
     return out
+
+
+def write_neuron_order(neuron_order: list[torch.Tensor], folder: Path) -> Path:
+    """`folder/powerinfer_neuron_order.safetensors`: one int64 tensor per layer, `layer.{i}`; file row r of the GGUF
+    holds the model's neuron order[r] (`model_neuron = order[file_row]`; `file_row = argsort(order)[model_neuron]`)."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / NEURON_ORDER_FILE
+    save_file({f"layer.{i}": torch.as_tensor(o).to(torch.int64).contiguous() for i, o in enumerate(neuron_order)},
+              str(path))
+    return path
+
+
+def read_neuron_order(folder: Path) -> list[torch.Tensor] | None:
+    """The order `write_neuron_order` recorded in `folder` (a list per layer), or None where the export has none
+    (the GGUF then holds the model's own order)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / NEURON_ORDER_FILE
+    if not path.exists():
+        return None
+    tensors = load_file(str(path))
+    return [tensors[f"layer.{i}"] for i in range(len(tensors))]
 
 
 def header_version(path: Path) -> int:

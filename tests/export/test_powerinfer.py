@@ -175,6 +175,14 @@ def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
     tokens = report["powerinfer"]["activation_counts"]["tokens"]
     assert all(c.shape == (m,) and 0 <= int(c.min()) and int(c.max()) <= tokens for c in counts)
     assert sum(int(c.sum()) for c in counts) > 0
+    # the neurons are written hot-first, the order recorded beside the file and listed as written by the export
+    from sparsetune.export.powerinfer_gguf import NEURON_ORDER_FILE, read_neuron_order
+
+    assert report["powerinfer"]["neuron_order"] == f"hot-first by activation count on {tokens} calibration tokens"
+    assert report["powerinfer"]["neuron_order_file"] == NEURON_ORDER_FILE
+    assert NEURON_ORDER_FILE in json.loads((out / "sparsetune.json").read_text())["files"]
+    order = read_neuron_order(out)
+    assert len(order) == n and all(torch.equal(o.sort().values, torch.arange(m)) for o in order)
     card = (out / "README.md").read_text()
     assert "model.powerinfer.gguf" in card and "docs/ENGINES.md" in card
 
@@ -232,7 +240,7 @@ def test_masks_from_the_gguf_equal_sparsetunes_on_the_same_tokens(powerinfer_exp
     from sparsetune import load_sparse_model
     from sparsetune.evaluation.dynamic import predicted_mask
     from sparsetune.export.powerinfer import f16_margin
-    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_gguf, write_gguf
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_gguf, read_neuron_order, write_gguf
     from sparsetune.surgery.sparse_mlp import patched_mlps
 
     _, out = powerinfer_export
@@ -259,18 +267,23 @@ def test_masks_from_the_gguf_equal_sparsetunes_on_the_same_tokens(powerinfer_exp
                      predictor_dtype="f32")
     d, m = model.config.hidden_size, model.config.intermediate_size
     kept, differ = [], 0
-    for path, dtype in ((out / GGUF_FILE, np.float16), (f32, np.float32)):
+    # the export's file holds the neurons hot-first (file row r: the model's neuron order[r]); the F32 one written
+    # here, without an order, the model's own order: sparsetune's masks are mapped to each file's rows
+    hot_first = read_neuron_order(out)
+    assert any(not torch.equal(o, torch.arange(m)) for o in hot_first)  # a real permutation on this model
+    for path, dtype, order in ((out / GGUF_FILE, np.float16, hot_first), (f32, np.float32, None)):
         tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in read_gguf(path).tensors}
         for i in range(model.config.num_hidden_layers):
             fc1 = tensors[f"blk.{i}.fc1.weight"].reshape(-1, d)
             fc2 = tensors[f"blk.{i}.fc2.weight"].reshape(m, -1)
             assert fc1.dtype == fc2.dtype == torch.from_numpy(np.zeros(1, dtype)).dtype
             theirs = engine_mask(fc1, fc2, threshold, residuals[i])
+            mine = ours[i] if order is None else ours[i][:, order[i]]  # column r: the neuron in file row r
             if dtype == np.float32:
-                assert torch.equal(theirs, ours[i]), i
+                assert torch.equal(theirs, mine), i
                 kept.append(theirs.float().mean().item())
                 continue
-            wrong = theirs != ours[i]
+            wrong = theirs != mine
             output = torch.relu(residuals[i] @ fc1.float().t()) @ fc2.float().t()
             assert ((output - threshold).abs()[wrong] <= f16_margin(fc1, fc2, residuals[i])[wrong]).all(), i
             differ += int(wrong.sum())
@@ -379,3 +392,113 @@ def test_predictors_are_f16_unless_f16_cannot_hold_them_and_their_bytes_are_repo
     assert sizes["f16"]["predictor_bytes"] == (n * (r * d + m * r) + m * r) * 2
     with pytest.raises(ValueError, match="predictor_dtype"):
         write_gguf(lm, tiny_tokenizer, fc, -1.0, tmp_path / "x.gguf", predictor_dtype="bf16")
+
+
+def test_hot_first_order_is_a_stable_descending_sort_of_the_counts():
+    from sparsetune.export.powerinfer import hot_first_order
+
+    counts = [torch.tensor([3, 5, 5, 0, 3, 9]), torch.zeros(6, dtype=torch.int64)]
+    order = hot_first_order(counts)
+    assert order[0].tolist() == [5, 1, 2, 0, 4, 3]  # ties (5, 5 and 3, 3) keep their index order
+    assert order[1].tolist() == list(range(6)) and order[0].dtype == torch.int64
+
+
+def _tensors(path) -> dict[str, np.ndarray]:
+    from sparsetune.export.powerinfer_gguf import open_gguf
+
+    return {t.name: np.array(t.data).reshape(tuple(int(x) for x in reversed(t.shape))) for t in open_gguf(path).tensors}
+
+
+@pytest.mark.e2e
+def test_the_export_writes_the_neurons_hot_first_and_records_the_order(powerinfer_export, tmp_path):
+    """The export's GGUF holds each layer's neurons by descending activation count: file row r of ffn_gate, ffn_up,
+    ffn_down_t and fc2 is row order[r] of the same tensors written in the model's order (from the export's own HF
+    weights and predictors.safetensors, which keep the model's order), everything else is equal; activation/ holds
+    the counts in file-row order (non-increasing); the dense-path file permutes ffn_down's columns alike."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsetune.export.powerinfer import hot_first_order
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_neuron_order, write_activation_counts, write_gguf
+
+    _, out = powerinfer_export
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    n, m = lm.config.num_hidden_layers, lm.config.intermediate_size
+    threshold, fc_layers = powerinfer_layers(load_predictors(out), [b.post_attention_layernorm.weight
+                                                                     for b in lm.model.layers])
+    order = read_neuron_order(out)
+    plain = _tensors(write_gguf(lm, tokenizer, fc_layers, threshold, tmp_path / "model_order.gguf"))
+    hot = _tensors(out / GGUF_FILE)
+    assert hot.keys() == plain.keys()
+    per_neuron = ("ffn_gate", "ffn_up", "ffn_down_t", "fc2")
+    moved = 0
+    for name, a in hot.items():
+        parts = name.split(".")
+        if parts[0] == "blk" and parts[2] in per_neuron:
+            o = order[int(parts[1])].numpy()
+            assert np.array_equal(a, plain[name][o]), name  # the same rows, in the recorded order
+            moved += not np.array_equal(a, plain[name])
+        else:
+            assert np.array_equal(a, plain[name]), name
+    assert moved == n * len(per_neuron)  # really permuted, every per-neuron tensor of every layer
+    # activation counts in the file's row order: non-increasing; in the model's order they sort to the same order
+    counts = [torch.load(out / "activation" / f"activation_{i}.pt", weights_only=True) for i in range(n)]
+    assert all(bool((c[:-1] >= c[1:]).all()) for c in counts)
+    model_counts = [torch.empty_like(c).index_copy_(0, o, c) for c, o in zip(counts, order)]
+    assert all(torch.equal(a, b) for a, b in zip(hot_first_order(model_counts), order))  # stable: ties by index
+    write_activation_counts(model_counts, tmp_path, order)
+    assert all(torch.equal(torch.load(tmp_path / "activation" / f"activation_{i}.pt", weights_only=True), counts[i])
+               for i in range(n))
+    # the dense-path file (bench_powerinfer.py's reference): ffn_down's columns, gate/up rows, in the same order
+    dense_plain = _tensors(write_gguf(lm, tokenizer, None, 0.0, tmp_path / "dense.gguf"))
+    dense_hot = _tensors(write_gguf(lm, tokenizer, None, 0.0, tmp_path / "dense_hot.gguf", neuron_order=order))
+    for i in range(n):
+        o = order[i].numpy()
+        assert np.array_equal(dense_hot[f"blk.{i}.ffn_down.weight"], dense_plain[f"blk.{i}.ffn_down.weight"][:, o])
+        assert np.array_equal(dense_hot[f"blk.{i}.ffn_gate.weight"], dense_plain[f"blk.{i}.ffn_gate.weight"][o])
+    bad = [o.clone() for o in order]
+    bad[0][0] = bad[0][1]
+    for wrong in (bad, order[:-1], [torch.arange(m + 1)] * n):
+        with pytest.raises(ValueError, match="neuron_order"):
+            write_gguf(lm, tokenizer, fc_layers, threshold, tmp_path / "x.gguf", neuron_order=wrong)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.e2e
+def test_the_bench_writes_the_export_again_in_the_models_own_order(powerinfer_export, tmp_path):
+    """scripts/bench_powerinfer.py's `sparse_model_order` file: the export's GGUF with neuron_order=None (predictors
+    built as the exporter builds them), its per-neuron rows those of the export's file mapped back through the
+    recorded order, and activation/ in the model's order."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from sparsetune import load_sparse_model
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_neuron_order
+    from sparsetune.surgery.relufy import restore_hf_mlps
+    from sparsetune.surgery.structure import base_causal_lm
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_powerinfer", Path(__file__).resolve().parents[2] / "scripts" / "bench_powerinfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _, out = powerinfer_export
+    plain = load_sparse_model(out)
+    restore_hf_mlps(base_causal_lm(plain))
+    lm = base_causal_lm(plain)
+    path = bench.write_model_order_gguf(out, tmp_path / "model_order", lm, AutoTokenizer.from_pretrained(out),
+                                        load_predictors(out))
+    assert path == tmp_path / "model_order" / GGUF_FILE and path.read_bytes()[:4] == b"PWRI"
+    order = read_neuron_order(out)
+    model_order, hot = _tensors(path), _tensors(out / GGUF_FILE)
+    for name, a in hot.items():
+        parts = name.split(".")
+        o = order[int(parts[1])].numpy() if parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down_t",
+                                                                                 "fc2") else slice(None)
+        assert np.array_equal(model_order[name][o], a), name
+    counts = bench.model_order_counts(out)
+    n = lm.config.num_hidden_layers
+    for i in range(n):
+        file_rows = torch.load(out / "activation" / f"activation_{i}.pt", weights_only=True)
+        assert torch.equal(counts[i][order[i]], file_rows)
+        assert torch.equal(torch.load(path.parent / "activation" / f"activation_{i}.pt", weights_only=True), counts[i])

@@ -149,22 +149,34 @@ def _ids(vocab: int, n: int = 40) -> np.ndarray:
     return np.random.default_rng(3).integers(3, vocab, n)
 
 
+def _file_rows(masks, order):
+    """Masks [T, n_ff] in the model's neuron order -> the GGUF's row order (file row r holds neuron order[r])."""
+    return [m if order is None else m[:, order[i].numpy()] for i, m in enumerate(masks)]
+
+
 def test_powerinfers_formula_on_the_gguf_gives_sparsetunes_logits_with_oracle_masks(powerinfer_export):  # noqa: F811
-    from sparsetune.export.powerinfer_gguf import GGUF_FILE
+    """The export's GGUF holds each layer's neurons hot-first (powerinfer_neuron_order.safetensors): with the oracle
+    masks mapped to its rows, the formula on the permuted file gives sparsetune's logits (the permutation is an
+    exact identity); the masks left in the model's order give other logits (the rows really are permuted)."""
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_neuron_order
 
     _, out = powerinfer_export
     engine = PowerInferLlama(out / GGUF_FILE)
+    order = read_neuron_order(out)
     ids = _ids(engine.t["token_embd.weight"].shape[0])
     ours, _, oracle, _ = _sparsetune_forward(out, ids, f16_weights=True, mask="oracle")
-    masks = [oracle[i].numpy() for i in range(engine.n_layer)]
+    model_order = [oracle[i].numpy() for i in range(engine.n_layer)]
+    masks = _file_rows(model_order, order)
     skipped = 1 - float(np.mean(masks))
     assert 0.2 < skipped < 0.95  # ReLU: a real share of the rows is never computed
     theirs, _ = engine.forward(ids, masks)
     scale = np.abs(ours).max()
     assert np.abs(theirs - ours).max() <= 1e-5 * scale + 1e-5  # float32 vs float64 summation only
-    # not vacuous: computing no FFN row at all, or the Q/K rows un-permuted, gives other logits
+    # not vacuous: computing no FFN row at all, the masks in the model's order rather than the file's, or the Q/K
+    # rows un-permuted, gives other logits
     none = engine.forward(ids, [np.zeros_like(m) for m in masks])[0]
     assert np.abs(none - ours).max() > 1e-3 * scale
+    assert np.abs(engine.forward(ids, model_order)[0] - ours).max() > 1e-3 * scale
     unpermuted = PowerInferLlama(out / GGUF_FILE)
     for i in range(engine.n_layer):  # ggml's rope on Hugging Face's row order: wrong for every position > 0
         for name, heads in (("attn_q", engine.n_head), ("attn_k", engine.n_kv)):
@@ -192,7 +204,7 @@ def test_powerinfers_predictor_formula_on_the_gguf_gives_sparsetunes_masks_and_l
     threshold at their median output, a cut of about half, written by the same code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsetune.export.powerinfer_gguf import GGUF_FILE, write_gguf
+    from sparsetune.export.powerinfer_gguf import GGUF_FILE, read_neuron_order, write_gguf
 
     _, out = powerinfer_export
     vocab = PowerInferLlama(out / GGUF_FILE).t["token_embd.weight"].shape[0]
@@ -212,8 +224,10 @@ def test_powerinfers_predictor_formula_on_the_gguf_gives_sparsetunes_masks_and_l
     threshold, fc_layers = powerinfer_layers(bank, [b.post_attention_layernorm.weight for b in lm.model.layers])
     engines = {dtype: PowerInferLlama(write_gguf(lm, tokenizer, fc_layers, threshold, tmp_path / f"{dtype}.gguf",
                                                  predictor_dtype=dtype)) for dtype in ("f16", "f32")}
+    orders = {"f16": None, "f32": None}  # written here in the model's own order; the export's file hot-first
     if cut == "exported":
         engines["f16"] = PowerInferLlama(out / GGUF_FILE)
+        orders["f16"] = read_neuron_order(out)
         assert engines["f16"].threshold == pytest.approx(json.loads((out / "sparsity_report.json").read_text())
                                                          ["powerinfer"]["sparse_threshold"])
     n_layer = engines["f16"].n_layer
@@ -225,7 +239,7 @@ def test_powerinfers_predictor_formula_on_the_gguf_gives_sparsetunes_masks_and_l
         fc1, fc2 = (torch.tensor(engines["f16"].t[f"blk.{i}.{n}.weight"]) for n in ("fc1", "fc2"))
         assert fc1.dtype == fc2.dtype == torch.float16
         on_gguf = engine_mask(fc1, fc2, threshold, r)  # as ggml computes it: F16 inputs, F32 sums
-        wrong = on_gguf != predicted[i]
+        wrong = on_gguf != (predicted[i] if orders["f16"] is None else predicted[i][:, orders["f16"][i]])
         margin = (torch.from_numpy(engines["f16"].predictor(i, r.double().numpy())) - threshold).abs()
         assert (margin[wrong] <= f16_margin(fc1, fc2, r)[wrong].double()).all(), i
         differ, total = differ + int(wrong.sum()), total + wrong.numel()
@@ -235,8 +249,8 @@ def test_powerinfers_predictor_formula_on_the_gguf_gives_sparsetunes_masks_and_l
     assert differ <= 0.02 * total
     kept = float(np.mean([predicted[i].float().mean() for i in range(n_layer)]))
     assert 0 < kept < 1 if cut == "exported" else 0.3 < kept < 0.7
-    for engine in engines.values():  # the predicted rows, run through the formula
-        theirs, _ = engine.forward(ids, [predicted[i].numpy() for i in range(n_layer)])
+    for dtype, engine in engines.items():  # the predicted rows, run through the formula (in each file's row order)
+        theirs, _ = engine.forward(ids, _file_rows([predicted[i].numpy() for i in range(n_layer)], orders[dtype]))
         assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max() + 1e-5
     print(f"\n{cut}: predicted masks keep {kept:.1%}; F16 predictors (as ggml computes them) disagree with "
           f"sparsetune's on {differ} of {total} (token, neuron) pairs, each within F16 rounding of the threshold")
