@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,13 +24,15 @@ def _cmd_train(args) -> int:
         from sparsetune.launch.launcher import launch
 
         train_args = [args.recipe, *args.overrides] + (["--overwrite"] if args.overwrite else [])
+        train_args += ["--allow-data-change"] if args.allow_data_change else []
         if args.resume:
             train_args += ["--resume"] + ([args.resume] if isinstance(args.resume, str) else [])
         return launch(recipe, args.launch, train_args, args.num_processes, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                       main_process_port=args.main_process_port)
-    command = " ".join(["sparsetune train", args.recipe, *args.overrides])
-    train(recipe, overwrite=args.overwrite, resume=args.resume, command=command)
+    command = shlex.join(["sparsetune", "train", args.recipe, *args.overrides])  # pasted back into a shell as is
+    train(recipe, overwrite=args.overwrite, resume=args.resume, command=command,
+          allow_data_change=args.allow_data_change)
     return 0
 
 
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run in output_dir from its newest usable checkpoint (a new run when output_dir "
                         "is new or empty), or from the given checkpoint folder; never deletes anything")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue on the data as it is now when its rows differ from those the run "
+                        "started on (a data file edited in place); without it such a resume stops with one line")
     launch = p.add_argument_group("multi-process launch (runs the same command under `accelerate launch`)")
     launch.add_argument("--launch", metavar="PRESET", choices=list(PRESETS),
                         help=f"{' | '.join(PRESETS)} (sparsetune/launch/presets/)")

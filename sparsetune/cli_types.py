@@ -25,6 +25,17 @@ def count(minimum: int):
 POSITIVE, NON_NEGATIVE = count(1), count(0)
 
 
+def open_fraction(text: str) -> float:
+    """A fraction strictly between 0 and 1 (a share of neurons to zero: 0 zeroes nothing, 1 everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
 def targets(text: str) -> tuple[float, ...]:
     """Comma-separated recall targets in (0, 1]: 0.9,0.95,0.99."""
     try:

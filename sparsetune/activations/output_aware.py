@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sparsetune.activations.base import F, MLPActivation, PerLayerThresholds, per_layer_value, torch
 
@@ -44,6 +44,15 @@ class Config(PerLayerThresholds):
         "score gate), measured at the start of the run (kept in the activation state).")
     calibration_batches: int = Field(
         8, ge=1, description="output_aware: training micro-batches the score scales are measured on.")
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_not_negative(cls, scales: list[list[float]] | None) -> list[list[float]] | None:
+        for layer, row in enumerate(scales or []):
+            bad = next((i for i, s in enumerate(row) if s < 0), None)
+            if bad is not None:  # a norm (times a mean |up|) is never negative
+                raise ValueError(f"layer {layer}'s scale {bad} is {row[bad]:g}; score scales are norms, >= 0")
+        return scales
 
 
 class OutputAware(MLPActivation):

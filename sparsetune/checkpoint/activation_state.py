@@ -26,7 +26,7 @@ def load_activation_state(model, folder: Path, report=None) -> bool:
     """Put the saved per-layer state on `model`'s activations; False when `folder` has none."""
     path = Path(folder) / STATE_FILE
     if path.is_file():
-        relufy(model, json.loads(path.read_text())["activation"])
+        relufy(model, json.loads(path.read_text())["activation"], source=str(path), section="activation")
         return True
     legacy = Path(folder) / LEGACY_CONVERSION_FILE
     done = json.loads(legacy.read_text()).get("conversion") if legacy.is_file() else None

@@ -17,6 +17,7 @@ from enum import Enum
 from pathlib import Path
 
 from sparsetune.checkpoint.locks import RUN_LOCK
+from sparsetune.checkpoint.storage import ordinary_file_modes
 from sparsetune.errors import SparsetuneError
 
 RUN_MARKER = "sparsetune-run.json"
@@ -26,6 +27,8 @@ RUN_ENTRIES = ("recipe.yaml", "recipe-history.jsonl", "metrics.jsonl", "tradeoff
                "wandb", "eval.json", "eval-sweep.json", "eval-sweep.png", "sweep.json", "sweep.png",
                RUN_MARKER)
 EXPORT_MARKER = "sparsetune.json"
+# What `sparsetune eval` writes into a run or an export by default (cli._eval_json_path, evaluation/sweep.py).
+EVAL_FILES = ("eval.json", "eval-sweep.json", "eval-sweep.png")
 
 
 class RunFolder(Enum):
@@ -131,8 +134,8 @@ def check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
         written = set(json.loads(marker.read_text()).get("files") or [])
     except (OSError, ValueError, AttributeError):
         raise SparsetuneError(f"--overwrite: {marker} is unreadable; refusing to delete {out}") from None
-    # besides what the export wrote, what `sparsetune eval EXPORT` writes there by default
-    evaluated = {"eval.json", "eval-sweep.json", "eval-sweep.png"}
+    # besides what the export wrote, what `sparsetune eval EXPORT` writes there by default (kept by replace_folder)
+    evaluated = {*EVAL_FILES, *map(previous_name, EVAL_FILES)}
     unknown = [p.name for p in out.iterdir() if p.name not in written | {EXPORT_MARKER} | evaluated]
     if not written or unknown:
         raise SparsetuneError(f"--overwrite: {out} holds files the previous export did not write "
@@ -140,16 +143,49 @@ def check_export_target(out: Path, ckpt: Path, overwrite: bool) -> None:
                               "move them or choose another --out")
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Put the finished `tmp` folder at `out`, replacing a previous export whole (checked by check_export_target).
-    A kill between the two renames leaves the previous export as `.<name>.old<pid>`: the next export into `out`
-    puts it back first (clean_export_debris)."""
+def previous_name(name: str) -> str:
+    """What an evaluation file of a replaced export is called in the export replacing it (eval.previous.json)."""
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.previous.{suffix}"
+
+
+def keep_previous_evaluation(out: Path, tmp: Path) -> str | None:
+    """Copy what `sparsetune eval` wrote into the export `out` (eval.json with its --tasks scores, the sweep) into
+    its replacement `tmp` as eval.previous.json etc.: it measured the weights being replaced, so it is kept beside
+    the new ones under a name that says so, never silently lost. When `out` holds no fresh evaluation, the previous
+    one it carries is carried on. Returns the notice saying what was kept and what older result it replaced."""
+    fresh = [n for n in EVAL_FILES if (out / n).is_file()]
+    moves = ([(n, previous_name(n)) for n in fresh] if fresh else
+             [(previous_name(n), previous_name(n)) for n in EVAL_FILES if (out / previous_name(n)).is_file()])
+    for src, dst in moves:
+        shutil.copy2(out / src, tmp / dst)
+    if not moves:
+        return None
+    if not fresh:
+        return (f"--overwrite: kept {_listing([d for _, d in moves])}, the evaluation of an earlier export (not of "
+                "these weights)")
+    dropped = [previous_name(n) for n in EVAL_FILES if (out / previous_name(n)).is_file()]
+    return (f"--overwrite: kept the previous export's evaluation as {', '.join(f'{s} -> {d}' for s, d in moves)} "
+            "(it measured the replaced weights, not these)"
+            + (f"; the older {_listing(dropped)} it replaces is removed" if dropped else ""))
+
+
+def replace_folder(tmp: Path, out: Path, notice: Callable[[str], None] | None = None) -> None:
+    """Put the finished `tmp` folder at `out`, replacing a previous export whole (checked by check_export_target),
+    except its evaluation, kept as eval.previous.json (keep_previous_evaluation). Every file gets the mode the
+    umask gives (storage.ordinary_file_modes). A kill between the two renames leaves the previous export as
+    `.<name>.old<pid>`: the next export into `out` puts it back first (clean_export_debris)."""
+    notice = notice or (lambda message: print(f"sparsetune: {message}", flush=True))
     out.parent.mkdir(parents=True, exist_ok=True)
+    ordinary_file_modes(tmp)
     if out.exists():
+        kept = keep_previous_evaluation(out, tmp)
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old)
+        if kept:
+            notice(kept)
     else:
         os.replace(tmp, out)
 

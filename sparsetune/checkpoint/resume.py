@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -22,6 +23,11 @@ FIXED_KEYS = (
     "train.grad_accum_steps", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
     "predictor.lookahead", "predictor.heads", "predictor.head_rank", "predictor.output_bias", "predictor.input",
 )
+# Keys fixed in one direction only: (key, old value) -> why the checkpoint cannot follow.
+ONE_WAY = {
+    ("train.freeze_model", True): "the run trained only the predictors, so the checkpoint holds no optimizer state "
+                                  "for the model: export it and start a new run from the export to train the model",
+}
 # Changed keys that resume applies to restored state (optimizer hyper-parameters, the LR schedule), and how.
 APPLIED_ON_RESUME = {
     "train.lr": "set on the restored optimizer and LR schedule",
@@ -59,9 +65,45 @@ def recipe_changes(saved: Recipe, current: Recipe) -> tuple[list[str], list[str]
         change = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         if any(key == f or key.startswith(f + ".") for f in FIXED_KEYS):
             errors.append(change)
+        elif (why := next((w for (k, v), w in ONE_WAY.items() if k == key and v == old.get(key)), None)):
+            errors.append(f"{change}: {why}")
         else:
             notices.append(change)
     return errors, notices
+
+
+@dataclass
+class RecipeChange:
+    """A resume's recipe changes, judged by the run's features before anything is loaded (each component's
+    `on_resume`): a change a feature cannot follow is refused by name with the reason, the others say what they do
+    from the resumed step on. `step`: the step the run continues from (0: a restart before the first checkpoint,
+    where nothing has happened yet)."""
+
+    saved: Recipe
+    current: Recipe
+    folder: Path  # the checkpoint (or, at a restart, the run folder)
+    step: int
+    changed: dict[str, tuple] = field(default_factory=dict)  # key -> (old, new), keys that are not fixed
+    refused: list[str] = field(default_factory=list)
+    how: dict[str, str] = field(default_factory=dict)  # key -> what its new value does
+    also: list[str] = field(default_factory=list)  # what a change does beyond its own key (e.g. train.max_steps)
+
+    def refuse(self, key: str, why: str) -> None:
+        old, new = self.changed[key]
+        self.refused.append(f"{key}: {old!r} -> {new!r}: {why}")
+
+    def explain(self, key: str, how: str) -> None:
+        self.how[key] = how
+
+    def keep(self, key: str) -> str:
+        """The way back to the saved value, as a command-line override (`keep KEY=VALUE`)."""
+        old = self.changed[key][0]
+        value = "null" if old is None else str(old).lower() if isinstance(old, bool) else old
+        return f"keep {key}={value}"
+
+    def keys(self, prefix: str) -> list[str]:
+        """The changed keys of a section (`prefix` ends with a dot) or the one key `prefix`."""
+        return [k for k in self.changed if k == prefix or k.startswith(prefix)]
 
 
 def find_resume_checkpoint(run_dir: Path, explicit: str | None, report) -> Path | None:
@@ -141,10 +183,13 @@ def check_process_count(ckpt: Path, num_processes: int, sharded_optimizer: bool)
             f"{num_processes}; relaunch with --num-processes {saved}")
 
 
-def check_recipe(ckpt: Path, current: Recipe, report) -> list[str]:
-    """Refuse changes the checkpoint cannot follow (one line naming the keys); report the others with what resume
-    does with them. Returns the applied changes (for the run's recipe history). `ckpt`: a checkpoint folder, or a
-    run folder whose recipe.yaml is the run's (a restart before the first checkpoint)."""
+def check_recipe(ckpt: Path, current: Recipe, report, judge: Callable[[RecipeChange], None] | None = None
+                 ) -> list[str]:
+    """Refuse changes the checkpoint cannot follow (one line naming the keys, old and new values and why); report
+    the others with what resume does with them, from which step. `judge`: the run's features' verdicts on the
+    changes (training/components: `judge_resume`). Returns the applied changes (for the run's recipe history).
+    `ckpt`: a checkpoint folder, or a run folder whose recipe.yaml is the run's (a restart before the first
+    checkpoint). Reads only recipe.yaml and the small JSON state files: nothing is loaded yet."""
     saved = read_recipe(ckpt)
     if (current.relufy.activation == "cats" == saved.relufy.activation and current.relufy.thresholds is None
             and saved.relufy.thresholds is not None):
@@ -153,18 +198,28 @@ def check_recipe(ckpt: Path, current: Recipe, report) -> list[str]:
                "them")
         current.relufy.thresholds = saved.relufy.thresholds
     errors, notices = recipe_changes(saved, current)
+    step = int(read_trainer_state(ckpt).get("step", 0)) if (ckpt / "trainer_state.json").is_file() else 0
+    old, new = _flatten(saved.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
+    change = RecipeChange(saved, current, ckpt, step,
+                          {c.split(":", 1)[0]: (old.get(c.split(":", 1)[0]), new.get(c.split(":", 1)[0]))
+                           for c in notices if not c.startswith("output_dir:")})
+    if judge is not None:
+        judge(change)
+    errors += change.refused
     if errors:
         raise SparsetuneError(
             f"cannot resume from {ckpt}: the recipe changed where the checkpoint cannot follow ({'; '.join(errors)}); "
             "restore these keys or start a new run in another output_dir"
         )
-    for change in notices:
-        key = change.split(":", 1)[0]
+    for line in notices:
+        key = line.split(":", 1)[0]
         if key == "output_dir":
-            report(f"resume: the run folder moved ({change.split(': ', 1)[1]}); continuing in the new place")
+            report(f"resume: the run folder moved ({line.split(': ', 1)[1]}); continuing in the new place")
             continue
-        how = APPLIED_ON_RESUME.get(key)
-        report(f"resume: using the new value of {change}" + (f" ({how})" if how else ""))
+        how = change.how.get(key) or APPLIED_ON_RESUME.get(key) or f"takes effect from step {step + 1}"
+        report(f"resume: using the new value of {line} ({how})")
+    for line in change.also:
+        report(f"resume: {line}")
     return notices
 
 

@@ -7,6 +7,8 @@
   predictors/            co-trained predictors (predictors.safetensors + predictors.json), when enabled
   predictor_optimizer.pt their optimizer state
   trainer_state.json     TrainingProgress: step, tokens, data position, W&B run id, last evaluation, non-finite steps
+  data_fingerprint.json  the training and held-out rows' count and sha256 (a resume on other rows is refused)
+  anneal.json            the annealing's segment (its end is kept when train.max_steps grows), when annealing
   rng_state_rank{r}.json python / numpy / torch RNG states of each rank, as JSON
   recipe.yaml            the resolved recipe
 """

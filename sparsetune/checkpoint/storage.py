@@ -53,6 +53,30 @@ def storage_failure(exc: BaseException, where: Path | None = None) -> str | None
     return None
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status), else by setting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_file_modes(folder: Path) -> None:
+    """Give every file under `folder` the mode the user's umask gives a new ordinary file (0644 under umask 022,
+    0600 under 077). safetensors writes through a private temporary file and leaves 0600 (model.safetensors,
+    predictors.safetensors), so a teammate could not read the weights of an export or a checkpoint that every other
+    file of lets them read. Called on a finished folder before it is renamed into place."""
+    mode = 0o666 & ~umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o7777) != mode:
+            os.chmod(path, mode)
+
+
 def first_line(exc: BaseException) -> str:
     """`Type: first line of the message` (at most 200 characters), for one-line errors."""
     text = (str(exc).strip().splitlines() or [""])[0][:200]

@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from sparsetune.checkpoint.storage import ordinary_file_modes
+
 MARKER = "checkpoint.json"
 LATEST = "latest"
 ABANDONED = "abandoned"
@@ -178,6 +180,7 @@ class CheckpointStore:
     def commit(self, step: int, keep: int, meta: dict | None = None) -> Path:
         """Flush and hash, write the marker last, rename into place, move `latest`, prune. Main process only."""
         tmp, final = self.tmp_for(step), self.root / self.name_for(step)
+        ordinary_file_modes(tmp)  # safetensors leaves its files 0600
         sizes, hashes = _fsync_and_hash(tmp)
         write_atomic(tmp / MARKER, json.dumps({"step": step, "complete": True, "files": sizes, "sha256": hashes,
                                                **(meta or {})}, indent=1))

@@ -217,10 +217,11 @@ def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> d
     thresholds = calibrate(model, batches, device, total=n)
     first = sparse_mlps(model)[0].activation
     if isinstance(first, OutputAware) and math.isnan(first.threshold):  # training-free: the fixed rule
-        fits = fit_thresholds(model, batches, device, "output_aware", first.target_sparsity, batches_count=n)
+        fits = fit_thresholds(model, batches, device, "output_aware", first.target_sparsity,
+                              batches_count=len(batches))
         thresholds = [f.threshold for f in fits]
         apply_thresholds(model, "output_aware", thresholds)
-    return {"data": f"{data_cfg.path} (training split)", "batches": n, "batch_size": batch_size,
+    return {"data": f"{data_cfg.path} (training split)", "batches": len(batches), "batch_size": batch_size,
             "thresholds": thresholds}
 
 

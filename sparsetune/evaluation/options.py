@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsetune.cli_options import Group, option
-from sparsetune.cli_types import NON_NEGATIVE, POSITIVE, count, example_limit, targets, task_names
+from sparsetune.cli_types import NON_NEGATIVE, POSITIVE, count, example_limit, open_fraction, targets, task_names
 from sparsetune.recipe.schema import ACTIVATIONS, PredictorSection
 
 PROMPT_MASKS = Group(
@@ -34,7 +34,7 @@ class EvalArgs:
         help="swap the MLP activation before measuring (relu: the untrained ReLU baseline; cats: training-free "
              "thresholds calibrated to --target-sparsity)")
     target_sparsity: float | None = option(
-        "--target-sparsity", None, type=float,
+        "--target-sparsity", None, type=open_fraction,
         help="with --activation cats / output_aware: fraction of each layer's neurons to zero (thresholds "
              "calibrated on the training split; default 0.5 / 0.7)")
     no_compensation: bool = option(

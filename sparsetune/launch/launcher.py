@@ -99,7 +99,8 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
         targets = workers or [psutil.Process(proc.pid)]  # still starting: let the launcher shut down its group
         for target in targets:
             try:
-                target.send_signal(signal.SIGTERM)
+                # the signal itself: a second Ctrl-C must reach the workers as SIGINT to abort them at once
+                target.send_signal(signum if workers else signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
         print(f"sparsetune: {name} received by the launcher; forwarded to {len(workers)} worker(s) "

@@ -14,6 +14,7 @@ A new run calls the steps itself, with its components between them: `SparseModel
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,53 @@ from sparsetune.surgery.relufy import relufy
 from sparsetune.surgery.sparse_mlp import SparseMLP
 
 SPEC_FILE = "sparsetune.json"  # an export's marker: its activation, what it was exported from, its files
+_REEXPORT = "it is written by `sparsetune export`: export the run again"
+
+
+def read_load_activation(spec_file: Path) -> dict:
+    """The `load_activation` section of an export's sparsetune.json, checked before any weight is read: valid JSON,
+    the key present, every value of the relufy section allowed, compensation biases lists of finite numbers. A
+    damaged or edited file is a one-line SparsetuneError naming the file and the key; whether the per-layer values
+    fit the model (one per layer, as wide as the MLP) is checked by `relufy` on the model."""
+    from pydantic import ValidationError
+
+    from sparsetune.recipe.schema import relufy_config
+    from sparsetune.surgery.relufy import describe_spec_error
+
+    try:
+        spec = json.loads(spec_file.read_bytes())
+    except OSError as exc:
+        raise SparsetuneError(f"{spec_file} could not be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise SparsetuneError(f"{spec_file} is not valid JSON ({exc}); {_REEXPORT}") from None
+    if not isinstance(spec, dict):
+        raise SparsetuneError(f"{spec_file} must hold a JSON object, got {json.dumps(spec)[:40]}; {_REEXPORT}")
+    if "load_activation" not in spec:
+        raise SparsetuneError(f"{spec_file} has no key 'load_activation' (the activation the model computes); "
+                              f"{_REEXPORT}")
+    section = spec["load_activation"]
+    if not isinstance(section, dict):
+        raise SparsetuneError(f"{spec_file}: key 'load_activation' must be a JSON object (a relufy section), got "
+                              f"{json.dumps(section)[:40]}; {_REEXPORT}")
+    if "activation" not in section:  # the recipe's default (relu) would be a silent guess here
+        raise SparsetuneError(f"{spec_file} has no key 'load_activation.activation'; {_REEXPORT}")
+    section = dict(section)
+    compensation = section.pop("compensation", None)
+    try:
+        relufy_config(section, strict=True)
+    except ValidationError as exc:
+        raise SparsetuneError(f"{describe_spec_error(exc, str(spec_file), 'load_activation')}; {_REEXPORT}") from None
+    if compensation is not None:
+        if not isinstance(compensation, list) or not all(isinstance(b, list) for b in compensation):
+            raise SparsetuneError(f"{spec_file}: key 'load_activation.compensation' must be a list of per-layer bias "
+                                  f"lists, got {json.dumps(compensation)[:40]}; {_REEXPORT}")
+        for i, bias in enumerate(compensation):
+            bad = next((j for j, v in enumerate(bias) if isinstance(v, bool) or not isinstance(v, (int, float))
+                        or not math.isfinite(v)), None)
+            if bad is not None:
+                raise SparsetuneError(f"{spec_file}: key 'load_activation.compensation[{i}][{bad}]' = "
+                                      f"{bias[bad]!r} is not a finite number; {_REEXPORT}")
+    return spec["load_activation"]
 
 
 def activation_for_hf_config(config) -> dict:
@@ -122,12 +170,16 @@ class SparseModel:
     @classmethod
     def _from_folder(cls, path: Path, trust_remote_code: bool) -> SparseModel:
         """An export (its activation in sparsetune.json, its data in recipe.yaml) or a plain HF folder."""
+        spec_file = path / SPEC_FILE
+        load_activation = read_load_activation(spec_file) if spec_file.is_file() else None  # before the weights
         # a "with code" export is read as its base architecture; sparsetune runs none of the folder's code
         model = load_model(str(path), trust_remote_code=trust_remote_code, config=base_config(path))
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-        spec_file = path / SPEC_FILE
-        if spec_file.is_file():
-            relufy(model, json.loads(spec_file.read_text())["load_activation"])
+        if load_activation is not None:
+            try:  # per-layer values that do not fit this model (counts, widths)
+                relufy(model, load_activation, source=str(spec_file), section="load_activation")
+            except SparsetuneError as exc:
+                raise SparsetuneError(f"{exc}; {_REEXPORT}") from None
         else:
             relufy(model, activation_for_hf_config(model.config))
         built = cls(model, tokenizer, "model", predictors=path if (path / "predictors.json").is_file() else None)

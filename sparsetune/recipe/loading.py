@@ -37,6 +37,13 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     builtin = builtin_recipes()
     if name_or_path in builtin:
         return builtin[name_or_path]
+    if path.is_dir():
+        try:
+            inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        except OSError:  # an unreadable folder: still a folder
+            inside = []
+        hint = f" (it holds {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})" if inside else ""
+        raise SparsetuneError(f"recipe {name_or_path} is a folder, not a recipe file{hint}; name a .yaml file")
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise SparsetuneError(f"recipe file not found: {name_or_path}")
     raise SparsetuneError(
@@ -161,6 +168,12 @@ def _relufy_key_error(loc: tuple, activation: str) -> str:
     return f"unknown recipe key 'relufy.{name}'{hint} (keys of relufy.activation={activation!r}: {', '.join(known)})"
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """`value`'s repr, cut short when long (a per-layer list of 128-wide scale lists is no help in one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def describe_validation_error(exc: ValidationError, source: str) -> str:
     """One line naming every bad key, with the allowed values or the closest known key."""
     parts = []
@@ -192,7 +205,7 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             where = f"recipe key {key!r}" if key else "recipe"
-            parts.append(f"{where}: {msg} (got {err.get('input')!r})")
+            parts.append(f"{where}: {msg} (got {_shown(err.get('input'))})")
     return f"{source}: " + "; ".join(parts)
 
 

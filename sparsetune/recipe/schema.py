@@ -85,9 +85,10 @@ RelufyConfig = Union[RELUFY_VARIANTS]  # type: ignore[valid-type]  # noqa: UP007
 _RELUFY = TypeAdapter(RelufySection)
 
 
-def relufy_config(value: dict | None = None, **keys) -> RelufyConfig:
-    """A validated relufy section from a dict (a recipe's, an export's stored spec) or keyword arguments."""
-    return _RELUFY.validate_python({**(value or {}), **keys})
+def relufy_config(value: dict | None = None, *, strict: bool = False, **keys) -> RelufyConfig:
+    """A validated relufy section from a dict (a recipe's, an export's stored spec) or keyword arguments.
+    `strict`: exact JSON types only (a file sparsetune wrote holds numbers, so "0.5" was typed by hand)."""
+    return _RELUFY.validate_python({**(value or {}), **keys}, strict=strict)
 
 
 def drop_legacy_relufy_keys(data: dict) -> dict:

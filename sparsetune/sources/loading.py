@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from sparsetune.checkpoint.storage import ordinary_file_modes
 from sparsetune.errors import SparsetuneError
 from sparsetune.paths import cache_dir, check_path_text, unwritable_cache
 
@@ -131,6 +132,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    ordinary_file_modes(tmp)  # safetensors leaves model.safetensors 0600; a shared cache is read by others
     os.replace(tmp, out)
 
 

@@ -120,6 +120,8 @@ def fit_thresholds(model, batches: Iterable[dict], device, kind: str, target_spa
 
         raise SparsetuneError("thresholds.cett needs the MLP weights unsharded (not fsdp / zero3); use "
                               "thresholds.target_sparsity there")
+    if isinstance(batches, list):  # fewer than asked when the training data is short: sample more from each
+        batches_count = min(batches_count, len(batches))
     per_batch = max(1, math.ceil(tokens_per_layer / max(1, batches_count)))
     sampler = _GateSampler(kind, tokens_per_layer, per_batch, with_activation, seed)
     sampler.mlps = {m.layer_idx: m for m in mlps}

@@ -80,9 +80,18 @@ def calibrate(model, batches: Iterable[dict], device, total: int | None = None, 
     scored = [m for m in sparse_mlps(model) if isinstance(m.activation, OutputAware) and m.activation.uncalibrated()]
     collector = _Collector(seed, {m.layer_idx: m for m in scored if m.activation.score_kind == "gate"})
     what = "CATS thresholds" if mlps else "output-aware score scales"
-    measuring_pass(model, batches, device, collector, activation=SiLU(),  # dense SiLU while measuring
+    used = [0]  # the batches there were: fewer than `total` when the training data is short
+
+    def counted(items):
+        for item in items:
+            used[0] += 1
+            yield item
+
+    measuring_pass(model, counted(batches), device, collector, activation=SiLU(),  # dense SiLU while measuring
                    progress=lambda b: tqdm(b, total=total, desc=f"calibrating {what}", unit="batch",
                                            disable=not progress))
+    on = f"{used[0]} training micro-batches" + (f" (all there are; {total} were asked for)" if total and used[0] < total
+                                                  else "")
     for m in scored:
         weight = readable_weight(m.projections()[2])
         if weight is None:
@@ -96,7 +105,7 @@ def calibrate(model, batches: Iterable[dict], device, total: int | None = None, 
         m.activation.scales = scales.tolist()
     if report is not None and scored:
         report(f"output_aware: measured the {scored[0].activation.score_kind} score's per-neuron scales of "
-               f"{len(scored)} layers on {total or 'the given'} training micro-batches")
+               f"{len(scored)} layers on {on}")
     thresholds = []
     for m in mlps:
         m.activation.threshold = quantile_threshold(torch.cat(collector.samples[m.layer_idx]),
@@ -104,6 +113,6 @@ def calibrate(model, batches: Iterable[dict], device, total: int | None = None, 
         thresholds.append(m.activation.threshold)
     if report is not None and thresholds:
         report(f"cats: calibrated {len(thresholds)} layer thresholds to {mlps[0].activation.target_sparsity:.0%} "
-               f"sparsity on {total or 'the given'} training micro-batches (range {min(thresholds):.4g}.."
+               f"sparsity on {on} (range {min(thresholds):.4g}.."
                f"{max(thresholds):.4g})")
     return thresholds

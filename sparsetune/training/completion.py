@@ -22,11 +22,12 @@ def total_steps(recipe: Recipe) -> int:
     return recipe.train.max_steps + (recipe.predictor.only_steps if recipe.predictor.enabled else 0)
 
 
-def unfinished_parts(recipe: Recipe, step: int) -> list[str]:
-    """What a checkpoint at `step` lacks of the finished model, one phrase per component (empty: nothing)."""
+def unfinished_parts(checkpoint: Path, recipe: Recipe, step: int) -> list[str]:
+    """What `checkpoint` (at `step`, of `recipe`) lacks of the finished model, one phrase per component (empty:
+    nothing)."""
     if step >= total_steps(recipe):
         return []
-    return [why for c in build_components(recipe) if (why := c.unfinished(step)) is not None]
+    return [why for c in build_components(recipe) if (why := c.unfinished(checkpoint, step)) is not None]
 
 
 def refuse_unfinished_source(source: str | Path, action: str) -> None:
@@ -46,7 +47,7 @@ def refuse_unfinished(checkpoint: Path, action: str, recipe: Recipe | None = Non
     recipe = recipe if recipe is not None else read_recipe(checkpoint)
     state = state if state is not None else read_trainer_state(checkpoint)
     step = int(state.get("step", 0))
-    missing = unfinished_parts(recipe, step)
+    missing = unfinished_parts(checkpoint, recipe, step)
     if not missing:
         return
     run = checkpoint.resolve().parent.parent  # RUN/checkpoints/step-N

@@ -1,6 +1,8 @@
 """Preemption: SIGTERM / SIGINT ask the run to checkpoint at the next step boundary and exit 0;
-a second signal aborts at once. Copies of the first signal that arrive within DUPLICATE_WINDOW_S of it (a
-scheduler signalling every process of a job while the launchers forward it too) count as the same request.
+a second signal aborts at once. Copies of a first SIGTERM that arrive within DUPLICATE_WINDOW_S of it (a
+scheduler signalling every process of a job while the launchers forward it too) count as the same request. A
+SIGINT is a person's Ctrl-C, delivered once per press: a second one always aborts, as the first one's message says
+(under `--launch` the workers run in their own session and get each press from the launcher, as a SIGTERM).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class PreemptionGuard:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
+        if (self.requested and signum == signal.SIGTERM
+                and time.monotonic() - self._first_at < DUPLICATE_WINDOW_S):
             return  # the same preemption delivered along several paths
         if self.requested:
             print(f"sparsetune: second {signal.Signals(signum).name}, aborting now (no checkpoint)",
@@ -43,8 +46,10 @@ class PreemptionGuard:
         self.requested = True
         self._first_at = time.monotonic()
         self.signal_name = signal.Signals(signum).name
-        print(f"\nsparsetune: {self.signal_name} received: saving a checkpoint at the end of this step "
-              "(send it again to abort at once)", file=sys.stderr, flush=True)
+        again = ("press Ctrl-C again to abort at once" if signum == signal.SIGINT else
+                 f"send it again to abort at once; copies arriving within {DUPLICATE_WINDOW_S:g} s count as this one")
+        print(f"\nsparsetune: {self.signal_name} received: saving a checkpoint at the end of this step ({again})",
+              file=sys.stderr, flush=True)
 
     def should_stop(self, step: int) -> bool:
         """Whether a stop was requested (checked at every step boundary)."""

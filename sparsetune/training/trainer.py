@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ from sparsetune.checkpoint.state import (
 from sparsetune.checkpoint.storage import storage_failure
 from sparsetune.checkpoint.store import CheckpointStore, write_atomic
 from sparsetune.data.batches import BatchStream, eval_batch_counts, eval_batches, padding_batch
+from sparsetune.data.fingerprint import FILE as DATA_FINGERPRINT
+from sparsetune.data.fingerprint import data_change, data_fingerprint
 from sparsetune.data.text_datasets import load_text_splits, pack
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.perplexity import evaluate
@@ -51,7 +54,7 @@ from sparsetune.tracking.metrics import layer_metrics
 from sparsetune.tracking.plots import plot_tradeoff
 from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.checkpointing import Checkpointer
-from sparsetune.training.components import build_components
+from sparsetune.training.components import build_components, judge_resume
 from sparsetune.training.components.base import Component, EvalContext, Setup, StepContext
 from sparsetune.training.engines import Engine
 from sparsetune.training.optim import apply_recipe_after_restore
@@ -71,8 +74,10 @@ class Trainer:
     start when the folder is new or empty); a path = that checkpoint folder."""
 
     def __init__(self, recipe: Recipe, overwrite: bool = False, resume: bool | str | None = None,
-                 command: str = "sparsetune train RECIPE"):
+                 command: str = "sparsetune train RECIPE", allow_data_change: bool = False):
         self.recipe = recipe
+        self.allow_data_change = allow_data_change  # resume on rows other than the checkpoint's (a notice, no stop)
+        self.data_fingerprint: dict | None = None  # which rows the run trains and evaluates on (checkpoint part)
         self.run_dir = Path(recipe.output_dir)
         self.overwrite = overwrite
         self.resume = resume
@@ -115,6 +120,7 @@ class Trainer:
         self._plan_output_dir()
         set_seed(self.recipe.train.seed)
         model = self._setup_model_and_data()
+        self._check_data()
         self._setup_components(model)
         self.stream = BatchStream(self.train_data, self.recipe.train.micro_batch_size, self.recipe.train.seed,
                                   self.accelerator.process_index, self.accelerator.num_processes)
@@ -143,11 +149,11 @@ class Trainer:
                 plan = plan_output_dir(self.run_dir, self.resume, self.overwrite, report=self.notice)
                 self.base_fingerprint = run_base_fingerprint(r, plan.resume_from)
                 if plan.resume_from is not None:
-                    self.recipe_changes = check_recipe(plan.resume_from, r, report=self.notice)
+                    self.recipe_changes = check_recipe(plan.resume_from, r, report=self.notice, judge=judge_resume)
                     check_process_count(plan.resume_from, self.accelerator.num_processes,
                                         self.engine.saves_optimizer_itself())
                 elif plan.restart and (self.run_dir / "recipe.yaml").is_file():
-                    self.recipe_changes = check_recipe(self.run_dir, r, report=self.notice)
+                    self.recipe_changes = check_recipe(self.run_dir, r, report=self.notice, judge=judge_resume)
                 decision[0] = ("ok", plan, r.relufy.model_dump(), str(self.run_dir))
             except SparsetuneError as exc:
                 decision[0] = ("error", str(exc), None, None)
@@ -221,6 +227,31 @@ class Trainer:
             self.train_data = pack(train_text, self.tokenizer, r.data.text_field, r.data.seq_len, "data.path")
             self.eval_data = pack(eval_text, self.tokenizer, r.data.text_field, r.data.seq_len, "held-out data")
         return model
+
+    def _check_data(self) -> None:
+        """Fingerprint the rows this run trains and evaluates on (every checkpoint records it). A resume on other rows
+        than its checkpoint's stops with one line before anything is written, unless --allow-data-change (then a
+        notice, and recipe-history.jsonl records it); a checkpoint from before fingerprints gets a notice."""
+        self.data_fingerprint = data_fingerprint(self.recipe.data, self.train_data, self.eval_data)
+        if self.resume_from is None:
+            return
+        path = self.resume_from / DATA_FINGERPRINT
+        if not path.is_file():
+            if self.is_main:
+                self.notice(f"resume: {self.resume_from} records no data fingerprint (written by an older "
+                            "sparsetune); the data could not be checked")
+            return
+        found = data_change(json.loads(path.read_text()), self.data_fingerprint)
+        if found is None:
+            return
+        change, effect = found
+        if not self.allow_data_change:
+            raise SparsetuneError(f"{change}; resume would {effect}; pass --allow-data-change to continue on the new "
+                                  "data")
+        if self.is_main:
+            step = read_trainer_state(self.resume_from).get("step", 0)
+            self.notice(f"resume: {change}; --allow-data-change: from step {step + 1} on the run will {effect}")
+        self.recipe_changes.append(f"data: {change} (--allow-data-change)")
 
     def _setup_components(self, built: SparseModel) -> None:
         """Surgery (with the checkpoint's activation state, or calibration on the first training micro-batches),
@@ -296,6 +327,7 @@ class Trainer:
                            load=lambda f: self.engine.load_state(self.model, self.optimizer, f)),
             CheckpointPart("tokenizer", save=lambda f: self.tokenizer.save_pretrained(f / "tokenizer")),
             CheckpointPart("base model", save=lambda f: write_base_fingerprint(f, self.base_fingerprint)),
+            CheckpointPart("data fingerprint", save=lambda f: write_json(f / DATA_FINGERPRINT, self.data_fingerprint)),
             # what calibration and conversions computed; the builder puts it back in setup, before anything runs
             CheckpointPart("activation state", save=lambda f: save_activation_state(self.model, f)),
         ]
@@ -649,15 +681,16 @@ class Trainer:
         self.wandb.finish()
         sparsity = final.get("sparsity", 0.0)
         near = f", near-zero {final['near_zero']:.1%}" if "near_zero" in final else ""
+        export = shlex.join(["sparsetune", "export", str(self.run_dir), "--out", str(self.run_dir / "export")])
         print(f"sparsetune: done at step {self.progress.step}: held-out perplexity {final['perplexity']:.2f}, "
-              f"activation sparsity {sparsity:.1%}{near}; checkpoint {ckpt}; "
-              f"export with: sparsetune export {self.run_dir} --out {self.run_dir}/export", flush=True)
+              f"activation sparsity {sparsity:.1%}{near}; checkpoint {ckpt}; export with: {export}", flush=True)
 
 
 def train(recipe: Recipe, overwrite: bool = False, resume: bool | str | None = None,
-          command: str = "sparsetune train RECIPE") -> dict:
+          command: str = "sparsetune train RECIPE", allow_data_change: bool = False) -> dict:
     """Run a recipe to the end (or to a preemption); returns the last held-out evaluation."""
-    trainer = Trainer(recipe, overwrite=overwrite, resume=resume, command=command)
+    trainer = Trainer(recipe, overwrite=overwrite, resume=resume, command=command,
+                      allow_data_change=allow_data_change)
     try:
         return trainer.run()
     finally:

@@ -103,10 +103,12 @@ def test_a_run_fits_the_bias_after_training_and_the_export_computes_it(tiny_mode
         for m in sparse_mlps(in_run):
             m.compensation = None
         assert not torch.equal(exported(input_ids=ids).logits, in_run(input_ids=ids).logits)
-    if family == "llama":  # plain transformers holds it: the down projection's bias, gate / up biases zero
-        assert "compensation" not in spec["load_activation"]
-        plain = AutoModelForCausalLM.from_pretrained(export)
+    if family == "llama":  # the down projection's bias holds it, gate / up biases zero (cats itself is the code's)
+        assert "compensation" not in spec["load_activation"] and spec["compensation_in"] == "down_proj.bias"
+        plain = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
         assert plain.config.mlp_bias is True
+        with torch.no_grad():
+            assert torch.allclose(plain(input_ids=ids).logits, exported(input_ids=ids).logits, atol=1e-5)
         for layer, bias in zip(plain.model.layers, biases):
             assert torch.equal(layer.mlp.down_proj.bias.detach(), torch.tensor(bias))
             assert not layer.mlp.gate_proj.bias.any() and not layer.mlp.up_proj.bias.any()

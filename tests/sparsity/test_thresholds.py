@@ -115,7 +115,7 @@ def test_per_layer_fatrelu_spec_round_trips_and_the_scalar_form_is_unchanged():
     assert [build_activation(spec, i).threshold for i in range(2)] == [0.1, 0.3]
     relufy(model, relufy_config(activation="fatrelu", threshold=0.2))
     assert activation_spec(model) == {"activation": "fatrelu", "threshold": 0.2}
-    with pytest.raises(SparsetuneError, match="relufy.thresholds has 1 values"):
+    with pytest.raises(SparsetuneError, match="'relufy.thresholds' has 1 value but the model has 2 decoder layers"):
         relufy(model, relufy_config(activation="fatrelu", thresholds=[0.1]))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.recipe.schema import Recipe
 from sparsetune.training.components.base import Component
 
@@ -31,3 +32,9 @@ def component_classes() -> list[type[Component]]:
 def build_components(recipe: Recipe) -> list[Component]:
     """The components the recipe switches on."""
     return [c for c in (cls.build(recipe) for cls in component_classes()) if c is not None]
+
+
+def judge_resume(change: RecipeChange) -> None:
+    """Every feature's verdict on a resume's recipe changes (`Component.on_resume`), in component order."""
+    for cls in component_classes():
+        cls.on_resume(change)

@@ -14,6 +14,7 @@ default, so a component implements only what it uses. Call order in a run:
   per evaluation:      begin_eval(), end_eval(ctx) -> EvalReport
   after the last step: finish_training(ctx), before the final evaluation (e.g. calibrating thresholds)
   per checkpoint:      save(folder) on the main process; load(folder) on every rank at resume
+  at a resume, before anything is loaded: on_resume(change), a classmethod judging the recipe's changes
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.recipe.schema import Recipe
 
 
@@ -104,6 +106,13 @@ class Component:
     def build(cls, recipe: Recipe) -> Component | None:
         return None
 
+    @classmethod
+    def on_resume(cls, change: RecipeChange) -> None:
+        """At a resume with a changed recipe, before anything is loaded (main process): `change.refuse(key, why)`
+        each change this feature cannot follow from `change.step` on, `change.explain(key, how)` what the others do,
+        `change.also` what a change of another key (train.max_steps) does to this feature. Only JSON state of the
+        checkpoint (`change.folder`) may be read here."""
+
     # ----------------------------------------------------------------- setup
     def before_surgery(self, setup: Setup) -> None:
         pass
@@ -148,10 +157,10 @@ class Component:
 
     finish_order: int | None = None  # finish_training runs in this order (default: `order`)
 
-    def unfinished(self, step: int) -> str | None:
-        """What a checkpoint saved after `step` optimizer steps, before the run's end, lacks of what this component
-        does to the model later (a fit after the last step, the rest of a ramp), or None: export and eval refuse
-        such a checkpoint by these names (training/completion.py)."""
+    def unfinished(self, folder: Path, step: int) -> str | None:
+        """What the checkpoint `folder`, saved after `step` optimizer steps before the run's end, lacks of what this
+        component does to the model later (a fit after the last step, the rest of a ramp), or None: export and eval
+        refuse such a checkpoint by these names (training/completion.py)."""
         return None
 
     # ------------------------------------------------------------ checkpoint

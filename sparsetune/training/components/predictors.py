@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.checkpoint.state import load_torch_state
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.dynamic import dynamic_eval, predicted_mask
@@ -22,6 +23,12 @@ from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.surgery.structure import base_causal_lm
 from sparsetune.tracking.metrics import predictor_metrics, predictor_tradeoff_fields
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, LossTerm, Setup, StepContext
+
+
+def _mask_aware_from(r: Recipe) -> int | None:
+    """The first step of the mask-aware phase (None: off)."""
+    f = r.predictor.mask_aware_fraction
+    return math.ceil(r.train.max_steps * (1 - f)) if f > 0 else None
 
 
 def bank_for(model, recipe: Recipe) -> PredictorBank:
@@ -43,10 +50,8 @@ class Predictors(Component):
         self.accelerator = None
         self._train_counts = None
         self.pending_report: EvalReport | None = None
-        r = recipe
         # mask-aware phase: from this step on, the MLPs compute with the predicted masks (outside evaluations)
-        self.mask_aware_from = (math.ceil(r.train.max_steps * (1 - r.predictor.mask_aware_fraction))
-                                if r.predictor.mask_aware_fraction > 0 else None)
+        self.mask_aware_from = _mask_aware_from(recipe)
         self._mask_patch: contextlib.ExitStack | None = None
         self._resume_mask_aware = False
         self._model = None
@@ -54,6 +59,26 @@ class Predictors(Component):
     @classmethod
     def build(cls, recipe: Recipe) -> Predictors | None:
         return cls(recipe) if recipe.predictor.enabled else None
+
+    @classmethod
+    def on_resume(cls, change: RecipeChange) -> None:
+        """The mask-aware phase is the last predictor.mask_aware_fraction of train.max_steps: say where it starts
+        now (it is on from that step to the end, so a later start turns it off until then)."""
+        saved, now, step = change.saved, change.current, change.step
+        if step == 0 or not now.predictor.enabled:
+            return
+        if "predictor.mask_aware_fraction" in change.changed or "train.max_steps" in change.changed:
+            old, new = _mask_aware_from(saved), _mask_aware_from(now)
+            if old == new:
+                return
+            where = f"from step {new + 1} on" if new is not None else "off"
+            was = f"from step {old + 1}" if old is not None else "off"
+            off = " (it is off until then)" if old is not None and new is not None and old <= step < new else ""
+            line = f"the mask-aware forward is {where} (was {was}){off}"
+            if "predictor.mask_aware_fraction" in change.changed:
+                change.explain("predictor.mask_aware_fraction", line)
+            else:
+                change.also.append(f"predictor: {line}")
 
     def after_surgery(self, setup: Setup) -> None:
         r = self.recipe
@@ -158,7 +183,7 @@ class Predictors(Component):
 
     finish_order = 90  # calibrated after the thresholds conversion (50) and compensation (60): the model's final zeros
 
-    def unfinished(self, step: int) -> str | None:
+    def unfinished(self, folder: Path, step: int) -> str | None:
         cfg = self.recipe.predictor
         if cfg.target_mass_recall is None and cfg.target_recall is None:
             return None
@@ -175,11 +200,12 @@ class Predictors(Component):
         if target is None:
             return
         kind = "mass_recall" if cfg.target_mass_recall is not None else "recall"
-        thresholds = calibrate_thresholds(ctx.model, self.bank, ctx.train_batches(cfg.calibration_batches),
-                                          ctx.device, target, kind, seed=self.recipe.train.seed)
+        batches = ctx.train_batches(cfg.calibration_batches)  # fewer when the data holds fewer
+        thresholds = calibrate_thresholds(ctx.model, self.bank, batches, ctx.device, target, kind,
+                                          seed=self.recipe.train.seed)
         probs = [1 / (1 + math.exp(-min(max(t, -50.0), 50.0))) for t in thresholds]
         print(f"sparsetune: predictors: per-layer thresholds calibrated to {kind} {target:g} on "
-              f"{cfg.calibration_batches} training micro-batches (sigmoid {min(probs):.3g}..{max(probs):.3g})",
+              f"{len(batches)} training micro-batches (sigmoid {min(probs):.3g}..{max(probs):.3g})",
               flush=True)
 
     def _sweep(self, ctx: EvalContext) -> None:

@@ -4,6 +4,7 @@ exact zeros (from the same evaluation forwards: a token sample taken by the reco
 
 from __future__ import annotations
 
+from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.cett import TokenSampler, cett_report
 from sparsetune.sparsity.regularizers import get_regularizer
@@ -29,6 +30,22 @@ class SparsityRegularization(Component):
     @classmethod
     def build(cls, recipe: Recipe) -> SparsityRegularization:
         return cls(recipe)  # always: the coefficient is logged even for regularizer.type=none
+
+    @classmethod
+    def on_resume(cls, change: RecipeChange) -> None:
+        """The schedule is a function of the step and train.max_steps (stages given by end_fraction move with it):
+        the new recipe's from the resumed step on, with the coefficient it gives there."""
+        keys = change.keys("regularizer.")
+        if change.step == 0 or not (keys or "train.max_steps" in change.changed):
+            return
+        old, new = (CoefficientSchedule(r.regularizer, r.train.max_steps)(change.step)
+                    for r in (change.saved, change.current))
+        for key in keys:
+            change.explain(key, f"the new schedule from step {change.step + 1} on: coefficient {new:g} there (was "
+                           f"{old:g})")
+        if not keys and new != old:
+            change.also.append(f"regularizer: its stages given by end_fraction move with train.max_steps: coefficient "
+                               f"{new:g} at step {change.step + 1} (was {old:g})")
 
     def after_surgery(self, setup: Setup) -> None:
         self.recorder = setup.recorder

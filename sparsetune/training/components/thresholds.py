@@ -6,6 +6,10 @@ on the first training micro-batches (sparsity/thresholds.py). Training then goes
 at at_fraction 1.0, the conversion comes after the last step and before the final evaluation (training-free).
 The held-out perplexity and sparsity just before and after are printed and logged; the fitted thresholds are
 checkpointed with the run (so resume is exact on either side of the conversion) and carried by its exports.
+
+At a resume, a change of a thresholds.* key takes effect while the conversion is still to come (and train.max_steps
+moves it with at_fraction, announced); once converted, the thresholds are part of the model and a change is refused
+by name. A conversion that would come before the annealing's end is refused too.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.recorder import ActivationRecorder
 from sparsetune.sparsity.thresholds import CONVERSION_FILE, Conversion, fit_thresholds, read_conversion
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.tracking.metrics import conversion_metrics
+from sparsetune.training.components.annealing import resumed_segment
 from sparsetune.training.components.base import Component, EvalContext, EvalReport, Setup
 
 
@@ -52,7 +58,7 @@ class ThresholdConversion(Component):
         if self.conversion is None and step >= self.at_step:
             self._convert(self.eval_context())
 
-    def unfinished(self, step: int) -> str | None:
+    def unfinished(self, folder: Path, step: int) -> str | None:
         if step > self.at_step and self.at_step < self.recipe.train.max_steps:
             return None  # converted at the start of step at_step
         return (f"the `thresholds` conversion to fixed per-layer `{self.kind}` thresholds"
@@ -67,14 +73,14 @@ class ThresholdConversion(Component):
         cfg, r = self.recipe.thresholds, self.recipe
         held = self._held_out(ctx, r.train.eval_batches)
         before = self._measure(ctx, held)
-        fits = fit_thresholds(ctx.model, ctx.train_batches(cfg.calibration_batches), ctx.device, self.kind,
-                              cfg.target_sparsity, cfg.cett, cfg.tokens_per_layer, cfg.calibration_batches,
-                              seed=r.train.seed)
+        batches = ctx.train_batches(cfg.calibration_batches)  # fewer when the data holds fewer
+        fits = fit_thresholds(ctx.model, batches, ctx.device, self.kind, cfg.target_sparsity, cfg.cett,
+                              cfg.tokens_per_layer, len(batches), seed=r.train.seed)
         criterion = {"target_sparsity": cfg.target_sparsity} if cfg.cett is None else {"cett": cfg.cett}
         cetts = [f.cett for f in fits]
         conversion = Conversion(
             step=ctx.step, kind=self.kind, from_activation=r.relufy.activation, criterion=criterion,
-            calibration_batches=cfg.calibration_batches, tokens_per_layer=cfg.tokens_per_layer,
+            calibration_batches=len(batches), tokens_per_layer=cfg.tokens_per_layer,
             thresholds=[f.threshold for f in fits], fit_sparsity_per_layer=[f.sparsity for f in fits],
             fit_cett_per_layer=None if any(c is None for c in cetts) else cetts, before=before, after={})
         conversion.apply(ctx.model)
@@ -127,14 +133,42 @@ class ThresholdConversion(Component):
 
     def load(self, folder: Path) -> None:
         """The conversion's record. The fitted thresholds themselves are already on the model: they are its
-        activation state, put back when the model was built. A checkpoint written before the conversion (or before
-        the section was added) leaves the conversion to its step."""
+        activation state, put back when the model was built (a resume that changes thresholds.* after the conversion
+        is refused in on_resume). A checkpoint written before the conversion (or before the section was added)
+        leaves the conversion to its step."""
         conversion, state = read_conversion(folder)
-        if conversion is not None:
-            cfg = self.recipe.thresholds
-            asked = {"target_sparsity": cfg.target_sparsity} if cfg.cett is None else {"cett": cfg.cett}
-            if (asked, self.kind) != (conversion.criterion, conversion.kind) and self.accelerator.is_main_process:
-                print(f"sparsetune: resume: the run converted at step {conversion.step} to {conversion.kind} "
-                      f"thresholds fitted to {conversion.criterion}; the recipe now asks {asked}: the fitted "
-                      "thresholds stay", flush=True)
         self.conversion, self.pending_log = conversion, bool(state.get("pending_log", False))
+
+    @classmethod
+    def on_resume(cls, change: RecipeChange) -> None:
+        saved, now, step = change.saved, change.current, change.step
+        keys = change.keys("thresholds.")
+        if step == 0 or not (saved.thresholds.enabled or now.thresholds.enabled):
+            return
+        conversion = read_conversion(change.folder)[0] if saved.thresholds.enabled else None
+        if conversion is not None:
+            for key in keys:
+                change.refuse(key, f"the run converted to {conversion.kind} thresholds fitted to "
+                              f"{conversion.criterion} at step {conversion.step}; they are part of the model now: "
+                              f"{change.keep(key)}")
+            if "train.max_steps" in change.changed and not keys:
+                change.also.append(f"thresholds: converted at step {conversion.step}; the fitted thresholds stay")
+            return
+        cfg = now.thresholds
+        at = round(cfg.at_fraction * now.train.max_steps) if cfg.at_fraction < 1.0 else None
+        when = f"at step {max(at, step)}" if at is not None else f"after the last step ({now.train.max_steps})"
+        if cfg.enabled and at is not None:
+            end = resumed_segment(change.folder, saved, now, step).end_step
+            if max(at, step) < end:
+                for key in keys + change.keys("train.max_steps") + change.keys("anneal.fraction"):
+                    change.refuse(key, f"the conversion would come at step {max(at, step)}, before the annealing "
+                                  f"ends at step {end}: choose thresholds.at_fraction >= "
+                                  f"{end / now.train.max_steps:.3g}")
+                return
+        for key in keys:
+            change.explain(key, f"the conversion {when} uses it" if cfg.enabled else "no conversion will be made")
+        if "train.max_steps" in change.changed and cfg.enabled and saved.thresholds.enabled:
+            old = saved.thresholds
+            before = (f"step {round(old.at_fraction * saved.train.max_steps)}" if old.at_fraction < 1.0
+                      else f"after the last step ({saved.train.max_steps})")
+            change.also.append(f"thresholds: the conversion moves from {before} to {when}")
