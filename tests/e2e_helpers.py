@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from sparsetune.cli import main
 
@@ -94,3 +97,17 @@ def one_error(capsys, code: int, pattern: str) -> str:
     assert "Traceback" not in err
     assert len(lines) == 1 and re.search(pattern, lines[0]), err[-2000:]
     return lines[0]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False):
+    """A real small filesystem mounted at `path` (a full disk, a read-only mount): skipped where mount is refused."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:  # root in a container without CAP_SYS_ADMIN
+        pytest.skip(f"mount is not permitted here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -6,7 +6,6 @@ these tests read the file back with the `gguf` package; docs/ENGINES.md has the 
 import contextlib
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from sparsetune.cli import main
 from sparsetune.export.powerinfer import engine_mask, global_threshold, powerinfer_layers
 from sparsetune.predictors.bank import PredictorBank, load_predictors
 from sparsetune.recipe.schema import PredictorSection
-from tests.e2e_helpers import one_error, train_tiny
+from tests.e2e_helpers import one_error, tmpfs, train_tiny
 
 
 def _bank(**cfg) -> PredictorBank:
@@ -310,20 +309,6 @@ def test_an_activation_powerinfer_cannot_run_is_refused(tiny_model_dirs, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
-@contextlib.contextmanager
-def _tmpfs(path, size: str):
-    """A real small filesystem (as tests/faults/test_real_faults.py mounts one): skipped where mount is refused."""
-    path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:  # root in a container without CAP_SYS_ADMIN
-        pytest.skip(f"mount is not permitted here: {mounted.stderr.strip()[:200]}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.mark.e2e
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a real tmpfs needs root")
 def test_a_full_disk_while_writing_the_gguf_says_no_space_left(powerinfer_export, tmp_path, capsys, monkeypatch):
@@ -340,12 +325,12 @@ def test_a_full_disk_while_writing_the_gguf_says_no_space_left(powerinfer_export
     _, out = powerinfer_export
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     _, fc_layers = powerinfer_layers(load_predictors(out), [b.post_attention_layernorm.weight for b in lm.model.layers])
-    with _tmpfs(tmp_path / "disk", "128k") as disk:  # room for the header (~7 kB), not for the tensors (~230 kB)
+    with tmpfs(tmp_path / "disk", "128k") as disk:  # room for the header (~7 kB), not for the tensors (~230 kB)
         with pytest.raises(OSError) as caught:
             write_gguf(lm, tokenizer, fc_layers, 0.0, disk / "m.gguf")
         assert caught.value.errno == errno.ENOSPC and "No space left on device" in str(caught.value)
         assert caught.value.filename == str(disk / "m.gguf") and not list(disk.iterdir())
-    with _tmpfs(tmp_path / "disk2", "8m") as disk:  # `export --powerinfer`: the disk fills just before the GGUF
+    with tmpfs(tmp_path / "disk2", "8m") as disk:  # `export --powerinfer`: the disk fills just before the GGUF
         real = exporter.write_gguf
 
         def fill_then_write(*args, **kwargs):

@@ -25,7 +25,7 @@ import torch
 
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
-from tests.e2e_helpers import TINY_TRAIN, child_env, one_error, read_metrics, train_steps, train_tiny
+from tests.e2e_helpers import TINY_TRAIN, child_env, one_error, read_metrics, tmpfs, train_steps, train_tiny
 from tests.faults.test_faults import assert_bitwise, export, snapshot, weights
 from tests.hooks.fault_points import install
 
@@ -415,19 +415,6 @@ def test_step_folders_past_10_to_the_8_and_a_checkpoint_left_while_replaced(tmp_
 
 
 # ------------------------------------------------------------------------------------------ a real full disk
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, read_only: bool = False):
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if read_only else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
-    if mounted.returncode != 0:  # root in a container without CAP_SYS_ADMIN
-        pytest.skip(f"mount is not permitted here: {mounted.stderr.strip()[:200]}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def fill(disk: Path) -> Path:
     """Fill the filesystem for real: write until the OS says ENOSPC."""
     filler = disk / f"filler{len(list(disk.glob('filler*')))}"
