@@ -45,11 +45,18 @@ def _check(bank: PredictorBank) -> None:
                 "norm would change which neurons are kept; train them with predictor.input=residual")
 
 
+ZERO_NUDGE = 1e-4  # logit: what a layer's threshold of exactly 0 becomes beside negative ones
+
+
 def global_threshold(bank: PredictorBank) -> tuple[float, list[float]]:
     """(PowerInfer's sparse_threshold T, per-layer output scale s_l) with s_l * logit >= T <=> logit >= t_l."""
     if bank.layer_thresholds is None:
         return bank.logit_threshold, [1.0] * bank.num_neuron_predictors
-    ts = bank.layer_thresholds
+    ts = list(bank.layer_thresholds)
+    if all(t <= 0 for t in ts) and any(t < 0 for t in ts) and any(t == 0 for t in ts):
+        # a layer calibrated at the trained decision threshold (logit 0) beside negative ones: one global threshold
+        # cannot scale 0, so it keeps the logits in [-ZERO_NUDGE, 0) too (a few more neurons, never fewer)
+        ts = [-ZERO_NUDGE if t == 0 else t for t in ts]
     if all(t < 0 for t in ts) or all(t > 0 for t in ts):
         target = -1.0 if ts[0] < 0 else 1.0
         return target, [target / t for t in ts]

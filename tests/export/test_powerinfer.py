@@ -78,6 +78,18 @@ def test_what_powerinfer_cannot_hold_is_refused():
         global_threshold(bank)
 
 
+def test_a_layer_calibrated_at_logit_0_beside_negative_ones_keeps_at_least_its_neurons():
+    from sparsetune.export.powerinfer import ZERO_NUDGE
+
+    bank = _bank(output_bias=False, input="residual")
+    bank.layer_thresholds = [-1.0, 0.0, -2.0]  # mass-recall calibration capped one layer at sigmoid 0.5
+    threshold, scales = global_threshold(bank)
+    logits = torch.tensor([-2 * ZERO_NUDGE, -ZERO_NUDGE / 2, 0.0, 0.3])
+    kept = scales[1] * logits >= threshold  # PowerInfer's rule on the scaled fc2
+    assert kept.tolist() == [False, True, True, True]  # every neuron logit >= 0 keeps, and only a sliver more
+    assert (scales[0] * torch.tensor([-1.0, -1.01]) >= threshold).tolist() == [True, False]  # others unchanged
+
+
 def _rope_hf(q: torch.Tensor, pos: int, base: float) -> torch.Tensor:
     """transformers' Llama rope on one head: rotate_half pairs (i, i + d/2)."""
     d = q.shape[-1]
