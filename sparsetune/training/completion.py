@@ -15,11 +15,7 @@ from pathlib import Path
 from sparsetune.errors import SparsetuneError
 from sparsetune.recipe.schema import Recipe
 from sparsetune.training.components import build_components
-
-
-def total_steps(recipe: Recipe) -> int:
-    """The step a finished run's last checkpoint is at (training/phases.py: model steps + predictor-only steps)."""
-    return recipe.train.max_steps + (recipe.predictor.only_steps if recipe.predictor.enabled else 0)
+from sparsetune.training.phases import total_steps
 
 
 def unfinished_parts(checkpoint: Path, recipe: Recipe, step: int) -> list[str]:
@@ -39,14 +35,13 @@ def refuse_unfinished_source(source: str | Path, action: str) -> None:
         refuse_unfinished(resolve_checkpoint(Path(source)), action)
 
 
-def refuse_unfinished(checkpoint: Path, action: str, recipe: Recipe | None = None, state: dict | None = None) -> None:
+def refuse_unfinished(checkpoint: Path, action: str) -> None:
     """Raise the one-line refusal for `action` ("export", "eval") of a checkpoint that is not its run's finished
-    model; nothing when it is. `recipe` / `state`: the checkpoint's, when the caller has read them already."""
+    model; nothing when it is."""
     from sparsetune.checkpoint.state import read_recipe, read_trainer_state
 
-    recipe = recipe if recipe is not None else read_recipe(checkpoint)
-    state = state if state is not None else read_trainer_state(checkpoint)
-    step = int(state.get("step", 0))
+    recipe = read_recipe(checkpoint)
+    step = int(read_trainer_state(checkpoint).get("step", 0))
     missing = unfinished_parts(checkpoint, recipe, step)
     if not missing:
         return
@@ -56,5 +51,5 @@ def refuse_unfinished(checkpoint: Path, action: str, recipe: Recipe | None = Non
               else "the run's `sparsetune train ... --resume`")
     raise SparsetuneError(
         f"{checkpoint} is saved at step {step} of its run's {total_steps(recipe)} and lacks "
-        f"{'; '.join(missing)}: a {action} of it would not be the model the run makes; finish the run with "
-        f"`{finish}` and {action} its final checkpoint")
+        f"{'; '.join(missing)}: it is not the model the run makes, so `sparsetune {action}` refuses it; finish the "
+        f"run with `{finish}` and {action} its final checkpoint")

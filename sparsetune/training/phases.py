@@ -9,11 +9,16 @@ from sparsetune.recipe.schema import Recipe
 from sparsetune.training.engines import Engine, FrozenModel
 
 
+def total_steps(recipe: Recipe) -> int:
+    """The run's last step: the model's steps, then the predictor-only steps."""
+    return recipe.train.max_steps + (recipe.predictor.only_steps if recipe.predictor.enabled else 0)
+
+
 class Phases:
     def __init__(self, recipe: Recipe, engine: Engine):
         self.model_steps = recipe.train.max_steps
-        only = recipe.predictor.only_steps if recipe.predictor.enabled else 0
-        self.total_steps = self.model_steps + only
+        self.total_steps = total_steps(recipe)
+        only = self.total_steps - self.model_steps
         self.training = engine
         self.predictors_only = FrozenModel(engine.accelerator, recipe, placed_by=engine) if only else None
 
