@@ -31,9 +31,28 @@ def _cmd_train(args) -> int:
                       machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                       main_process_port=args.main_process_port)
     command = shlex.join(["sparsetune", "train", args.recipe, *args.overrides])  # pasted back into a shell as is
-    train(recipe, overwrite=args.overwrite, resume=args.resume, command=command,
-          allow_data_change=args.allow_data_change)
-    return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        train(recipe, overwrite=args.overwrite, resume=args.resume, command=command,
+              allow_data_change=args.allow_data_change)
+        return 0
+    # A launched worker: the process group's teardown runs under a watchdog and the worker then leaves at once
+    from sparsetune.training import teardown
+    from sparsetune.training.trainer import Trainer
+
+    trainer = Trainer(recipe, overwrite=args.overwrite, resume=args.resume, command=command,
+                      allow_data_change=args.allow_data_change)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        trainer.run()
+    except SparsetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        teardown.close_and_leave(trainer.close, exc.exit_code, rank=rank)
+    except BaseException as exc:  # the one-line message or traceback still prints; the exit is bounded
+        teardown.arm(130 if isinstance(exc, KeyboardInterrupt) else 1, rank=rank)
+        trainer.close()
+        raise
+    teardown.close_and_leave(trainer.close, 0, rank=rank)
+    return 0  # not reached
 
 
 def _cmd_validate(args) -> int:
