@@ -177,7 +177,7 @@ def skips_from_overrides(entry: dict) -> str:
     name = keys.get("relufy.activation", entry.get("activation") or "silu")
     if any(k.startswith("thresholds.") for k in keys):
         name = activation_class(name).threshold_form or name
-    return activation_class(name).skips
+    return activation_class(name).rule_reads
 
 
 def engine_skips(run: Path | None, activation: str | None) -> str:
@@ -192,7 +192,7 @@ def engine_skips(run: Path | None, activation: str | None) -> str:
     else:
         spec = {"activation": activation or "silu"}
     spec = {k: v for k, v in spec.items() if k != "compensation"}
-    return build_activation(spec).skips
+    return build_activation(spec).rule_reads
 
 
 def measure(target: str, activation, target_sparsity, data_path, batches: int, args=None,

@@ -126,8 +126,7 @@ def sparsetune_loop(model_dir: Path, run_dir: Path, args, batch: int, seq_len: i
     try:
         times = timed_steps(step, device, args.warmup, args.steps)
     finally:
-        if trainer.lock is not None:
-            trainer.lock.release()
+        trainer.folder.release()
         trainer.accelerator.free_memory()
     return times, losses, str(recipe.train.mixed_precision)
 

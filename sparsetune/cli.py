@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from sparsetune.cli_options import add_options, from_namespace
-from sparsetune.cli_types import NON_NEGATIVE, POSITIVE
+from sparsetune.cli_types import NON_NEGATIVE, POSITIVE, POSITIVE_NUMBER
+from sparsetune.console import notice
 from sparsetune.errors import SparsetuneError
 
 
@@ -58,11 +59,31 @@ def _cmd_train(args) -> int:
 def _cmd_validate(args) -> int:
     from sparsetune.recipe.loading import load_recipe, recipe_to_yaml
 
+    if args.launch is None:
+        for option in ("num_processes", "device_memory", "model_config"):
+            if getattr(args, option) is not None:
+                raise SparsetuneError(f"--{option.replace('_', '-')} plans a launch: give --launch PRESET too")
+    else:
+        from sparsetune.launch.presets import get_preset
+
+        preset = get_preset(args.launch)
+        if args.num_processes is None:
+            raise SparsetuneError(f"--launch {args.launch}: give --num-processes N (processes per machine) to plan it")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print:
         print(recipe_to_yaml(recipe), end="")
     print(f"{args.recipe}: ok ({recipe.relufy.activation} + {recipe.regularizer.type}/{recipe.regularizer.schedule}, "
           f"{recipe.train.max_steps} steps, model {recipe.model.path})")
+    if args.launch is None:
+        return 0
+    # the memory plan of the launch (launch/plan.py): the model's config only, no weights
+    from sparsetune.launch.compatibility import check_launch
+    from sparsetune.launch.plan import format_plan, plan_for_recipe
+
+    check_launch(recipe, preset.strategy, preset.shards_parameters, args.num_processes * args.num_machines,
+                 f"--launch {args.launch}")
+    plan = plan_for_recipe(recipe, preset, args.num_processes, args.model_config, machines=args.num_machines)
+    print(format_plan(plan, args.device_memory, label=args.recipe))
     return 0
 
 
@@ -83,8 +104,8 @@ def _cmd_export(args) -> int:
 
     out = export(args.run, args.out, measure=not args.no_eval, eval_batches_n=args.eval_batches,
                  overwrite=args.overwrite, device=args.device, trust_remote_code=args.trust_remote_code,
-                 powerinfer=args.powerinfer)
-    print(f"sparsetune: exported to {out}")
+                 target=args.target)
+    notice(f"exported to {out}")
     return 0
 
 
@@ -98,8 +119,8 @@ def _eval_json_path(args) -> Path | None:
     if made_by_sparsetune(Path(args.model)):
         return check_output_file(Path(args.model) / "eval.json", "eval result")
     if Path(args.model).is_dir():
-        print(f"sparsetune: {args.model} is not a run or export sparsetune made, so nothing is written into it; "
-              "pass --json FILE to keep the result")
+        notice(f"{args.model} is not a run or export sparsetune made, so nothing is written into it; pass --json "
+               "FILE to keep the result")
     return None
 
 
@@ -113,18 +134,18 @@ def _cmd_eval(args) -> int:
     print_eval(result)
     if json_path is not None:
         write_json(result, json_path)
-        print(f"sparsetune: wrote {json_path}")
+        notice(f"wrote {json_path}")
     if result.sweep is not None:
         from sparsetune.evaluation.sweep import write_sweep
 
         if json_path is None:  # never write into the working directory unasked
-            print("sparsetune: the sweep is in the printed result only; pass --json FILE to also get "
-                  "FILE-sweep.json and FILE-sweep.png")
+            notice("the sweep is in the printed result only; pass --json FILE to also get FILE-sweep.json and "
+                   "FILE-sweep.png")
         else:
             stem = json_path.with_name(f"{json_path.stem}-sweep")
             for path in write_sweep(result.sweep, stem, f"{args.model}: predictors vs best possible"):
                 if path is not None:
-                    print(f"sparsetune: wrote {path}")
+                    notice(f"wrote {path}")
     return 0
 
 
@@ -178,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--print", action="store_true", help="print the resolved recipe with every default")
+    plan = p.add_argument_group("memory plan of a launch (from the model's config only, no weights; for GPUs: "
+                                "train.mixed_precision auto is bf16)")
+    plan.add_argument("--launch", metavar="PRESET", default=None, help=f"{' | '.join(PRESETS)}")
+    plan.add_argument("--num-processes", type=POSITIVE, default=None, help="processes per machine")
+    plan.add_argument("--num-machines", type=POSITIVE, default=1)
+    plan.add_argument("--device-memory", type=POSITIVE_NUMBER, default=None, metavar="GiB",
+                      help="memory of one device: the plan says whether its total fits")
+    plan.add_argument("--model-config", default=None, metavar="PATH",
+                      help="a config.json (or its folder) to plan from instead of model.path's (a hub id offline)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
@@ -188,10 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--no-eval", action="store_true", help="do not re-measure perplexity/sparsity for the report")
     p.add_argument("--eval-batches", type=POSITIVE, default=None, help="held-out batches for the report")
-    p.add_argument("--powerinfer", action="store_true",
-                   help="also write DIR/model.powerinfer.gguf, which PowerInfer runs sparse as it is (a ReLU Llama "
-                        "with predictors trained with predictor.output_bias=false and predictor.input=residual), "
-                        "and DIR/activation/ (neuron counts for its GPU/CPU split); see docs/ENGINES.md")
+    p.add_argument("--target", default=None, metavar="NAME",
+                   help="export target (sparsetune/export/targets/): hf = a plain Hugging Face folder, hf_code = one "
+                        "with its own modeling code (trust_remote_code), powerinfer = also DIR/model.powerinfer.gguf, "
+                        "which PowerInfer runs sparse as it is, and DIR/activation/ (see docs/ENGINES.md); default: "
+                        "hf when plain transformers computes the trained model exactly, else hf_code")
+    p.add_argument("--powerinfer", dest="target", action="store_const", const="powerinfer",
+                   help="the same as --target powerinfer")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier sparsetune export in --out (a folder sparsetune did not write is refused)")
     _add_load_options(p)
@@ -215,8 +248,8 @@ def _cmd_analyze(args) -> int:
     from sparsetune.analysis.report import summary
 
     result, files = run_analysis(from_namespace(AnalyzeArgs, args))
-    print(f"sparsetune: {summary(result)}")
-    print(f"sparsetune: wrote {files[1]} (with {files[0].name} and {len(files) - 2} figures)")
+    notice(summary(result))
+    notice(f"wrote {files[1]} (with {files[0].name} and {len(files) - 2} figures)")
     return 0
 
 
@@ -265,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
               "command again (a run continues with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sparsetune: interrupted", file=sys.stderr)
+        notice("interrupted", err=True)
         return 130
 
 

@@ -25,6 +25,17 @@ def count(minimum: int):
 POSITIVE, NON_NEGATIVE = count(1), count(0)
 
 
+def POSITIVE_NUMBER(text: str) -> float:  # noqa: N802 (named like the other argparse types)
+    """A finite number > 0 (a memory size in GiB)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     """A fraction strictly between 0 and 1 (a share of neurons to zero: 0 zeroes nothing, 1 everything)."""
     try:

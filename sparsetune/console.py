@@ -1,15 +1,38 @@
-"""Tables the command line prints (rich), kept apart from the code that measures."""
+"""What sparsetune prints: the one-line notices of every command (`sparsetune: ...`) and the tables of `eval`
+(rich), kept apart from the code that decides and measures.
+
+Every `sparsetune: ` line goes through `notice`; a process that is not the main one of a launch passes
+`main=False` where only rank 0 should speak. This module imports nothing of sparsetune at run time (and rich only for
+the tables), so any layer may print through it at no import cost.
+"""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+import sys
+from typing import TYPE_CHECKING
 
-from sparsetune.evaluation.command import EvalResult
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from sparsetune.evaluation.command import EvalResult
+
+PREFIX = "sparsetune: "
+
+
+def notice(message: str, *, main: bool = True, err: bool = False, fresh_line: bool = False) -> None:
+    """Print `sparsetune: MESSAGE` and flush at once (it must appear before a long step, or before the process
+    leaves). `main=False`: say nothing (a rank other than 0, where only rank 0 speaks). `err`: on stderr (a signal,
+    an interruption, a watchdog). `fresh_line`: start on a new line (after a progress bar's partial line)."""
+    if not main:
+        return
+    print(("\n" if fresh_line else "") + PREFIX + message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def print_eval(result: EvalResult) -> None:
     """The tables of `sparsetune eval`."""
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     held = result.held_out
     summary = Table(title=f"{result.target} ({result.what}, activation {result.activation['activation']})")

@@ -13,11 +13,10 @@ class Config(Section):
 
 
 class DReLU(MLPActivation):
-    """ReLU on both branches: max(gate, 0) * max(up, 0). Zeros come from either branch, so an engine needs both
-    projections (or predictors) to know which down rows to skip."""
+    """ReLU on both branches: max(gate, 0) * max(up, 0). Zeros come from either branch (the rule reads gate and
+    up)."""
 
-    name, skips, fused_code = "drelu", "product", 2
-    powerinfer_refusal = "PowerInfer's llama path has no relu(up)"
+    name, rule_reads = "drelu", "product"
 
     def __call__(self, gate, up):
         return F.relu(gate) * F.relu(up)

@@ -23,9 +23,8 @@ class FATReLU(MLPActivation):
     up and down rows once its gate is below t. `per_layer`: t is this layer's own threshold (one of
     `relufy.thresholds`), so the spec lists every layer's."""
 
-    name, threshold_form = "fatrelu", "fatrelu"
+    name, threshold_form, threshold_floor = "fatrelu", "fatrelu", 0.0
     undropped = "relu"
-    powerinfer_refusal = "PowerInfer has no activation threshold"
 
     def __init__(self, threshold: float, per_layer: bool = False):
         self.threshold = float(threshold)
@@ -38,6 +37,17 @@ class FATReLU(MLPActivation):
 
     def __call__(self, gate, up):
         return torch.where(gate >= self.threshold, gate, torch.zeros_like(gate)) * up
+
+    # as a threshold form (the `thresholds` conversion of relu-family runs: ProSparse's last step)
+    @classmethod
+    def thresholded_from(cls, current) -> FATReLU:
+        return cls(0.0, per_layer=True)
+
+    def rule_values(self, gate, up):
+        return gate.detach().float()
+
+    def with_threshold(self, threshold: float, sparsity: float = 0.5) -> FATReLU:
+        return FATReLU(threshold, per_layer=True)
 
     def spec(self) -> dict:
         if self.per_layer:  # activation_spec() fills in every layer's threshold

@@ -18,7 +18,18 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from sparsetune.activations.base import F, MLPActivation, PerLayerThresholds, per_layer_value, torch
+from sparsetune.activations.base import (
+    F,
+    MLPActivation,
+    PerLayerThresholds,
+    per_layer_value,
+    quantile_threshold,
+    token_rows,
+    torch,
+)
+from sparsetune.activations.relu import ReLU
+from sparsetune.activations.silu import SiLU
+from sparsetune.errors import SparsetuneError
 
 # Values a forward's quantile is taken over per layer: enough for the target to within ~0.3%, cheap on 7B layers.
 QUANTILE_SAMPLE = 1 << 16
@@ -62,7 +73,7 @@ class OutputAware(MLPActivation):
     while annealing, that share times the annealing's progress); a number: the fixed rule score >= threshold.
     `scales` (a per-neuron list) is None until measured (`uncalibrated`)."""
 
-    name, plain_fallback, threshold_form, needs_data = "output_aware", "silu", "output_aware", True
+    name, threshold_form, needs_data = "output_aware", "output_aware", True
     undropped = "silu"
     per_layer_keys: ClassVar[dict[str, str]] = {"thresholds": "threshold", "scales": "scales"}
 
@@ -71,23 +82,15 @@ class OutputAware(MLPActivation):
         self.target_sparsity = float(target_sparsity)
         self.form = form
         self.undropped = form  # compensation adds back the mean of what is cut from this elementwise activation
-        self.plain_fallback = form
         self.score_kind = score
+        self.rule_reads = "gate" if score == "gate" else "product"
         self.threshold = float(threshold)
         self.scales = None if scales is None else [float(s) for s in scales]
         self.calibration_batches = calibration_batches
         self._scale_tensor = None
 
-    @property
-    def powerinfer_refusal(self) -> str | None:  # type: ignore[override]
-        return None if self.form == "relu" else "PowerInfer's llama path computes relu(gate) * up only"
-
     def _elementwise(self, gate):
         return F.relu(gate) if self.form == "relu" else F.silu(gate)
-
-    @property
-    def skips(self) -> str:  # type: ignore[override]
-        return "gate" if self.score_kind == "gate" else "product"
 
     @classmethod
     def from_config(cls, cfg, layer: int) -> OutputAware:
@@ -99,7 +102,7 @@ class OutputAware(MLPActivation):
     def uncalibrated(self) -> bool:
         return self.scales is None
 
-    def with_threshold(self, threshold: float) -> OutputAware:
+    def with_threshold(self, threshold: float, sparsity: float = 0.5) -> OutputAware:
         """This activation with the fixed rule score >= threshold."""
         return OutputAware(self.target_sparsity, self.score_kind, threshold, self.scales, self.calibration_batches,
                            self.form)
@@ -111,14 +114,12 @@ class OutputAware(MLPActivation):
 
     def scores(self, gate, up):
         """The per-neuron output-aware score (float32, no graph)."""
-        gate, up = gate.detach().float(), up.detach().float()
+        gate, up = gate.detach().float(), None if up is None else up.detach().float()
         value = self._elementwise(gate).abs() * (up.abs() if self.score_kind == "product" else 1.0)
         return value * self.scale_on(value)
 
     def batch_threshold(self, scores, target: float) -> float:
-        """The threshold zeroing `target` of this forward's scores (one quantile rule, surgery/calibration)."""
-        from sparsetune.surgery.calibration import quantile_threshold
-
+        """The threshold zeroing `target` of this forward's scores (the one quantile rule)."""
         flat = scores.reshape(-1)
         if flat.numel() > QUANTILE_SAMPLE:  # an even stride: deterministic, so resume stays bitwise
             flat = flat[:: math.ceil(flat.numel() / QUANTILE_SAMPLE)]
@@ -149,11 +150,49 @@ class OutputAware(MLPActivation):
         return dense + (sparse - dense).detach() if dense.requires_grad else sparse
 
     def elementwise(self) -> MLPActivation:
-        from sparsetune.activations.relu import ReLU
-        from sparsetune.activations.silu import SiLU
-
         # on a chosen subset of neurons the rule is the mask: what is kept computes the elementwise form
         return ReLU() if self.form == "relu" else SiLU()
+
+    # ------------------------------------------------------------ the lifecycle's hooks
+    @classmethod
+    def calibrate(cls, layers, measure, seed=0, report=None) -> list[float]:
+        """Each layer's per-neuron score scales: ||W_down[:, i]||, times mean|up_i| over the calibration tokens for
+        the gate score (the dense SiLU model computing meanwhile). Fits no threshold (`unfixed_target`)."""
+        sums = _UpSums({m.layer_idx: m for m in layers if m.activation.score_kind == "gate"})
+        on = measure(sums, SiLU())
+        for m in layers:
+            weight = m.down_weight()
+            if weight is None:
+                raise SparsetuneError("relufy.activation=output_aware measures ||W_down[:, i]|| before the engine "
+                                      "shards the model; this model's down_proj is already sharded")
+            scales = weight.detach().float().norm(dim=0).cpu()
+            if m.layer_idx in sums.sums:
+                scales = scales * sums.sums[m.layer_idx] / max(1, sums.tokens[m.layer_idx])
+            m.activation.scales = scales.tolist()
+        if report is not None and layers:
+            report(f"output_aware: measured the {layers[0].activation.score_kind} score's per-neuron scales of "
+                   f"{len(layers)} layers on {on}")
+        return []
+
+    def unfixed_target(self) -> float | None:
+        return self.target_sparsity if math.isnan(self.threshold) else None
+
+    @classmethod
+    def recipe_defaults(cls, cfg, recipe) -> None:
+        """Its per-forward rule is for training only: fixed thresholds are fitted after the last step (to its
+        target_sparsity) unless the recipe fits or gives them; the swap is annealed over half the run."""
+        if not recipe.thresholds.enabled and not cfg.thresholds:
+            recipe.thresholds.target_sparsity = cfg.target_sparsity
+        if recipe.anneal.fraction is None:
+            recipe.anneal.fraction = 0.5
+
+    # as a threshold form: fixed per-layer thresholds on its own score (scales and score kind kept)
+    @classmethod
+    def thresholded_from(cls, current) -> OutputAware:
+        return current
+
+    def rule_values(self, gate, up):
+        return self.scores(gate, up)
 
     def spec(self) -> dict:
         fitted = not math.isnan(self.threshold)
@@ -161,6 +200,19 @@ class OutputAware(MLPActivation):
                 "score": self.score_kind,
                 "thresholds": [self.threshold] if fitted else None, "scales": [self.scales] if self.scales else None,
                 "calibration_batches": self.calibration_batches}
+
+
+class _UpSums:
+    """A sink summing |up| per neuron over the real tokens, for the layers in `layers` (layer -> its SparseMLP)."""
+
+    def __init__(self, layers: dict):
+        self.layers, self.sums, self.tokens, self.mask = layers, {}, {}, None
+
+    def record(self, layer: int, activation, mlp_input, gate) -> None:
+        if layer in self.layers:
+            up = self.layers[layer].projections()[1](token_rows(mlp_input, self.mask)).detach().float().abs()
+            self.sums[layer] = self.sums.get(layer, 0) + up.sum(0).cpu()
+            self.tokens[layer] = self.tokens.get(layer, 0) + up.shape[0]
 
 
 ACTIVATION = OutputAware

@@ -13,8 +13,7 @@ class Config(Section):
 
 
 class ReLU(MLPActivation):
-    name, hf_hidden_act, threshold_form, fused_code = "relu", "relu", "fatrelu", 0
-    powerinfer_refusal = None  # its sparse llama FFN computes relu(gate) * up (llama.cpp:5050 in PowerInfer)
+    name, threshold_form = "relu", "fatrelu"
 
     def __call__(self, gate, up):
         return F.relu(gate) * up

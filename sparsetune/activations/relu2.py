@@ -15,8 +15,7 @@ class Config(Section):
 class ReLU2(MLPActivation):
     """Squared ReLU on the gate: relu(gate)^2 * up (transformers' `relu2`)."""
 
-    name, hf_hidden_act, fused_code = "relu2", "relu2", 3
-    powerinfer_refusal = "PowerInfer's llama path has no squared ReLU"
+    name = "relu2"
 
     def __call__(self, gate, up):
         return torch.square(F.relu(gate)) * up

@@ -13,8 +13,7 @@ class Config(Section):
 
 
 class SiLU(MLPActivation):
-    name, hf_hidden_act, hf_aliases, plain_fallback = "silu", "silu", ("swish",), "silu"
-    exact_zeros, threshold_form, skips, fused_code = False, "cats", "none", 1
+    name, exact_zeros, threshold_form, rule_reads = "silu", False, "cats", "none"
 
     def __call__(self, gate, up):
         return F.silu(gate) * up

@@ -22,7 +22,7 @@ class TopK(MLPActivation):
     """Keep the k largest |SiLU(gate) * up| per token; the backward pass is straight-through (Q-Sparse). The rule
     needs up and a sort across neurons: an engine skips only down rows, after computing every gate and up row."""
 
-    name, plain_fallback, threshold_form, skips = "topk", "silu", "cats", "product"
+    name, threshold_form, rule_reads = "topk", "cats", "product"
     undropped = "silu"
 
     def __init__(self, fraction: float):
@@ -31,9 +31,6 @@ class TopK(MLPActivation):
     @classmethod
     def from_config(cls, cfg, layer: int) -> TopK:
         return cls(cfg.top_k_fraction)
-
-    def k_for(self, width: int) -> int:
-        return max(1, math.ceil(self.fraction * width))
 
     def __call__(self, gate, up):
         return self._top(gate, up, self.fraction)

@@ -9,7 +9,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from sparsetune.checkpoint.state import is_lora_checkpoint
 from sparsetune.errors import SparsetuneError
+from sparsetune.sources.loading import ALIASES, alias_file
 
 BASE_FILE = "base_model.json"
 _WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "config.json")
@@ -19,8 +21,6 @@ def _local_base(model_path: str) -> Path | None:
     path = Path(model_path)
     if path.exists():
         return path
-    from sparsetune.sources.loading import ALIASES, alias_file
-
     return alias_file(model_path) if model_path in ALIASES else None  # None: a hub id (model.revision pins it)
 
 
@@ -49,11 +49,9 @@ def check_base_unchanged(ckpt: Path, model_path: str, now: dict | None = None) -
     base's fingerprint when the caller has already computed it (hashing a large base twice is slow)."""
     recorded_file = ckpt / BASE_FILE
     if not recorded_file.is_file():
-        return  # written before sparsetune recorded bases, or a hub base
+        return  # a full fine-tune (its checkpoints hold every weight), or a hub base (model.revision pins it)
     recorded = json.loads(recorded_file.read_text())
     now = now if now is not None else base_fingerprint(model_path)
-    from sparsetune.checkpoint.state import is_lora_checkpoint
-
     what = "the LoRA checkpoint" if is_lora_checkpoint(ckpt) else "the checkpoint (model frozen)"
     if now is None:
         raise SparsetuneError(f"{what} {ckpt} needs its base model {recorded['path']}, which is gone; "

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
+from sparsetune import __version__, console
 from sparsetune.checkpoint.locks import RUN_LOCK
 from sparsetune.checkpoint.storage import ordinary_file_modes
 from sparsetune.errors import SparsetuneError
@@ -35,8 +36,7 @@ class RunFolder(Enum):
     ABSENT = "absent"
     EMPTY = "empty"
     RUN = "run"  # made by sparsetune (marker present)
-    UNMARKED_RUN = "unmarked run"  # looks like a run from a sparsetune without markers: resumable, never deleted
-    FOREIGN = "foreign"  # holds files sparsetune did not write
+    FOREIGN = "foreign"  # holds files sparsetune did not write (a run folder without its marker among them)
 
 
 def _listing(entries: list[str], limit: int = 4) -> str:
@@ -52,11 +52,7 @@ def inspect_run_folder(run_dir: Path) -> RunFolder:
     entries = [p.name for p in run_dir.iterdir() if p.name != RUN_LOCK]  # the lock alone: left by a kill
     if not entries:
         return RunFolder.EMPTY
-    if RUN_MARKER in entries:
-        return RunFolder.RUN
-    if (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file():
-        return RunFolder.UNMARKED_RUN
-    return RunFolder.FOREIGN
+    return RunFolder.RUN if RUN_MARKER in entries else RunFolder.FOREIGN
 
 
 def resolve_link(path: Path, what: str, notice: Callable[[str], None] | None = None) -> Path:
@@ -85,8 +81,6 @@ def mark_run(run_dir: Path, command: str) -> bool:
     marker = run_dir / RUN_MARKER
     if marker.exists():
         return False
-    from sparsetune import __version__
-
     marker.write_text(json.dumps({"created_by": f"sparsetune {__version__}", "command": command,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
     return True
@@ -175,7 +169,7 @@ def replace_folder(tmp: Path, out: Path, notice: Callable[[str], None] | None = 
     except its evaluation, kept as eval.previous.json (keep_previous_evaluation). Every file gets the mode the
     umask gives (storage.ordinary_file_modes). A kill between the two renames leaves the previous export as
     `.<name>.old<pid>`: the next export into `out` puts it back first (clean_export_debris)."""
-    notice = notice or (lambda message: print(f"sparsetune: {message}", flush=True))
+    notice = notice or console.notice
     out.parent.mkdir(parents=True, exist_ok=True)
     ordinary_file_modes(tmp)
     if out.exists():

@@ -1,4 +1,5 @@
-"""Resume: choose the checkpoint, check the recipe against it, put the saved weights back."""
+"""Resume: check the recipe against the checkpoint, put the saved weights back. (Which checkpoint a run resumes
+from is the run folder's decision: training/run_folder.py.)"""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from sparsetune.checkpoint.folders import RunFolder, foreign_error, inspect_run_folder
 from sparsetune.checkpoint.state import read_recipe, read_trainer_state
-from sparsetune.checkpoint.store import CheckpointStore, checkpoint_problem
 from sparsetune.errors import SparsetuneError
 from sparsetune.recipe.schema import Recipe
 
@@ -20,7 +19,7 @@ from sparsetune.recipe.schema import Recipe
 # elsewhere resumes there (with a notice).
 FIXED_KEYS = (
     "model.path", "model.dtype", "model.revision", "relufy", "peft", "data", "train.seed", "train.micro_batch_size",
-    "train.grad_accum_steps", "predictor.enabled", "predictor.rank", "predictor.nonlinearity",
+    "train.grad_accum_steps", "predictor.enabled", "predictor.rank", "predictor.layer_ranks", "predictor.nonlinearity",
     "predictor.lookahead", "predictor.heads", "predictor.head_rank", "predictor.output_bias", "predictor.input",
 )
 # Keys fixed in one direction only: (key, old value) -> why the checkpoint cannot follow.
@@ -106,78 +105,10 @@ class RecipeChange:
         return [k for k in self.changed if k == prefix or k.startswith(prefix)]
 
 
-def find_resume_checkpoint(run_dir: Path, explicit: str | None, report) -> Path | None:
-    """The checkpoint to resume from: `explicit` (a checkpoint folder) or the newest usable one of run_dir's
-    lineage (damaged ones are reported and skipped)."""
-    if explicit:
-        path = Path(explicit)
-        if not path.is_dir():
-            raise SparsetuneError(f"--resume {explicit}: no such checkpoint folder")
-        problem = checkpoint_problem(path)
-        if problem:
-            raise SparsetuneError(f"--resume {explicit}: checkpoint is not usable: {problem}")
-        return path
-    return CheckpointStore(run_dir).latest_complete(report=report)
-
-
-@dataclass
-class RunPlan:
-    """What the run does with its output_dir: resume from a checkpoint, clear an earlier run, or start fresh."""
-
-    resume_from: Path | None = None
-    clear: bool = False
-    restart: bool = False  # --resume of a run stopped before its first checkpoint: the same run from step 0
-
-
-def plan_output_dir(run_dir: Path, resume: bool | str | None, overwrite: bool, report) -> RunPlan:
-    """Decide, before anything is written, how a run uses `run_dir`. Nothing here deletes or moves files.
-
-    --resume never deletes: with no usable checkpoint in a folder that holds a run it stops with one line.
-    --overwrite clears only a folder marked as a sparsetune run. A folder sparsetune did not make is refused."""
-    state = inspect_run_folder(run_dir)
-    if resume:
-        explicit = resume if isinstance(resume, str) else None
-        skipped: list[str] = []
-
-        def note(message: str) -> None:
-            skipped.append(message)
-            report(message)
-
-        found = find_resume_checkpoint(run_dir, explicit, report=note)
-        if found is not None:
-            if state is RunFolder.FOREIGN:
-                raise foreign_error(run_dir, "cannot take a resumed run")
-            return RunPlan(resume_from=found)
-        if state in (RunFolder.ABSENT, RunFolder.EMPTY):
-            report(f"--resume: {run_dir} holds no run yet, starting a new one")
-            return RunPlan()
-        if state is RunFolder.FOREIGN:
-            raise foreign_error(run_dir, "holds no sparsetune run to resume")
-        if state is RunFolder.RUN and not skipped and not CheckpointStore(run_dir).folders() and not explicit:
-            report(f"--resume: {run_dir} holds a run stopped before its first checkpoint; starting it again from "
-                   "step 0 (same recipe and seed)")
-            return RunPlan(clear=True, restart=True)
-        damaged = "; ".join(s.removeprefix("skipping damaged checkpoint ") for s in skipped) or "none were written"
-        raise SparsetuneError(
-            f"--resume: no usable checkpoint in {run_dir}/checkpoints ({damaged}); nothing was deleted: repair or "
-            f"remove the damaged checkpoint, resume from another with --resume CHECKPOINT, or start over with "
-            f"--overwrite")
-    if state in (RunFolder.RUN, RunFolder.UNMARKED_RUN) and not overwrite:
-        raise SparsetuneError(f"output_dir {run_dir} already holds a run; choose another output_dir, continue it "
-                              "with --resume, or pass --overwrite")
-    if state is RunFolder.UNMARKED_RUN:
-        raise SparsetuneError(f"--overwrite: output_dir {run_dir} holds a run without sparsetune-run.json (written "
-                              "by an older sparsetune or by hand); refusing to delete it; remove it yourself or "
-                              "choose another output_dir")
-    if state is RunFolder.FOREIGN:
-        raise foreign_error(run_dir, "refusing to " + ("delete it" if overwrite else "write into it"))
-    return RunPlan(clear=state is RunFolder.RUN)
-
-
 def check_process_count(ckpt: Path, num_processes: int, sharded_optimizer: bool) -> None:
     """A sharded optimizer state (DeepSpeed ZeRO, FSDP2) can only be loaded by as many processes as saved it."""
-    saved = read_trainer_state(ckpt).get("num_processes")
-    if sharded_optimizer and saved is not None and saved != num_processes:
+    saved = read_trainer_state(ckpt)["num_processes"]
+    if sharded_optimizer and saved != num_processes:
         raise SparsetuneError(
             f"cannot resume from {ckpt}: its optimizer state is sharded over {saved} processes and this run has "
             f"{num_processes}; relaunch with --num-processes {saved}")
@@ -191,14 +122,8 @@ def check_recipe(ckpt: Path, current: Recipe, report, judge: Callable[[RecipeCha
     `ckpt`: a checkpoint folder, or a run folder whose recipe.yaml is the run's (a restart before the first
     checkpoint). Reads only recipe.yaml and the small JSON state files: nothing is loaded yet."""
     saved = read_recipe(ckpt)
-    if (current.relufy.activation == "cats" == saved.relufy.activation and current.relufy.thresholds is None
-            and saved.relufy.thresholds is not None):
-        # a checkpoint from before activation_state.json: its calibrated thresholds live in its recipe
-        report(f"resume: {ckpt} keeps its CATS thresholds in recipe.yaml (written by an older sparsetune); using "
-               "them")
-        current.relufy.thresholds = saved.relufy.thresholds
     errors, notices = recipe_changes(saved, current)
-    step = int(read_trainer_state(ckpt).get("step", 0)) if (ckpt / "trainer_state.json").is_file() else 0
+    step = int(read_trainer_state(ckpt)["step"]) if (ckpt / "trainer_state.json").is_file() else 0
     old, new = _flatten(saved.model_dump(mode="json")), _flatten(current.model_dump(mode="json"))
     change = RecipeChange(saved, current, ckpt, step,
                           {c.split(":", 1)[0]: (old.get(c.split(":", 1)[0]), new.get(c.split(":", 1)[0]))

@@ -10,6 +10,11 @@ does `latest` move. A folder without a valid marker, or whose files do not match
 
 `latest` is the truth for "newest": step folders newer than it are not part of the run (a resume from an older
 checkpoint, or a crash between the rename and the pointer update) and are moved aside, never deleted.
+
+The marker also records the checkpoint layout (`LAYOUT`: which files a checkpoint holds and what they mean,
+checkpoint/state.py). A checkpoint of another layout, or of none, is refused in one line by every command that
+reads one (`check_layout`): resume, export, eval, analyze. Change `LAYOUT` whenever a checkpoint's files change
+meaning; nothing reads an older layout.
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from sparsetune import __version__
 from sparsetune.checkpoint.storage import ordinary_file_modes
+from sparsetune.console import notice
+from sparsetune.errors import SparsetuneError
 
 MARKER = "checkpoint.json"
+LAYOUT = 1  # the checkpoint layout this sparsetune writes and reads (recorded in MARKER)
 LATEST = "latest"
 ABANDONED = "abandoned"
 _NAME = re.compile(r"^step-(\d{8,})$")  # zero-padded to 8 digits; longer past 10^8 steps
@@ -75,15 +84,14 @@ def write_atomic(path: Path, text: str) -> None:
 def checkpoint_problem(folder: Path, verify: bool = True) -> str | None:
     """Why `folder` is not a usable checkpoint, or None when it is complete.
 
-    Sizes are always checked; with `verify`, every file's sha256 too (checkpoints written before hashes were
-    recorded are checked by size only)."""
+    Sizes are always checked; with `verify`, every file's sha256 too. The layout is `check_layout`'s."""
     marker = folder / MARKER
     if not marker.is_file():
         return f"{folder}: no {MARKER} (the checkpoint was not finished)"
     try:
         meta = json.loads(marker.read_text())
-        files, hashes = dict(meta.get("files", {})), dict(meta.get("sha256", {}))
-    except (OSError, ValueError, TypeError, AttributeError):
+        files, hashes = dict(meta["files"]), dict(meta["sha256"])
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return f"{folder}: {MARKER} is unreadable"
     for rel, size in files.items():
         file = folder / rel
@@ -182,8 +190,8 @@ class CheckpointStore:
         tmp, final = self.tmp_for(step), self.root / self.name_for(step)
         ordinary_file_modes(tmp)  # safetensors leaves its files 0600
         sizes, hashes = _fsync_and_hash(tmp)
-        write_atomic(tmp / MARKER, json.dumps({"step": step, "complete": True, "files": sizes, "sha256": hashes,
-                                               **(meta or {})}, indent=1))
+        write_atomic(tmp / MARKER, json.dumps({"step": step, "complete": True, "layout": LAYOUT, "files": sizes,
+                                               "sha256": hashes, **(meta or {})}, indent=1))
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
             old = self.root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -237,10 +245,19 @@ class CheckpointStore:
                    f"{', '.join(sorted(removed)[:4])}" + (" ..." if len(removed) > 4 else ""))
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A run's output_dir (-> its newest usable checkpoint) or one checkpoint folder, verified."""
-    from sparsetune.errors import SparsetuneError
+def check_layout(folder: Path) -> None:
+    """Refuse, in one line, a complete checkpoint whose marker records another layout than `LAYOUT`, or none."""
+    marker = Path(folder) / MARKER
+    found = json.loads(marker.read_text()).get("layout")
+    if found != LAYOUT:
+        raise SparsetuneError(f"{marker} records {'no checkpoint layout' if found is None else f'layout {found}'}; "
+                              f"sparsetune {__version__} reads checkpoint layout {LAYOUT} only: continue or export "
+                              "it with the sparsetune that wrote it, or start a new run")
 
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run's output_dir (-> its newest usable checkpoint) or one checkpoint folder, verified (complete, of this
+    layout)."""
     path = Path(path)
     if not path.exists():
         raise SparsetuneError(f"no such run or checkpoint folder: {path}")
@@ -248,12 +265,14 @@ def resolve_checkpoint(path: Path) -> Path:
         problem = checkpoint_problem(path)
         if problem:
             raise SparsetuneError(f"checkpoint is not usable: {problem}")
+        check_layout(path)
         return path
     store = CheckpointStore(path)
-    found = store.latest_complete(report=lambda m: print(f"sparsetune: {m}", flush=True))
+    found = store.latest_complete(report=notice)
     if found is None and not store.folders() and (path / "sparsetune-run.json").is_file():
         raise SparsetuneError(f"{path} is a sparsetune run with no checkpoint yet (it stopped before its first one); "
                               "continue it with `sparsetune train RECIPE output_dir=... --resume`")
     if found is None:
         raise SparsetuneError(f"{path} holds no usable checkpoint (expected {path}/checkpoints/step-*/{MARKER})")
+    check_layout(found)
     return found

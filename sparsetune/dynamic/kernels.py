@@ -37,7 +37,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from sparsetune.activations import MLPActivation, activation_class
+from sparsetune.activations import MLPActivation, activation_class, build_activation
+from sparsetune.console import notice
 from sparsetune.paths import cache_dir
 
 _CPP = r"""
@@ -197,10 +198,32 @@ def build_fused(cpuinfo: str | None = None, extra_cflags: list[str] | None = Non
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the torch kernel, and say why
         record.update(kernel="gather", reason=f"build failed: {failure_summary(exc)}")
         if not quiet:
-            print(f"sparsetune: fused sparse MLP kernel unavailable ({record['reason']}); using the gather kernel",
-                  file=sys.stderr)
+            notice(f"fused sparse MLP kernel unavailable ({record['reason']}); using the gather kernel", err=True)
         return None, record
     return module, record
+
+
+# The functions the fused kernel's `act` switch implements (the C++ above), by code. An activation runs there when
+# its math is one of them (`MLPActivation.computes`), else in the gather kernel: the kernel knows what it computes,
+# the activation knows nothing of kernels.
+FUSED_FUNCTIONS = (
+    (0, lambda gate, up: F.relu(gate) * up),
+    (1, lambda gate, up: F.silu(gate) * up),
+    (2, lambda gate, up: F.relu(gate) * F.relu(up)),
+    (3, lambda gate, up: torch.square(F.relu(gate)) * up),
+)
+
+
+def fused_code(activation: MLPActivation | str | None) -> int | None:
+    """The fused kernel's code for an elementwise activation (an instance, or a name at its recipe defaults), or
+    None when the kernel does not compute it (an activation fitted on data computes no fixed function by name)."""
+    if isinstance(activation, str):
+        if activation_class(activation).needs_data:
+            return None
+        activation = build_activation({"activation": activation})
+    if activation is None:
+        return None
+    return next((code for code, fn in FUSED_FUNCTIONS if activation.computes(fn)), None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,7 +237,7 @@ def fused_module():
 
 
 def kernel_in_use(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                  activation: str | None = None) -> dict:
+                  activation: MLPActivation | str | None = None) -> dict:
     """Which kernel DecodeWeights.fused runs for weights and inputs on `device` of `dtype` with `activation`
     (None: one the fused kernel implements), and why: {"kernel": "fused"|"gather", "reason", "build_flags",
     "cpu_key"}. Builds the kernel on first call when it applies (as DecodeWeights.fused does, so no build on GPU
@@ -225,8 +248,9 @@ def kernel_in_use(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         why_not = f"the fused kernel is CPU-only (device {device})"
     elif dtype != torch.float32:
         why_not = f"the fused kernel is float32-only (dtype {dtype})"
-    elif activation is not None and activation_class(activation).fused_code is None:
-        why_not = f"activation {activation!r} has no fused implementation"
+    elif activation is not None and fused_code(activation) is None:
+        name = activation if isinstance(activation, str) else activation.name
+        why_not = f"activation {name!r} has no fused implementation"
     if why_not is not None:
         return {"kernel": "gather", "reason": why_not, "build_flags": [], "cpu_key": None}
     record = _default_build()[1]
@@ -281,7 +305,7 @@ class DecodeWeights:
         self.w_up = w_up.detach().contiguous()
         self.w_down_t = w_down.detach().t().contiguous()
         self.act_fn = activation
-        self._code = activation.fused_code  # the activation plugin's code in the kernel's switch, or None
+        self._code = fused_code(activation)  # its code in the kernel's switch, or None (the gather kernel)
         # The weights never change, so they are checked once here and only x and idx on every (hot) call.
         weights = (self.w_gate, self.w_up, self.w_down_t)
         self._fusable = self._code is not None and all(w.device.type == "cpu" and w.dtype == torch.float32

@@ -71,7 +71,7 @@ def _kernel_record(model) -> dict:
     records = []
     for m in sparse_mlps(model):
         gate = m.projections()[0].weight
-        records.append(kernel_in_use(gate.device, gate.dtype, m.activation.elementwise().name))
+        records.append(kernel_in_use(gate.device, gate.dtype, m.activation.elementwise()))
     return next((r for r in records if r["kernel"] != "fused"), records[0] if records else kernel_in_use())
 
 

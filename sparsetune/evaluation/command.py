@@ -4,7 +4,6 @@ accuracy on lm-evaluation-harness tasks (`downstream.py`)."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +15,8 @@ from sparsetune.recipe.schema import ACTIVATIONS, RELUFY_VARIANTS, DataSection, 
 from sparsetune.sources.device import resolve_device
 from sparsetune.sparsity.cett import TokenSampler, cett_report
 from sparsetune.sparsity.compensation import COMPENSATION_BIAS, bias_to_compensation
-from sparsetune.surgery.calibration import needs_calibration
+from sparsetune.sparsity.thresholds import apply_thresholds, fit_thresholds
+from sparsetune.surgery.calibration import calibrate, needs_calibration
 from sparsetune.surgery.relufy import activation_spec
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
@@ -207,20 +207,17 @@ def _calibrate_predictors(model, bank, data_cfg, tokenizer, args: EvalArgs, devi
 
 
 def _calibrate(model, data_cfg, tokenizer, batch_size: int, n: int, device) -> dict:
-    """CATS thresholds (or output_aware's scales, then its fixed thresholds at its target sparsity) from the
-    training split of `data_cfg` (never the held-out text)."""
-    from sparsetune.activations.output_aware import OutputAware
-    from sparsetune.sparsity.thresholds import apply_thresholds, fit_thresholds
-    from sparsetune.surgery.calibration import calibrate
-
+    """The activation's calibrated state (CATS thresholds, output_aware's scales) from the training split of
+    `data_cfg` (never the held-out text), then, when its rule is for training only (`unfixed_target`: output_aware's
+    per-batch quantile), its fixed thresholds at that target: the model as it would be used."""
     batches = training_batches(data_cfg, tokenizer, batch_size, n)
     thresholds = calibrate(model, batches, device, total=n)
     first = sparse_mlps(model)[0].activation
-    if isinstance(first, OutputAware) and math.isnan(first.threshold):  # training-free: the fixed rule
-        fits = fit_thresholds(model, batches, device, "output_aware", first.target_sparsity,
-                              batches_count=len(batches))
+    target = first.unfixed_target()
+    if target is not None:  # training-free: the fixed rule
+        fits = fit_thresholds(model, batches, device, first.threshold_form, target, batches_count=len(batches))
         thresholds = [f.threshold for f in fits]
-        apply_thresholds(model, "output_aware", thresholds)
+        apply_thresholds(model, first.threshold_form, thresholds)
     return {"data": f"{data_cfg.path} (training split)", "batches": len(batches), "batch_size": batch_size,
             "thresholds": thresholds}
 

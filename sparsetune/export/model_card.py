@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from sparsetune.activations import build_activation
+from sparsetune.export.targets.base import HFForm
 from sparsetune.recipe.schema import Recipe
 
+# The one `hidden_act` vLLM's / SGLang's and llama.cpp's Llama MLP computes (the SwiGLU model itself).
+DENSE_HIDDEN_ACT = "silu"
 
-def engines_section(spec: dict, exact: bool, powerinfer: bool) -> list[str]:
+
+def engines_section(form: HFForm, target_rows: list[str]) -> list[str]:
     """Which inference engines run this export as it is, so nobody is misled into a silently wrong model. Each
-    sentence is tested in sparsetune's suite or says "not run here"."""
-    act = build_activation({k: v for k, v in spec.items() if k != "compensation"})
-    silu = act.hf_hidden_act == "silu" and exact  # the dense model itself: what every engine runs
-    if exact:
+    sentence is tested in sparsetune's suite or says "not run here". `target_rows`: the export targets' own rows
+    (export/targets: `card_rows`)."""
+    silu = form.exact and form.hidden_act == DENSE_HIDDEN_ACT  # the dense model itself: what every engine runs
+    if form.exact:
         hf = "yes, exactly: `AutoModelForCausalLM.from_pretrained(PATH)` (tested: equal logits)"
         vllm = ("yes" if silu else "not natively: their Llama MLP refuses any `hidden_act` but `silu` (read in "
                 "their source, not run here)")
@@ -35,32 +39,21 @@ def engines_section(spec: dict, exact: bool, powerinfer: bool) -> list[str]:
         f"| transformers | {hf} |",
         f"| vLLM, SGLang | {vllm} |",
         f"| llama.cpp | {cpp} |",
+        *target_rows,
     ]
-    if powerinfer:
-        rows.append("| PowerInfer | yes, sparse: `model.powerinfer.gguf` with the predictors, as it is: "
-                    "`./build/bin/main -m model.powerinfer.gguf -p TEXT` (CPU, tested; `activation/` holds the neuron "
-                    "counts its GPU/CPU split solver reads, GPU mode not run). Measured on SmolLM2-135M from "
-                    "`recipes/powerinfer.yaml`: 1.14x its own all-neurons decode, perplexity within 0.1% of "
-                    "sparsetune's (docs/ENGINES.md) |")
-    elif act.powerinfer_refusal is None:
-        rows.append("| PowerInfer | ReLU models with predictors: export with `--powerinfer` (predictors trained "
-                    "with `predictor.output_bias: false`, `predictor.input: residual`) |")
-    else:
-        rows.append(f"| PowerInfer | no: {act.powerinfer_refusal}, not `{spec['activation']}` |")
     return [*rows, ""]
 
 
-_RULE_READS = {"output_aware": "the output-aware score (sparsetune.json's `score`: `product` reads gate and up, "
-                                "`gate` the gate alone)"}
+_READS = {"gate": "the gate", "product": "gate and up (the score reads both)", "none": "the activation"}
 
 
-def _conversion_lines(conversion: dict | None, step: int | None) -> list[str]:
+def _conversion_lines(conversion: dict | None, step: int | None, reads_of: str | None = None) -> list[str]:
     """The conversion to per-layer thresholds (recipe section `thresholds`), when the run made one."""
     if not conversion:
         return []
     (name, value), = conversion["criterion"].items()
     b, a = conversion["before"], conversion["after"]
-    reads = _RULE_READS.get(conversion["kind"], "the gate")
+    reads = _READS[reads_of] if reads_of else "the gate"
     return ["", f"At step {conversion['step']} its `{conversion['from_activation']}` MLPs were converted to per-layer "
             f"`{conversion['kind']}` thresholds on {reads} (fitted to {name.replace('_', ' ')} {value:g}): exact "
             "zeros with no sort. Held-out perplexity "
@@ -69,7 +62,12 @@ def _conversion_lines(conversion: dict | None, step: int | None) -> list[str]:
                                    step > conversion["step"] else " (training-free, after the last step).")]
 
 
-def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, powerinfer: bool = False) -> str:
+def model_card(recipe: Recipe, report: dict, form: HFForm, target_rows: list[str]) -> str:
+    """The README.md of an export: what was trained, the activation (`form.note`), the measurements, how to load
+    it, and the engines that run it."""
+    activation_note, exact = form.note, form.exact
+    spec = {k: v for k, v in (report.get("activation") or {}).items() if k != "compensation"}
+    reads_of = build_activation(spec).rule_reads if spec else None
     ev = report.get("evaluation", {})
     sparsity = ev.get("sparsity")
     ppl = ev.get("perplexity")
@@ -85,7 +83,7 @@ def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, 
         f"`{recipe.relufy.activation}`, regularizer `{recipe.regularizer.type}` "
         f"({recipe.regularizer.schedule} schedule), {report.get('step')} steps, {report.get('tokens_seen')} tokens"
         f"{', LoRA merged' if recipe.peft.method == 'lora' else ''}.",
-        *_conversion_lines(report.get("thresholds"), report.get("step")),
+        *_conversion_lines(report.get("thresholds"), report.get("step"), reads_of),
         "",
         "## Activation",
         activation_note,
@@ -112,6 +110,6 @@ def model_card(recipe: Recipe, report: dict, activation_note: str, exact: bool, 
         "",
         "`sparsity_report.json` holds the per-layer numbers and the full recipe; `recipe.yaml` re-runs the training.",
         "",
-        *engines_section(report.get("activation") or {"activation": recipe.relufy.activation}, exact, powerinfer),
+        *engines_section(form, target_rows),
     ]
     return "\n".join(line for line in lines if line is not None)

@@ -50,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparsetune.activations import build_activation
 from sparsetune.errors import SparsetuneError
 
 GGUF_FILE = "model.powerinfer.gguf"
@@ -82,13 +81,18 @@ def check_model(config) -> None:
                               "(default and linear only)")
 
 
-def check_activation(spec: dict) -> None:
-    """PowerInfer's sparse llama FFN computes relu(gate) * up and nothing else (llama.cpp:5050)."""
-    name = spec["activation"]
-    why = build_activation(spec).powerinfer_refusal  # the activation says why, or None when it runs
-    if why is not None:
-        raise SparsetuneError(f"--powerinfer: activation {name!r} cannot run truthfully in PowerInfer's llama path "
-                              f"({why}); export a relu run, or export without --powerinfer")
+def relu_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """What PowerInfer's sparse llama FFN computes on the neurons its predictors keep (llama.cpp:5050)."""
+    return torch.relu(gate) * up
+
+
+def check_activation(spec: dict, activations: list) -> None:
+    """Refuse (one line) an activation whose kept neurons do not compute relu(gate) * up: PowerInfer computes that
+    and nothing else, its predictors deciding the zeros (asked of the activation's per-neuron math)."""
+    if not all(a.elementwise().computes(relu_up) for a in activations):
+        raise SparsetuneError(f"--powerinfer: activation {spec['activation']!r} cannot run truthfully in PowerInfer's "
+                              "llama path (it computes relu(gate) * up on the neurons its predictors keep, and nothing "
+                              "else); export a relu run, or export without --powerinfer")
 
 
 def rope_settings(config) -> dict:
@@ -220,7 +224,7 @@ def write_gguf(lm, tokenizer, fc_layers: list[dict[str, torch.Tensor]] | None, t
         add(f"blk.{i}.ffn_down_t.weight", down_t.contiguous(), True)
         add_predictor(f"blk.{i}.fc1.weight", fc_layers[i]["fc1.weight"])
         add_predictor(f"blk.{i}.fc2.weight", rows(fc_layers[i]["fc2.weight"].detach().float().cpu(), i))
-    rank = int(fc_layers[0]["fc1.weight"].shape[0]) if sparse and cfg.num_hidden_layers else None
+    rank = [int(fc["fc1.weight"].shape[0]) for fc in fc_layers] if sparse else None  # per layer (wildcard)
     layout = llama_tensor_specs(int(cfg.vocab_size), int(cfg.hidden_size), int(cfg.num_hidden_layers),
                                 int(cfg.intermediate_size), int(cfg.hidden_size // n_head * n_kv), rank)
     if [(n, tuple(s)) for n, s, _ in layout] != [(n, a.shape) for n, a in arrays.items()]:
@@ -256,29 +260,33 @@ def add_llama_metadata(writer, *, name: str, context_length: int, n_embd: int, n
         writer.add_float32("powerinfer.sparse_threshold", float(sparse_threshold))
 
 
-def llama_tensor_specs(n_vocab: int, n_embd: int, n_layer: int, n_ff: int, n_embd_kv: int, rank: int | None = None,
+def llama_tensor_specs(n_vocab: int, n_embd: int, n_layer: int, n_ff: int, n_embd_kv: int,
+                       rank: int | list[int] | None = None,
                        predictor_dtype: str = "f16") -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, numpy shape, dtype) of every tensor PowerInfer's llama loader requires, in the order `write_gguf`
     writes them (numpy shapes are ggml's dims reversed; llama.cpp:3236-3264 sparse, :3423 dense). `rank=None`: the
     dense-path file (`ffn_down` {n_ff, n_embd} as ggml names it, no predictors); otherwise `ffn_down_t` and the
-    predictors `fc1` [rank, n_embd], `fc2` [n_ff, rank]. 2-D weights F16, norms F32, predictors `predictor_dtype`."""
+    predictors `fc1` [rank, n_embd], `fc2` [n_ff, rank], `rank` one for all layers or one per layer (the loader
+    takes each layer's from its tensors: `{n_embd, GGML_NE_WILDCARD}`, llama.cpp:3263-3264). 2-D weights F16, norms
+    F32, predictors `predictor_dtype`."""
     if predictor_dtype not in PREDICTOR_DTYPES:
         raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
     pred = f16 if predictor_dtype == "f16" else f32
     specs = [("token_embd.weight", (n_vocab, n_embd), f16), ("output_norm.weight", (n_embd,), f32),
              ("output.weight", (n_vocab, n_embd), f16)]
+    ranks = None if rank is None else [rank] * n_layer if isinstance(rank, int) else list(rank)
     for i in range(n_layer):
         b = f"blk.{i}."
         specs += [(b + "attn_norm.weight", (n_embd,), f32), (b + "attn_q.weight", (n_embd, n_embd), f16),
                   (b + "attn_k.weight", (n_embd_kv, n_embd), f16), (b + "attn_v.weight", (n_embd_kv, n_embd), f16),
                   (b + "attn_output.weight", (n_embd, n_embd), f16), (b + "ffn_norm.weight", (n_embd,), f32),
                   (b + "ffn_gate.weight", (n_ff, n_embd), f16), (b + "ffn_up.weight", (n_ff, n_embd), f16)]
-        if rank is None:
+        if ranks is None:
             specs.append((b + "ffn_down.weight", (n_embd, n_ff), f16))
         else:
-            specs += [(b + "ffn_down_t.weight", (n_ff, n_embd), f16), (b + "fc1.weight", (rank, n_embd), pred),
-                      (b + "fc2.weight", (n_ff, rank), pred)]
+            specs += [(b + "ffn_down_t.weight", (n_ff, n_embd), f16), (b + "fc1.weight", (ranks[i], n_embd), pred),
+                      (b + "fc2.weight", (n_ff, ranks[i]), pred)]
     return specs
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from sparsetune.console import notice
 from sparsetune.launch.compatibility import check_launch
 from sparsetune.launch.presets import get_preset
 from sparsetune.recipe.schema import Recipe
@@ -60,8 +61,7 @@ def launch(recipe: Recipe, preset_name: str, train_args: list[str], num_processe
     cmd, env = launch_command(preset_name, train_args, num_processes, **machine)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     where = "GPU" if _has_gpu() else "CPU (gloo)"
-    print(f"sparsetune: launching {world} process(es) with preset {preset_name} on {where}: "
-          f"{' '.join(cmd[2:])}", flush=True)
+    notice(f"launching {world} process(es) with preset {preset_name} on {where}: {' '.join(cmd[2:])}")
     return run_forwarding_signals(cmd, env)
 
 
@@ -103,8 +103,8 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
                 target.send_signal(signum if workers else signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        print(f"sparsetune: {name} received by the launcher; forwarded to {len(workers)} worker(s) "
-              f"(they checkpoint at the end of the current step and exit)", file=sys.stderr, flush=True)
+        notice(f"{name} received by the launcher; forwarded to {len(workers)} worker(s) (they checkpoint at the end "
+               "of the current step and exit)", err=True)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

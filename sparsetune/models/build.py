@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparsetune.activations import for_hidden_act, hidden_act_names
 from sparsetune.checkpoint.activation_state import load_activation_state
 from sparsetune.checkpoint.folders import RUN_MARKER
 from sparsetune.checkpoint.state import is_lora_checkpoint, read_recipe, read_trainer_state
 from sparsetune.checkpoint.store import MARKER, resolve_checkpoint
+from sparsetune.console import notice
 from sparsetune.errors import SparsetuneError
+from sparsetune.models.hidden_act import activation_for_hidden_act, known_hidden_acts
 from sparsetune.models.lora import with_peft
 from sparsetune.recipe.schema import DataSection, Recipe, RelufyConfig
 from sparsetune.sources.code_export import base_config
@@ -86,15 +87,11 @@ def read_load_activation(spec_file: Path) -> dict:
 def activation_for_hf_config(config) -> dict:
     """The activation a plain model computes, from its config's `hidden_act`."""
     act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
-    name = for_hidden_act(act)
+    name = activation_for_hidden_act(act)
     if name is None:
         raise SparsetuneError(f"model config hidden_act={act!r} has no sparsetune equivalent (known: "
-                              f"{', '.join(hidden_act_names())})")
+                              f"{', '.join(known_hidden_acts())})")
     return {"activation": name}
-
-
-def _notice(message: str) -> None:
-    print(f"sparsetune: {message}", flush=True)
 
 
 def is_run_or_checkpoint(path: Path) -> bool:
@@ -142,7 +139,7 @@ class SparseModel:
     def _from_checkpoint(cls, folder: Path, trust_remote_code: bool, merge_lora: bool) -> SparseModel:
         recipe = read_recipe(folder)
         if recipe.model.trust_remote_code and not trust_remote_code:
-            _notice(f"{folder}/recipe.yaml sets model.trust_remote_code=true; ignored (pass --trust-remote-code to "
+            notice(f"{folder}/recipe.yaml sets model.trust_remote_code=true; ignored (pass --trust-remote-code to "
                     "allow the model's own code to run)")
         if is_lora_checkpoint(folder):
             from peft import PeftModel
@@ -206,7 +203,7 @@ class SparseModel:
         training micro-batches."""
         mlps = relufy(self.model, cfg)
         if state_from is not None:
-            load_activation_state(self.model, state_from, report=_notice)
+            load_activation_state(self.model, state_from)
         if needs_calibration(self.model):
             if calibration is None:
                 raise SparsetuneError(f"relufy.activation={mlps[0].activation.name} is fitted on training data "
@@ -214,7 +211,7 @@ class SparseModel:
             n = calibration_batches(self.model)
             if device is not None:
                 self.model.to(device)
-            calibrate(self.model, calibration(n), device, total=n, seed=seed, progress=progress, report=_notice)
+            calibrate(self.model, calibration(n), device, total=n, seed=seed, progress=progress, report=notice)
         return mlps
 
     def with_peft(self, peft) -> object:

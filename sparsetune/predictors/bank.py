@@ -37,7 +37,12 @@ class PredictorBank(nn.Module):
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         # With lookahead, predictor j reads layer j's input and predicts layer j+1's neurons.
         self.num_neuron_predictors = num_layers - 1 if cfg.lookahead else num_layers
-        self.neurons = build_predictors(self.num_neuron_predictors, hidden_size, cfg.rank, intermediate_size,
+        if cfg.layer_ranks is not None and len(cfg.layer_ranks) != self.num_neuron_predictors:
+            fewer = ", one fewer with lookahead" if cfg.lookahead else ""
+            raise SparsetuneError(
+                f"predictor.layer_ranks holds {len(cfg.layer_ranks)} ranks; this model needs one per neuron predictor: "
+                f"{self.num_neuron_predictors} ({num_layers} layers{fewer})")
+        self.neurons = build_predictors(self.num_neuron_predictors, hidden_size, self.layer_ranks, intermediate_size,
                                         cfg.nonlinearity, cfg.output_bias)
         self.heads = (build_predictors(num_layers, hidden_size, cfg.head_rank, num_heads, cfg.nonlinearity)
                       if cfg.heads else None)
@@ -93,6 +98,12 @@ class PredictorBank(nn.Module):
         return residual
 
     # ------------------------------------------------------------------ sizes
+    @property
+    def layer_ranks(self) -> list[int]:
+        """Each neuron predictor's rank: predictor.layer_ranks, or predictor.rank for every layer."""
+        cfg = self.cfg
+        return list(cfg.layer_ranks) if cfg.layer_ranks is not None else [cfg.rank] * self.num_neuron_predictors
+
     def neuron_param_fraction(self) -> float:
         """Neuron-predictor parameters / MLP parameters (3 * d * m per layer)."""
         mlp = 3 * self.hidden_size * self.intermediate_size * self.num_layers

@@ -26,6 +26,10 @@ class LowRankPredictor(nn.Module):
         return self.up(self.act(self.down(x)))
 
 
-def build_predictors(num_layers: int, hidden: int, rank: int, out_features: int, nonlinearity: str,
+def build_predictors(num_layers: int, hidden: int, rank: int | list[int], out_features: int, nonlinearity: str,
                      bias: bool = True) -> nn.ModuleList:
-    return nn.ModuleList(LowRankPredictor(hidden, rank, out_features, nonlinearity, bias) for _ in range(num_layers))
+    """`num_layers` predictors of one rank, or of one rank each (a list of `num_layers` ranks)."""
+    ranks = [rank] * num_layers if isinstance(rank, int) else list(rank)
+    if len(ranks) != num_layers:
+        raise ValueError(f"{len(ranks)} ranks for {num_layers} predictors")
+    return nn.ModuleList(LowRankPredictor(hidden, r, out_features, nonlinearity, bias) for r in ranks)

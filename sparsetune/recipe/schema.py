@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, model_validator
 
-from sparsetune.activations import activation_modules
+from sparsetune.activations import activation_class, activation_modules, on_register
 from sparsetune.recipe.section import Section
 from sparsetune.sparsity.regularizers import regularizer_docs, regularizer_names
 
@@ -62,12 +62,8 @@ RegularizerName = Literal[tuple(regularizer_names())]  # type: ignore[valid-type
 _ACTIVATION_MODULES = activation_modules()
 for _module in _ACTIVATION_MODULES.values():  # the section's docstring is its module's (the recipe reference's text)
     _module.Config.__doc__ = _module.__doc__
-RELUFY_VARIANTS = tuple(m.Config for m in _ACTIVATION_MODULES.values())
+RELUFY_VARIANTS = [m.Config for m in _ACTIVATION_MODULES.values()]  # lists: `_plugins_changed` updates them in place
 ACTIVATIONS = list(_ACTIVATION_MODULES)
-# Keys every relufy section had before it was split per activation, at their old defaults: a recipe.yaml written
-# by an older sparsetune (in a checkpoint or an export) still loads; any other stray key is an error.
-_LEGACY_RELUFY_DEFAULTS = {"shift": 1.0, "threshold": 0.01, "top_k_fraction": 0.1, "target_sparsity": 0.5,
-                           "thresholds": None, "calibration_batches": 8}
 
 
 def _relufy_tag(value) -> str:
@@ -77,11 +73,15 @@ def _relufy_tag(value) -> str:
 
 
 # Both unions are built from runtime tuples of classes, which `X | Y` syntax cannot spell (hence noqa: UP007).
-RelufySection = Annotated[
-    Union[tuple(Annotated[v, Tag(a)] for v, a in zip(RELUFY_VARIANTS, ACTIVATIONS))],  # type: ignore[misc]  # noqa: UP007
-    Discriminator(_relufy_tag),
-]
-RelufyConfig = Union[RELUFY_VARIANTS]  # type: ignore[valid-type]  # noqa: UP007
+def _relufy_union():
+    return Annotated[
+        Union[tuple(Annotated[v, Tag(a)] for v, a in zip(RELUFY_VARIANTS, ACTIVATIONS))],  # type: ignore[misc]  # noqa: UP007
+        Discriminator(_relufy_tag),
+    ]
+
+
+RelufySection = _relufy_union()
+RelufyConfig = Union[tuple(RELUFY_VARIANTS)]  # type: ignore[valid-type]  # noqa: UP007
 _RELUFY = TypeAdapter(RelufySection)
 
 
@@ -89,16 +89,6 @@ def relufy_config(value: dict | None = None, *, strict: bool = False, **keys) ->
     """A validated relufy section from a dict (a recipe's, an export's stored spec) or keyword arguments.
     `strict`: exact JSON types only (a file sparsetune wrote holds numbers, so "0.5" was typed by hand)."""
     return _RELUFY.validate_python({**(value or {}), **keys}, strict=strict)
-
-
-def drop_legacy_relufy_keys(data: dict) -> dict:
-    """Remove keys of other activations that an older sparsetune wrote at their defaults."""
-    tag = _relufy_tag(data)
-    variant = dict(zip(ACTIVATIONS, RELUFY_VARIANTS)).get(tag)
-    if variant is None:
-        return data
-    return {k: v for k, v in data.items()
-            if k in variant.model_fields or _LEGACY_RELUFY_DEFAULTS.get(k, object()) != v}
 
 
 class Stage(Section):
@@ -164,6 +154,11 @@ class SparsitySection(Section):
 class PredictorSection(Section):
     enabled: bool = Field(False, description="Co-train one activation predictor per MLP layer in the same run.")
     rank: int = Field(64, ge=1, description="Low rank r of each neuron predictor: Linear(d -> r) -> Linear(r -> m).")
+    layer_ranks: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="One rank per neuron predictor (one per layer; one fewer with lookahead) instead of the "
+        "same `rank` everywhere: give the layers whose neurons are hard to predict (the denser ones) more of the "
+        "budget. PowerInfer reads each layer's predictor rank from its tensors (`export --powerinfer` writes them "
+        "as they are); the budget `max_param_fraction` counts their sum.")
     nonlinearity: Literal["none", "relu", "gelu"] = Field(
         "none", description="Activation between the two predictor layers (none = DejaVu's linear low-rank form).")
     output_bias: bool = Field(
@@ -252,6 +247,9 @@ class PredictorSection(Section):
 # would change them).
 THRESHOLD_FORMS = {name: m.ACTIVATION.threshold_form for name, m in _ACTIVATION_MODULES.items()
                    if m.ACTIVATION.threshold_form}
+# The forms, in the order of the activations they are (fatrelu, cats, output_aware).
+_FORMS = [name for name in ACTIVATIONS if name in THRESHOLD_FORMS.values()]
+ThresholdForm = Literal[("auto", *_FORMS)]  # type: ignore[valid-type]
 
 
 class ThresholdsSection(Section):
@@ -264,7 +262,7 @@ class ThresholdsSection(Section):
         None, gt=0.0, lt=1.0, description="Or: each layer's highest threshold whose mean CETT (relative error of "
         "the MLP output when the neurons the threshold rule zeroes are dropped) stays within this budget, e.g. "
         "0.2 (the dynamic-activation studies) or 0.01. Needs unsharded weights (not fsdp / zero3).")
-    kind: Literal["auto", "fatrelu", "cats", "output_aware"] = Field(
+    kind: ThresholdForm = Field(
         "auto", description="The exact-zero form: fatrelu = per-layer FATReLU on the gate (relu / fatrelu runs: "
         "ProSparse's last step); cats = per-layer threshold on abs(SiLU(gate)) (silu / topk / cats runs: top-k to "
         "exact zeros); output_aware = fixed per-layer thresholds on its output-aware score (output_aware runs, "
@@ -289,9 +287,9 @@ class ThresholdsSection(Section):
         natural = THRESHOLD_FORMS.get(activation)
         form = natural if self.kind == "auto" else self.kind
         if natural is None or form != natural:
-            raise ValueError(f"thresholds.kind={self.kind} cannot convert relufy.activation={activation}: fatrelu "
-                             "thresholds fit relu / fatrelu runs, cats thresholds fit silu / topk / cats runs, "
-                             "output_aware thresholds fit output_aware runs")
+            fits = ", ".join(f"{f} thresholds fit {' / '.join(a for a in ACTIVATIONS if THRESHOLD_FORMS.get(a) == f)} "
+                             "runs" for f in _FORMS)
+            raise ValueError(f"thresholds.kind={self.kind} cannot convert relufy.activation={activation}: {fits}")
         return form
 
     @model_validator(mode="after")
@@ -414,11 +412,6 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     wandb: WandbSection = Field(default_factory=WandbSection)
 
-    @field_validator("relufy", mode="before")
-    @classmethod
-    def _legacy_relufy(cls, value):
-        return drop_legacy_relufy_keys(value) if isinstance(value, dict) else value
-
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         if self.train.freeze_model and not self.predictor.enabled:
@@ -429,17 +422,15 @@ class Recipe(Section):
         if self.train.freeze_model and self.peft.method != "none":
             raise ValueError(
                 "train.freeze_model=true cannot be combined with peft.method (nothing of the model trains)")
-        if self.relufy.activation == "output_aware" and not self.thresholds.enabled and not self.relufy.thresholds:
-            # its per-forward rule is for training only: fixed thresholds are fitted after the last step by default
-            self.thresholds.target_sparsity = self.relufy.target_sparsity
+        activation_class(self.relufy.activation).recipe_defaults(self.relufy, self)  # e.g. output_aware's
         if self.thresholds.enabled:
             self.thresholds.form_for(self.relufy.activation)
         if self.anneal.fraction is None:
-            self.anneal.fraction = 0.5 if self.relufy.activation == "output_aware" else 0.0
+            self.anneal.fraction = 0.0
         if self.compensation.enabled:
             final = self.thresholds.form_for(self.relufy.activation) if self.thresholds.enabled else \
                 self.relufy.activation
-            if _ACTIVATION_MODULES[final].ACTIVATION.undropped is None:
+            if activation_class(final).undropped is None:
                 raise ValueError(f"compensation.enabled: the run ends with relufy.activation={final}, which is not "
                                  "cut from an elementwise activation (cats, topk, output_aware, fatrelu are; or add "
                                  "a `thresholds` conversion)")
@@ -463,3 +454,24 @@ class Recipe(Section):
         if any(b <= a for a, b in zip(ends, ends[1:])):
             raise ValueError("regularizer.stages must end at increasing steps")
         return self
+
+
+def _plugins_changed() -> None:
+    """An activation plugin was registered (activations.register): rebuild what was built from the list."""
+    global RelufySection, RelufyConfig, _RELUFY
+    modules = activation_modules()
+    for module in modules.values():
+        module.Config.__doc__ = module.__doc__
+    ACTIVATIONS[:] = list(modules)
+    RELUFY_VARIANTS[:] = [m.Config for m in modules.values()]
+    THRESHOLD_FORMS.clear()
+    THRESHOLD_FORMS.update({n: m.ACTIVATION.threshold_form for n, m in modules.items() if m.ACTIVATION.threshold_form})
+    RelufySection = _relufy_union()
+    RelufyConfig = Union[tuple(RELUFY_VARIANTS)]  # type: ignore[valid-type]  # noqa: UP007
+    _RELUFY = TypeAdapter(RelufySection)
+    field = Recipe.model_fields["relufy"]
+    field.annotation, field.metadata = RelufySection, []
+    Recipe.model_rebuild(force=True)
+
+
+on_register(_plugins_changed)

@@ -1,4 +1,4 @@
-"""Reading a "with code" export (export/hf_code.py) as its base architecture, running none of the folder's code."""
+"""Reading a "with code" export (export/targets/hf_code.py) as its base architecture, running none of its code."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sparsetune.checkpoint.storage import ordinary_file_modes
+from sparsetune.console import notice
 from sparsetune.errors import SparsetuneError
 from sparsetune.paths import cache_dir, check_path_text, unwritable_cache
 
@@ -80,7 +81,7 @@ def _converted_gguf_dir(gguf: Path) -> Path:
         try:
             lock.acquire(blocking=False)
         except Timeout:
-            print(f"sparsetune: waiting for another process converting {gguf.name} into {out}", flush=True)
+            notice(f"waiting for another process converting {gguf.name} into {out}")
             lock.acquire()
     except OSError as exc:  # a read-only cache that does not hold this conversion yet
         raise unwritable_cache(out.parent, exc) from None
@@ -120,7 +121,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
 
-    print(f"sparsetune: converting {gguf.name} to a cached HF folder (once): {out}", flush=True)
+    notice(f"converting {gguf.name} to a cached HF folder (once): {out}")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized to plain fp32 at load; drop the GGUF quantizer so the model

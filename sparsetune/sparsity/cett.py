@@ -164,12 +164,6 @@ def threshold_for_cett(a: torch.Tensor, down_weight: torch.Tensor, budget: float
     return CettSearch(a, down_weight, values, floor, resolution).fit(budget, resolution)
 
 
-def sparsity_at_cett(a: torch.Tensor, down_weight: torch.Tensor, budget: float) -> float:
-    """Effective sparsity of one layer at a CETT budget (e.g. 0.01 or 0.2): the share of neurons that can be
-    dropped with one threshold while the mean relative MLP-output error stays within the budget."""
-    return threshold_for_cett(a, down_weight, budget)[2]
-
-
 # ---- the CETT metric beside exact-zero sparsity: a sample of held-out tokens per layer, then one fit per budget.
 CETT_BUDGETS = (0.01, 0.2)
 

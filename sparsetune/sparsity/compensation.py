@@ -18,7 +18,12 @@ import torch
 from sparsetune.activations import activation_class
 from sparsetune.errors import SparsetuneError
 from sparsetune.sparsity.cett import readable_down_weight
-from sparsetune.surgery.sparse_mlp import measuring_pass, patched_mlps, sparse_mlps
+from sparsetune.surgery.sparse_mlp import (  # apply_compensation lives with SparseMLP (surgery puts a stored bias back)
+    apply_compensation,  # noqa: F401
+    measuring_pass,
+    patched_mlps,
+    sparse_mlps,
+)
 
 
 def undropped_activation(activation):
@@ -99,21 +104,3 @@ def bias_to_compensation(model) -> None:
         if down.bias is not None:
             m.compensation = down.bias.detach().float().clone()
             down.register_parameter("bias", None)
-
-
-def apply_compensation(model, biases: list, trainable: bool = False) -> None:
-    """Every SparseMLP adds its layer's bias from now on (an nn.Parameter when `trainable`, else a buffer)."""
-    mlps = sparse_mlps(model)
-    if len(biases) != len(mlps):
-        raise SparsetuneError(f"{len(biases)} compensation biases for a model with {len(mlps)} MLP layers")
-    for m, b in zip(mlps, biases):
-        down = m.projections()[2]
-        ref = getattr(down, "weight", None)
-        t = torch.as_tensor(b, dtype=torch.float32, device=ref.device if ref is not None else "cpu")
-        if trainable:
-            if isinstance(m.compensation, torch.nn.Parameter):
-                m.compensation.data.copy_(t)
-            else:
-                m.compensation = torch.nn.Parameter(t)
-        else:
-            m.compensation = t

@@ -8,6 +8,9 @@ engine decides from the gate which up / down rows to skip, with no sort:
   output_aware  value = the activation's output-aware score (activations/output_aware.py; its `product` score
            reads up too, so an engine skips only down rows there)
 
+Each form is an activation plugin (its `threshold_form`); this module asks it through the protocol
+(`thresholded_from`, `rule_values`, `rule_reads`, `undropped`, `threshold_floor`, `with_threshold`).
+
 Each layer's t is chosen on a sample of calibration tokens, for a target sparsity (the share of values below t) or
 for a CETT budget: the highest t whose mean CETT (sparsity/cett.py) of dropping by this rule stays within the
 budget. The reference output is the elementwise activation the rule thresholds (ReLU, SiLU): for a top-k model
@@ -28,40 +31,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from sparsetune.activations import MLPActivation
-from sparsetune.activations.cats import CATS
-from sparsetune.activations.fatrelu import FATReLU
-from sparsetune.activations.relu import ReLU
-from sparsetune.activations.silu import SiLU
+from sparsetune.activations import MLPActivation, activation_class, quantile_threshold
+from sparsetune.errors import SparsetuneError
 from sparsetune.sparsity.cett import CettLayer, readable_down_weight, threshold_for_cett
-from sparsetune.surgery.calibration import quantile_threshold
 from sparsetune.surgery.sparse_mlp import measuring_pass, patched_mlps, sparse_mlps
 
 CONVERSION_FILE = "thresholds.json"
 
 
 def rule_values(kind: str, gate: torch.Tensor) -> torch.Tensor:
-    """The per-neuron value the threshold rule compares (float32): the gate, or |SiLU(gate)|."""
-    gate = gate.detach().float()
-    return gate if kind == "fatrelu" else F.silu(gate).abs()
+    """The per-neuron value a gate-only `kind` rule compares (float32): the gate (fatrelu), |SiLU(gate)| (cats)."""
+    return activation_class(kind).thresholded_from(None).rule_values(gate, None)
 
 
-def reference_activation(kind: str) -> MLPActivation:
-    """The elementwise activation the rule thresholds: ReLU for fatrelu, SiLU for cats."""
-    return ReLU() if kind == "fatrelu" else SiLU()
+def reference_activation(rule: MLPActivation) -> MLPActivation:
+    """The elementwise activation a rule thresholds (its `undropped`: ReLU for fatrelu, SiLU for cats, output_aware's
+    form)."""
+    return activation_class(rule.undropped)()
 
 
 def thresholded_activation(kind: str, threshold: float, sparsity: float = 0.5,
                            current: MLPActivation | None = None) -> MLPActivation:
-    """One layer's converted activation. CATS's target_sparsity is informational once its threshold is set;
-    output_aware keeps the `current` activation's score and scales."""
-    if kind == "output_aware":
-        return current.with_threshold(threshold)
-    if kind == "fatrelu":
-        return FATReLU(threshold, per_layer=True)
-    return CATS(threshold, min(max(sparsity, 1e-3), 1 - 1e-3))
+    """One layer's converted activation: the `kind` rule (for a layer computing `current`) at `threshold`."""
+    return activation_class(kind).thresholded_from(current).with_threshold(threshold, sparsity)
 
 
 class _GateSampler:
@@ -71,8 +64,8 @@ class _GateSampler:
     def __init__(self, kind: str, tokens_per_layer: int, per_batch: int, with_activation: bool, seed: int):
         self.kind, self.limit, self.per_batch, self.with_activation = kind, tokens_per_layer, per_batch, with_activation
         self.generator = torch.Generator().manual_seed(seed)
-        self.reference = reference_activation(kind)
         self.mlps: dict[int, object] = {}
+        self.rules: dict[int, MLPActivation] = {}  # layer -> the `kind` rule for what the layer computes
         self.values: dict[int, list[torch.Tensor]] = {}
         self.activations: dict[int, list[torch.Tensor]] = {}
         self.mask: torch.Tensor | None = None
@@ -87,13 +80,12 @@ class _GateSampler:
             return
         idx = torch.randperm(rows_g.shape[0], generator=self.generator)[:take].to(rows_g.device)
         g = rows_g[idx]
-        scored = self.kind == "output_aware"
-        up = self.mlps[layer].projections()[1](rows_x[idx]) if self.with_activation or scored else None
-        values = self.mlps[layer].activation.scores(g, up) if scored else rule_values(self.kind, g)
-        self.values.setdefault(layer, []).append(values)
+        rule = self.rules.setdefault(layer, activation_class(self.kind).thresholded_from(self.mlps[layer].activation))
+        reads_up = rule.rule_reads != "gate"
+        up = self.mlps[layer].projections()[1](rows_x[idx]) if self.with_activation or reads_up else None
+        self.values.setdefault(layer, []).append(rule.rule_values(g, up))
         if self.with_activation:
-            reference = self.mlps[layer].activation.elementwise() if scored else self.reference
-            self.activations.setdefault(layer, []).append(reference(g, up).float())
+            self.activations.setdefault(layer, []).append(reference_activation(rule)(g, up).float())
 
 
 @dataclass
@@ -116,8 +108,6 @@ def fit_thresholds(model, batches: Iterable[dict], device, kind: str, target_spa
     weights = [readable_down_weight(m) for m in mlps]
     with_activation = all(w is not None for w in weights)
     if cett is not None and not with_activation:
-        from sparsetune.errors import SparsetuneError
-
         raise SparsetuneError("thresholds.cett needs the MLP weights unsharded (not fsdp / zero3); use "
                               "thresholds.target_sparsity there")
     if isinstance(batches, list):  # fewer than asked when the training data is short: sample more from each
@@ -127,7 +117,7 @@ def fit_thresholds(model, batches: Iterable[dict], device, kind: str, target_spa
     sampler.mlps = {m.layer_idx: m for m in mlps}
     with patched_mlps(model, override=None):  # the model as it computes, not a mask-aware override
         measuring_pass(model, batches, device, sampler)
-    floor = 0.0 if kind == "fatrelu" else None  # a negative FATReLU threshold would pass negative gates
+    floor = activation_class(kind).threshold_floor  # fatrelu: a negative threshold would pass negative gates
     fits = []
     for m, w in zip(mlps, weights):
         values = torch.cat(sampler.values[m.layer_idx])
@@ -146,8 +136,6 @@ def apply_thresholds(model, kind: str, thresholds: list[float], sparsities: list
     """Every SparseMLP of `model` computes the `kind` rule with its layer's threshold from now on."""
     mlps = sparse_mlps(model)
     if len(thresholds) != len(mlps):
-        from sparsetune.errors import SparsetuneError
-
         raise SparsetuneError(f"{len(thresholds)} fitted thresholds for a model with {len(mlps)} MLP layers")
     for i, m in enumerate(mlps):
         m.activation = thresholded_activation(kind, thresholds[i], sparsities[i] if sparsities else 0.5,

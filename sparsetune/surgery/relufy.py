@@ -10,7 +10,7 @@ from sparsetune.activations import activation_class, build_activation
 from sparsetune.errors import SparsetuneError
 from sparsetune.recipe.schema import ACTIVATIONS, RelufyConfig, relufy_config
 from sparsetune.surgery.architectures import layout_for
-from sparsetune.surgery.sparse_mlp import SparseMLP, sparse_mlps
+from sparsetune.surgery.sparse_mlp import SparseMLP, apply_compensation, sparse_mlps
 from sparsetune.surgery.structure import base_causal_lm, get_submodule
 
 
@@ -47,8 +47,6 @@ def relufy(model: nn.Module, cfg: RelufyConfig | dict, source: str | None = None
         setattr(layer, layout.mlp, sparse)
         mlps.append(sparse)
     if compensation is not None:
-        from sparsetune.sparsity.compensation import apply_compensation
-
         _check_widths(compensation, where, f"{section}.compensation", [_width(m, layout.down) for m in mlps],
                       "the MLP output (hidden size)", "one bias per output")
         apply_compensation(model, compensation)

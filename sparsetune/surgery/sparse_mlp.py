@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from sparsetune.activations import MLPActivation
+from sparsetune.errors import SparsetuneError
 from sparsetune.surgery.architectures import MLPLayout
+from sparsetune.surgery.structure import readable_weight
 
 
 class ActivationSink(Protocol):
@@ -58,6 +60,11 @@ class SparseMLP(nn.Module):
             sink.record(self.layer_idx, a, x, gate)
         keep = mask(self, x) if mask is not None else None
         return self.compensate(down_proj(a if keep is None else a * keep.to(a.dtype)))
+
+    def down_weight(self) -> torch.Tensor | None:
+        """The down projection's full weight (LoRA merged in), None where only a shard is here
+        (`structure.readable_weight`)."""
+        return readable_weight(self.projections()[2])
 
     def compensate(self, out: torch.Tensor) -> torch.Tensor:
         """The MLP output plus the compensation bias, when the model has one."""
@@ -118,3 +125,21 @@ def measuring_pass(model: nn.Module, batches, device, sink, activation=_KEEP, pr
     finally:
         model.train(was_training)
     return tokens
+
+
+def apply_compensation(model, biases: list, trainable: bool = False) -> None:
+    """Every SparseMLP adds its layer's bias from now on (an nn.Parameter when `trainable`, else a buffer)."""
+    mlps = sparse_mlps(model)
+    if len(biases) != len(mlps):
+        raise SparsetuneError(f"{len(biases)} compensation biases for a model with {len(mlps)} MLP layers")
+    for m, b in zip(mlps, biases):
+        down = m.projections()[2]
+        ref = getattr(down, "weight", None)
+        t = torch.as_tensor(b, dtype=torch.float32, device=ref.device if ref is not None else "cpu")
+        if trainable:
+            if isinstance(m.compensation, torch.nn.Parameter):
+                m.compensation.data.copy_(t)
+            else:
+                m.compensation = torch.nn.Parameter(t)
+        else:
+            m.compensation = t

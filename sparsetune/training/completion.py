@@ -41,7 +41,7 @@ def refuse_unfinished(checkpoint: Path, action: str) -> None:
     from sparsetune.checkpoint.state import read_recipe, read_trainer_state
 
     recipe = read_recipe(checkpoint)
-    step = int(read_trainer_state(checkpoint).get("step", 0))
+    step = int(read_trainer_state(checkpoint)["step"])
     missing = unfinished_parts(checkpoint, recipe, step)
     if not missing:
         return

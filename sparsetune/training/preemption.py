@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
+
+from sparsetune.console import notice
 
 DUPLICATE_WINDOW_S = 3.0
 
@@ -40,16 +41,15 @@ class PreemptionGuard:
                 and time.monotonic() - self._first_at < DUPLICATE_WINDOW_S):
             return  # the same preemption delivered along several paths
         if self.requested:
-            print(f"sparsetune: second {signal.Signals(signum).name}, aborting now (no checkpoint)",
-                  file=sys.stderr, flush=True)
+            notice(f"second {signal.Signals(signum).name}, aborting now (no checkpoint)", err=True)
             os._exit(128 + signum)
         self.requested = True
         self._first_at = time.monotonic()
         self.signal_name = signal.Signals(signum).name
         again = ("press Ctrl-C again to abort at once" if signum == signal.SIGINT else
                  f"send it again to abort at once; copies arriving within {DUPLICATE_WINDOW_S:g} s count as this one")
-        print(f"\nsparsetune: {self.signal_name} received: saving a checkpoint at the end of this step ({again})",
-              file=sys.stderr, flush=True)
+        notice(f"{self.signal_name} received: saving a checkpoint at the end of this step ({again})", err=True,
+               fresh_line=True)
 
     def should_stop(self, step: int) -> bool:
         """Whether a stop was requested (checked at every step boundary)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -21,6 +21,5 @@ class TrainingProgress:
 
     @classmethod
     def from_json(cls, state: dict) -> TrainingProgress:
-        """From trainer_state.json (keys a later version added get their defaults)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in state.items() if k in known})
+        """From trainer_state.json (every key is written by every checkpoint of this layout)."""
+        return cls(**state)

@@ -13,6 +13,8 @@ import os
 import sys
 import threading
 
+from sparsetune.console import notice
+
 TEARDOWN_SECONDS = 60.0
 
 
@@ -29,8 +31,8 @@ def arm(code: int, seconds: float = TEARDOWN_SECONDS, rank: int | None = None) -
     """End this process with `code` if it is still alive `seconds` from now (a daemon timer)."""
     def expire() -> None:
         who = f"rank {rank}" if rank is not None else "this process"
-        print(f"sparsetune: {who}: the process group's teardown did not end within {seconds:.0f} s after the run's "
-              f"files were written; leaving with exit {code}", file=sys.stderr)
+        notice(f"{who}: the process group's teardown did not end within {seconds:.0f} s after the run's files were "
+               f"written; leaving with exit {code}", err=True)
         _leave(code)
 
     timer = threading.Timer(seconds, expire)

@@ -14,7 +14,7 @@ class Config(Section):
 
 
 class ReLU6(MLPActivation):
-    name, hf_hidden_act = "relu6", "relu6"  # transformers' ACT2FN has relu6: the export is exact
+    name = "relu6"  # transformers' ACT2FN has relu6 computing the same: the `hf` export target finds it exact
 
     def __call__(self, gate, up):
         return torch.clamp(gate, 0.0, 6.0) * up

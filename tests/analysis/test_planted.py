@@ -7,7 +7,7 @@ from sparsetune.analysis.collect import collect
 from sparsetune.analysis.command import analyze
 from sparsetune.evaluation.dynamic import PromptMasks, prompt_eval
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.sparsity.cett import cett, sparsity_at_cett
+from sparsetune.sparsity.cett import cett, threshold_for_cett
 from sparsetune.surgery.relufy import relufy
 from sparsetune.surgery.sparse_mlp import sparse_mlps
 from sparsetune.surgery.structure import decoder_layers
@@ -124,7 +124,7 @@ def test_cett_at_threshold_zero_is_zero(constant):
     silu = torch.nn.functional.silu(torch.randn(64, 128)) * torch.randn(64, 128)  # no exact zeros
     w = torch.randn(32, 128)
     assert torch.equal(cett(silu, w, 0.0), torch.zeros(64))
-    assert sparsity_at_cett(silu, w, 0.0) == 0.0  # nothing can be dropped for free
+    assert threshold_for_cett(silu, w, 0.0)[2] == 0.0  # nothing can be dropped for free
     model, batches, _ = constant
     mlp = sparse_mlps(model)[0]
     gate, up, down = mlp.projections()
@@ -132,4 +132,4 @@ def test_cett_at_threshold_zero_is_zero(constant):
     relu = mlp.activation(gate(x), up(x)).detach()
     assert torch.equal(cett(relu, down.weight, 0.0), torch.zeros(64))
     # dropping anything but the exact zeros costs error: no more than the exact-zero share at budget 0
-    assert sparsity_at_cett(relu, down.weight, 0.0) <= float((relu == 0).float().mean()) + 1e-9
+    assert threshold_for_cett(relu, down.weight, 0.0)[2] <= float((relu == 0).float().mean()) + 1e-9

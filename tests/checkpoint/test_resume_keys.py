@@ -16,7 +16,7 @@ import pytest
 
 from sparsetune.checkpoint.store import MARKER, CheckpointStore
 from tests.e2e_helpers import logs_with, one_error, train_logs, train_tiny
-from tests.faults.test_faults import snapshot, weights
+from tests.faults.helpers import snapshot, weights
 
 pytestmark = pytest.mark.e2e
 
@@ -299,7 +299,8 @@ def test_freezing_the_model_takes_effect_and_unfreezing_is_refused(predictor_run
     "data.path=/nonexistent.jsonl", "data.seq_len=32", "data.max_documents=10", "data.text_field=body",
     "data.eval_fraction=0.2", "data.name=other", "data.split=validation", "data.eval_path=/nonexistent.jsonl",
     "data.eval_split=eval", "train.seed=1", "train.micro_batch_size=4", "train.grad_accum_steps=2",
-    "predictor.enabled=false", "predictor.rank=8", "predictor.nonlinearity=relu", "predictor.lookahead=true",
+    "predictor.enabled=false", "predictor.rank=8", "predictor.layer_ranks=[4,2]", "predictor.nonlinearity=relu",
+    "predictor.lookahead=true",
     "predictor.heads=true", "predictor.head_rank=8", "predictor.output_bias=false", "predictor.input=residual",
     "anneal.fraction=0.5",
 ])
@@ -370,16 +371,28 @@ def test_a_data_file_changed_in_place_is_refused_then_allowed_by_flag(data_run, 
     assert "data.path" not in capsys.readouterr().out
 
 
-def test_a_checkpoint_without_a_data_fingerprint_resumes_with_a_notice(data_run, tiny_model_dirs, capsys):
-    """A checkpoint written before fingerprints existed: its marker never listed the file."""
+@pytest.mark.parametrize("layout", [None, 0])
+def test_a_checkpoint_of_another_layout_is_refused_in_one_line(data_run, tiny_model_dirs, tmp_path, capsys, layout):
+    """Every checkpoint records the layout it was written in (checkpoint.json); resume, export and eval read only
+    this sparsetune's (store.LAYOUT) and name the file and the layout expected, before anything is written."""
+    from sparsetune.checkpoint.store import LAYOUT
+    from sparsetune.cli import main
+
     run, _, args = data_run
     last = ckpt(run, 2)
-    (last / "data_fingerprint.json").unlink()
     marker = json.loads((last / MARKER).read_text())
-    for table in ("files", "sha256"):
-        marker[table].pop("data_fingerprint.json")
+    assert marker["layout"] == LAYOUT
+    if layout is None:
+        del marker["layout"]
+    else:
+        marker["layout"] = layout
     (last / MARKER).write_text(json.dumps(marker, indent=1))
+    before = snapshot(run)
+    found = "no checkpoint layout" if layout is None else f"layout {layout}"
+    line = (rf"^error: {re.escape(str(last / MARKER))} records {found}; sparsetune \S+ reads checkpoint layout "
+            rf"{LAYOUT} only: continue or export it with the sparsetune that wrote it, or start a new run$")
     capsys.readouterr()
-    assert train_tiny(tiny_model_dirs["llama"], run, *args, "train.max_steps=3", "--resume") == 0
-    assert (f"resume: {last} records no data fingerprint (written by an older sparsetune); the data could not be "
-            "checked") in capsys.readouterr().out
+    one_error(capsys, train_tiny(tiny_model_dirs["llama"], run, *args, "train.max_steps=3", "--resume"), line)
+    one_error(capsys, main(["export", str(run), "--out", str(tmp_path / "export"), "--no-eval"]), line)
+    one_error(capsys, main(["eval", str(last), "--batches", "1"]), line)
+    assert snapshot(run) == before and not (tmp_path / "export").exists()

@@ -1,5 +1,5 @@
 """The tiny runs the CUDA tests compare: `sparsetune train` of the tests' tiny Llama as one plain process, in a
-child process of its own, with the multi-process tests' settings (tests/distributed/test_multiprocess.py: COMMON,
+child process of its own, with the multi-process tests' settings (tests/distributed/launching.py: COMMON,
 4 steps, here micro-batch 8 on one process). A child each, because accelerate fixes a process's mixed precision at
 its first Accelerator, and these runs differ in it."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.distributed.test_multiprocess import COMMON, sparsetune
+from tests.distributed.launching import COMMON, sparsetune
 
 FP32 = "train.mixed_precision='no'"  # quoted: YAML reads a bare no as false
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sparsetune.checkpoint.store import CheckpointStore
-from tests.checkpoint.test_resume import SCHEDULE, assert_same_weights, final_weights, train_losses
+from tests.checkpoint.helpers import SCHEDULE, assert_same_weights, final_weights, train_losses
 from tests.e2e_helpers import preempt_at, train_steps, train_tiny
 
 pytestmark = [pytest.mark.cuda, pytest.mark.e2e]

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from tests.distributed.test_multiprocess import STEPS, assert_same_training, final_weights, launched, per_step
+from tests.distributed.launching import STEPS, assert_same_training, final_weights, launched, per_step
 from tests.e2e_helpers import logs_with
 
 pytestmark = [pytest.mark.cuda, pytest.mark.e2e, pytest.mark.slow]

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sparsetune.cli import main
-from tests.distributed.test_multiprocess import final_weights
+from tests.distributed.launching import final_weights
 from tests.e2e_helpers import logs_with
 
 pytestmark = [pytest.mark.cuda, pytest.mark.e2e]

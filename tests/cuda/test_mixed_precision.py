@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.cuda.runs import train_child
-from tests.distributed.test_multiprocess import STEPS, per_step
+from tests.distributed.launching import STEPS, per_step
 from tests.e2e_helpers import logs_with
 
 pytestmark = [pytest.mark.cuda, pytest.mark.e2e]

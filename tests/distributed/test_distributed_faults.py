@@ -12,15 +12,10 @@ import time
 import pytest
 
 from sparsetune.checkpoint.store import CheckpointStore
-from tests.distributed.test_multiprocess import COMMON, free_port, launched
+from tests.distributed.launching import COMMON, DYNAMIC_KEYS, free_port, launched
 from tests.e2e_helpers import child_env, logs_with, train_logs, train_steps, train_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
-
-
-def held_parameters(log: str, what: str) -> list[tuple[int, int]]:
-    return [(int(a.replace(",", "")), int(b.replace(",", "")))
-            for a, b in re.findall(rf"holds ([\d,]+) of ([\d,]+) {what}", log)]
 
 
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes(tiny_model_dirs, tmp_path):
@@ -49,33 +44,14 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes(tiny_model_d
     assert train_steps(run) == list(range(1, stop + 3))
 
 
-def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_model_dirs, tmp_path):
-    text = tmp_path / "train.txt"
-    paragraphs = [f"Paragraph {i} talks about sparse activations, predictors and checkpoints." * 6 for i in range(300)]
-    text.write_text("\n\n".join(paragraphs))
-    held = tmp_path / "held.txt"
-    from transformers import AutoTokenizer
-
-    from sparsetune.data.batches import eval_batch_counts
-    from sparsetune.data.text_datasets import load_text_splits, pack
-    from sparsetune.recipe.schema import DataSection
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
-    for k in range(1, 8):  # the fewest paragraphs that give the two ranks different batch counts (what hung)
-        held.write_text("\n\n".join(paragraphs[:k]))
-        _, held_text = load_text_splits(DataSection(path=str(text), eval_path=str(held), seq_len=64))
-        counts = eval_batch_counts(len(pack(held_text, tokenizer, "text", 64, "held-out")), 4, 4, 2)
-        if counts[0] != counts[1]:
-            break
-    assert counts[0] != counts[1], counts
-    run = tmp_path / "run"
-    proc = launched(tiny_model_dirs["llama"], run, "fsdp", f"data.path={text}", f"data.eval_path={held}",
-                    "train.max_steps=2")
-    evals = logs_with(run, "eval/perplexity")
-    assert len(evals) == 2 and all(m["eval/perplexity"] > 1 for m in evals), proc.stdout[-2000:]
+def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(runs, tmp_path):
+    fsdp = runs.fsdp_uneven_held_out()  # the held-out set gives the two ranks different batch counts
+    text, held = fsdp.run.parent / "train.txt", fsdp.run.parent / "held.txt"
+    evals = logs_with(fsdp.run, "eval/perplexity")
+    assert len(evals) == 2 and all(m["eval/perplexity"] > 1 for m in evals), fsdp.log[-2000:]
     # the figures count real tokens only: the same as one process evaluating the same rows
     single = tmp_path / "single"
-    assert train_tiny(tiny_model_dirs["llama"], single, f"data.path={text}", f"data.eval_path={held}",
+    assert train_tiny(runs.model, single, f"data.path={text}", f"data.eval_path={held}",
                       "train.max_steps=1", "train.eval_every=0", "wandb.mode=disabled", "train.eval_batches=4",
                       "train.micro_batch_size=4") == 0
     first = logs_with(single, "eval/perplexity")[0]
@@ -83,15 +59,11 @@ def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(tiny_mo
     assert evals[0]["eval/sparsity"] == pytest.approx(first["eval/sparsity"], abs=1e-4)
 
 
-def test_ddp_dynamic_eval_figures_are_over_all_ranks(tiny_model_dirs, tmp_path):
-    pred = ["predictor.enabled=true", "predictor.rank=4", "train.max_steps=1"]
-    run = tmp_path / "ddp"
-    launched(tiny_model_dirs["llama"], run, "ddp", *pred, "predictor.dynamic_eval_batches=2")  # 2 ranks x 4 rows
-    single = tmp_path / "single"
-    assert train_tiny(tiny_model_dirs["llama"], single, *COMMON, *pred, "train.micro_batch_size=8",
-                      "train.eval_batches=2", "predictor.dynamic_eval_batches=1", "wandb.mode=disabled") == 0
-    ours = logs_with(run, "eval/dynamic/dense/perplexity")[0]  # step 0: same predictors
-    ref = logs_with(single, "eval/dynamic/dense/perplexity")[0]
-    for key in ("dense/perplexity", "oracle/perplexity", "oracle/sparsity", "predicted/perplexity",
-                "predicted/sparsity"):
+def test_ddp_dynamic_eval_figures_are_over_all_ranks(runs):
+    """The shared DDP run (predictor.dynamic_eval_batches=2: 2 ranks x 4 rows) against one process over the same
+    8 rows (dynamic_eval_batches=1 of 8, tests/distributed/conftest.py)."""
+    ours = logs_with(runs.ddp_full().run, "eval/dynamic/dense/perplexity")[0]  # step 0: same predictors
+    ref = logs_with(runs.single_full().run, "eval/dynamic/dense/perplexity")[0]
+    assert ours["step"] == ref["step"] == 0
+    for key in DYNAMIC_KEYS:
         assert ours[f"eval/dynamic/{key}"] == pytest.approx(ref[f"eval/dynamic/{key}"], rel=1e-4), key

@@ -110,6 +110,9 @@ def _rope_ggml(q: torch.Tensor, pos: int, base: float) -> torch.Tensor:
     return out
 
 
+RANKS = [8, 12]  # one rank per layer of the tiny model: PowerInfer reads each layer's from its tensors
+
+
 @pytest.fixture(scope="module")
 def powerinfer_export(tiny_model_dirs, tmp_path_factory):
     """A tiny tied-embedding Llama run with residual predictors calibrated to a mass-recall target, exported."""
@@ -121,7 +124,7 @@ def powerinfer_export(tiny_model_dirs, tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
     base = save_tiny_model(root / "tied", "llama", tokenizer, tie_word_embeddings=True, rope_theta=50000.0)
     run = root / "run"
-    assert train_tiny(base, run, "train.max_steps=3", "predictor.enabled=true", "predictor.rank=8",
+    assert train_tiny(base, run, "train.max_steps=3", "predictor.enabled=true", f"predictor.layer_ranks={RANKS}",
                       "predictor.output_bias=false", "predictor.input=residual", "predictor.nonlinearity=relu",
                       "predictor.target_mass_recall=0.99", "predictor.calibration_batches=2",
                       "train.eval_every=0", "wandb.mode=disabled") == 0
@@ -151,8 +154,8 @@ def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
                          f"blk.{i}.attn_k.weight": (d, kv), f"blk.{i}.attn_v.weight": (d, kv),
                          f"blk.{i}.attn_output.weight": (d, d), f"blk.{i}.ffn_norm.weight": (d,),
                          f"blk.{i}.ffn_gate.weight": (d, m), f"blk.{i}.ffn_up.weight": (d, m),
-                         f"blk.{i}.ffn_down_t.weight": (d, m), f"blk.{i}.fc1.weight": (d, 8),
-                         f"blk.{i}.fc2.weight": (8, m)})
+                         f"blk.{i}.ffn_down_t.weight": (d, m), f"blk.{i}.fc1.weight": (d, RANKS[i]),
+                         f"blk.{i}.fc2.weight": (RANKS[i], m)})  # the rank per layer as the recipe chose
     assert {k: tuple(int(x) for x in t.shape) for k, t in tensors.items()} == expected  # exactly these (llama.cpp:2111)
     for name, t in tensors.items():
         # 1-D norms F32; axpy reads ffn_down_t as F16; the predictors F16 as PowerInfer's converters write them
@@ -160,7 +163,8 @@ def test_the_gguf_holds_what_powerinfers_loader_reads(powerinfer_export):
         assert t.tensor_type.name == want, name
     # the predictors' bytes beside the MLP's, from the header alone (what sparsity_report.json carries)
     sizes = tensor_bytes(path)
-    assert sizes["predictor_bytes"] == n * 2 * (d * 8 + 8 * m) and sizes["predictor_dtypes"] == ["F16"]
+    assert n == len(RANKS)
+    assert sizes["predictor_bytes"] == sum(2 * (d * r + r * m) for r in RANKS) and sizes["predictor_dtypes"] == ["F16"]
     assert sizes["mlp_bytes"] == n * 2 * 3 * d * m
     assert sizes["total_tensor_bytes"] == sum(int(t.n_bytes) for t in reader.tensors)
     assert sizes["total_tensor_bytes"] < sizes["file_bytes"] == path.stat().st_size
@@ -331,7 +335,7 @@ def test_a_full_disk_while_writing_the_gguf_says_no_space_left(powerinfer_export
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import sparsetune.export.exporter as exporter
+    import sparsetune.export.targets.powerinfer as target  # the powerinfer export target writes the GGUF
     from sparsetune.export.powerinfer_gguf import write_gguf
 
     _, out = powerinfer_export
@@ -343,7 +347,7 @@ def test_a_full_disk_while_writing_the_gguf_says_no_space_left(powerinfer_export
         assert caught.value.errno == errno.ENOSPC and "No space left on device" in str(caught.value)
         assert caught.value.filename == str(disk / "m.gguf") and not list(disk.iterdir())
     with tmpfs(tmp_path / "disk2", "8m") as disk:  # `export --powerinfer`: the disk fills just before the GGUF
-        real = exporter.write_gguf
+        real = target.write_gguf
 
         def fill_then_write(*args, **kwargs):
             with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
@@ -352,7 +356,7 @@ def test_a_full_disk_while_writing_the_gguf_says_no_space_left(powerinfer_export
                     f.flush()
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(exporter, "write_gguf", fill_then_write)
+        monkeypatch.setattr(target, "write_gguf", fill_then_write)
         capsys.readouterr()
         line = one_error(capsys, main(["export", str(out.parent / "run"), "--out", str(disk / "x"), "--no-eval",
                                        "--powerinfer"]),

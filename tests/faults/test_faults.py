@@ -8,7 +8,6 @@ ends. docs/RELIABILITY.md lists these faults with the test that proves each.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import re
 import shutil
@@ -17,31 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsetune.checkpoint.store import CheckpointStore
+from sparsetune.checkpoint.store import MARKER, CheckpointStore, _fsync_and_hash
 from sparsetune.cli import main
 from tests.e2e_helpers import one_error, run_cli, train_logs, train_steps, train_tiny
+from tests.faults.helpers import assert_bitwise, export, snapshot, weights
 
 pytestmark = pytest.mark.e2e
 
 QUIET = ["train.eval_every=0", "wandb.mode=disabled"]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder` by relative path (what "nothing was lost" is checked against)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    from sparsetune.checkpoint.resume import read_weights
-
-    return read_weights(ckpt / "model")
-
-
-def assert_bitwise(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def flip_bytes(path: Path, offset: int = -64) -> None:
@@ -106,23 +88,21 @@ def test_overwrite_clears_only_what_the_run_wrote(model, tmp_path, capsys):
     assert CheckpointStore(run).latest_name() == "step-00000001" and (run / "sparsetune-run.json").is_file()
 
 
-def test_overwrite_refuses_an_unmarked_run(model, tmp_path, capsys):
+def test_a_run_folder_without_its_marker_is_neither_cleared_nor_resumed(model, tmp_path, capsys):
+    """A run's files copied by hand without sparsetune-run.json: nothing says sparsetune wrote them."""
     run = tmp_path / "run"
     assert train_tiny(model, run, *QUIET, "train.max_steps=1") == 0
-    (run / "sparsetune-run.json").unlink()  # as written by a sparsetune before run markers, or copied by hand
+    (run / "sparsetune-run.json").unlink()
     before = snapshot(run)
     one_error(capsys, train_tiny(model, run, *QUIET, "train.max_steps=1", "--overwrite"),
-              r"holds a run without sparsetune-run.json .* refusing to delete it")
+              r"^error: output_dir .* refusing to delete it: it holds files sparsetune did not create \(checkpoints, "
+              r".*\) and no sparsetune-run.json; choose a new or empty output_dir$")
+    one_error(capsys, train_tiny(model, run, *QUIET, "train.max_steps=2", "--resume"),
+              r"^error: output_dir .* cannot take a resumed run: it holds files sparsetune did not create")
     assert snapshot(run) == before
-    assert train_tiny(model, run, *QUIET, "train.max_steps=2", "--resume") == 0  # it can still be continued
-    assert (run / "sparsetune-run.json").is_file()
 
 
 # ------------------------------------------------------------------------------------------ export folders
-def export(run: Path, out: Path | str, *extra: str) -> int:
-    return main(["export", str(run), "--out", str(out), "--no-eval", *extra])
-
-
 @pytest.mark.parametrize("where, pattern", [
     ("run", r"--out .* contains the run being exported"),
     ("parent", r"--out .* contains the run being exported"),
@@ -209,14 +189,16 @@ def test_same_size_corruption_falls_back_to_the_previous_checkpoint(model, tmp_p
                    weights(CheckpointStore(damaged).latest_complete()))
 
 
-def test_unreadable_checkpoint_without_hashes_is_one_line(model, tmp_path, capsys):
+def test_an_unreadable_file_its_marker_vouches_for_is_one_line(model, tmp_path, capsys):
+    """Damage the marker cannot tell (the file was garbage when it was hashed): the restore names the checkpoint."""
     run = tmp_path / "run"
     assert train_tiny(model, run, *QUIET, "train.max_steps=1") == 0
     ckpt = CheckpointStore(run).latest_complete()
-    marker = json.loads((ckpt / "checkpoint.json").read_text())
-    del marker["sha256"]  # as written before markers carried hashes: sizes only
-    (ckpt / "checkpoint.json").write_text(json.dumps(marker))
     (ckpt / "model" / "model.safetensors").write_bytes(b"\xff" * (ckpt / "model" / "model.safetensors").stat().st_size)
+    marker = json.loads((ckpt / MARKER).read_text())
+    (ckpt / MARKER).unlink()
+    marker["files"], marker["sha256"] = _fsync_and_hash(ckpt)
+    (ckpt / MARKER).write_text(json.dumps(marker))
     one_error(capsys, train_tiny(model, run, *QUIET, "train.max_steps=2", "--resume"),
               r"checkpoint .*step-00000001 could not be read \(.*\); nothing was changed")
 

@@ -24,7 +24,7 @@ import pytest
 from sparsetune.cli import main
 from sparsetune.errors import SparsetuneError
 from tests.e2e_helpers import child_env, one_error, preempt_at, train_tiny
-from tests.faults.test_real_faults import killed_on_exit, spawn_train, wait_for
+from tests.faults.helpers import killed_on_exit, spawn_train, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,13 +23,23 @@ import torch
 
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
-from tests.e2e_helpers import TINY_TRAIN, child_env, one_error, read_metrics, tmpfs, train_steps, train_tiny
-from tests.faults.test_faults import assert_bitwise, export, snapshot, weights
+from tests.e2e_helpers import one_error, read_metrics, tmpfs, train_steps, train_tiny
+from tests.faults.helpers import (
+    QUIET,
+    assert_bitwise,
+    export,
+    finish,
+    killed_on_exit,
+    snapshot,
+    spawn,
+    spawn_train,
+    wait_for,
+    weights,
+)
 from tests.hooks.fault_points import install
 
 pytestmark = pytest.mark.e2e
 
-QUIET = ["train.eval_every=0", "wandb.mode=disabled"]
 IS_ROOT = os.geteuid() == 0
 
 
@@ -40,44 +48,9 @@ def model(tiny_model_dirs):
     return tiny_model_dirs["llama"]
 
 
-def spawn(*args: str, **env: str) -> subprocess.Popen:
-    """`sparsetune ARGS` in a child process with tests/hooks loaded (fault points from SPARSETUNE_TEST_*)."""
-    return subprocess.Popen([sys.executable, "-m", "sparsetune", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(hooks=True, WANDB_MODE="disabled", **env))
-
-
-def spawn_train(model: Path, out: Path, *overrides: str, **env: str) -> subprocess.Popen:
-    return spawn("train", "quickstart", f"model.path={model}", f"output_dir={out}", *TINY_TRAIN, *QUIET,
-                 *overrides, **env)
-
-
 def same_weights(a: Path, b: Path) -> None:
     """The newest checkpoints of two runs hold bitwise equal weights."""
     assert_bitwise(weights(CheckpointStore(a).latest_complete()), weights(CheckpointStore(b).latest_complete()))
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the child ended ({proc.returncode}) first: {proc.communicate()[1][-3000:]}")
-        assert time.monotonic() < end, "the child never reached the fault point"
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def killed_on_exit(proc: subprocess.Popen):
-    """The child is killed if the test leaves before it ended (a failed assertion while it is paused)."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
 
 
 # ------------------------------------------------------------------------------------- setup, lock, first steps

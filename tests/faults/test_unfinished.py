@@ -15,7 +15,7 @@ from sparsetune import load_sparse_model
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.cli import main
 from tests.e2e_helpers import child_env, train_tiny
-from tests.faults.test_real_faults import finish, spawn_train
+from tests.faults.helpers import finish, spawn_train
 
 pytestmark = pytest.mark.e2e
 

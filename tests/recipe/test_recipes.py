@@ -90,11 +90,9 @@ def test_relufy_keys_live_with_their_activation():
     with pytest.raises(SparsetuneError, match=r"'relufy.shift' does not apply to relufy.activation='relu'; it "
                                               r"belongs to relufy.activation='shifted_relu'"):
         validate_recipe({"output_dir": "x", "relufy": {"activation": "relu", "shift": 2.0}})
-    # a recipe.yaml written before the split (every key, at the old defaults) still loads
-    legacy = {"activation": "cats", "shift": 1.0, "threshold": 0.01, "top_k_fraction": 0.1, "target_sparsity": 0.7,
-              "thresholds": [0.1, 0.2], "calibration_batches": 8}
-    r = validate_recipe({"output_dir": "x", "relufy": legacy})
-    assert r.relufy.thresholds == [0.1, 0.2] and r.relufy.target_sparsity == 0.7
+    # another activation's key is refused at any value, its default included
+    with pytest.raises(SparsetuneError, match=r"'relufy.shift' does not apply to relufy.activation='cats'"):
+        validate_recipe({"output_dir": "x", "relufy": {"activation": "cats", "shift": 1.0}})
     assert set(ACTIVATIONS) == {"silu", "relu", "shifted_relu", "fatrelu", "drelu", "relu2", "topk", "cats",
                                 "output_aware"}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sparsetune.recipe.schema import relufy_config
-from sparsetune.sparsity.cett import TokenSampler, cett, cett_report, sparsity_at_cett, threshold_for_cett
+from sparsetune.sparsity.cett import TokenSampler, cett, cett_report, threshold_for_cett
 from sparsetune.surgery.relufy import relufy
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from tests.tiny_models import tiny_model
@@ -33,8 +33,8 @@ def test_cett_at_threshold_zero_is_zero_for_a_relu_model_and_exact_zeros_are_fre
         assert float(cett(a, w, 1e-12).max()) == 0.0
         zeros = float((a == 0).float().mean())
         assert 0.3 < zeros < 0.7
-        assert sparsity_at_cett(a, w, 0.01) >= zeros  # the effective sparsity counts the exact zeros and more
-        assert sparsity_at_cett(a, w, 0.2) > sparsity_at_cett(a, w, 0.01)
+        assert threshold_for_cett(a, w, 0.01)[2] >= zeros  # the effective sparsity counts the exact zeros and more
+        assert threshold_for_cett(a, w, 0.2)[2] > threshold_for_cett(a, w, 0.01)[2]
 
 
 @pytest.mark.parametrize("budget", [0.01, 0.2])

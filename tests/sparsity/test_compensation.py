@@ -19,7 +19,7 @@ from sparsetune.sparsity.compensation import apply_compensation, fit_compensatio
 from sparsetune.surgery.calibration import calibrate
 from sparsetune.surgery.relufy import activation_spec, relufy
 from sparsetune.surgery.sparse_mlp import measuring_pass, sparse_mlps
-from tests.checkpoint.test_resume import stop_and_resume
+from tests.checkpoint.helpers import stop_and_resume
 from tests.e2e_helpers import logs_with, train_tiny
 from tests.surgery.test_cats import Rows
 from tests.tiny_models import tiny_model

@@ -93,7 +93,7 @@ def test_the_gate_score_decides_from_the_gate_alone():
     ups = [torch.randn_like(gate).abs() + 0.1 for _ in range(2)]  # two different, nowhere-zero ups
     masks = [act(gate, up) != 0 for up in ups]
     assert torch.equal(masks[0], masks[1]) and 0 < float(masks[0].float().mean()) < 1
-    assert act.skips == "gate" and OutputAware(0.7).skips == "product"
+    assert act.rule_reads == "gate" and OutputAware(0.7).rule_reads == "product"
 
 
 @pytest.mark.e2e

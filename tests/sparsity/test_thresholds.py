@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from sparsetune.sparsity.cett import cett
 from sparsetune.sparsity.thresholds import CONVERSION_FILE, apply_thresholds, fit_thresholds, rule_values
 from sparsetune.surgery.relufy import activation_spec, relufy
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
-from tests.checkpoint.test_resume import assert_same_weights, final_weights, train_losses
+from tests.checkpoint.helpers import assert_same_weights, final_weights, train_losses
 from tests.e2e_helpers import logs_with, preempt_at, train_steps, train_tiny
 from tests.surgery.test_cats import Rows
 from tests.tiny_models import tiny_model
@@ -225,22 +224,6 @@ def test_a_training_free_shift_exports_what_the_run_evaluated(tiny_model_dirs, t
     ids = torch.randint(0, exported.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, in_run(input_ids=ids).logits)
-    # A checkpoint of the layout before the activation-state part held conversions: its thresholds.json is read
-    ckpt = CheckpointStore(run).latest_complete()
-    old = tmp_path / "old-layout"
-    shutil.copytree(ckpt, old)
-    (old / "activation_state.json").unlink()
-    from sparsetune.checkpoint.store import MARKER, _fsync_and_hash
-
-    marker = json.loads((old / MARKER).read_text())  # the marker lists what that layout held
-    (old / MARKER).unlink()
-    marker["files"], marker["sha256"] = _fsync_and_hash(old)
-    (old / MARKER).write_text(json.dumps(marker))
-    capsys.readouterr()
-    legacy = SparseModel.from_source(old).model.eval()
-    assert f"{old} keeps its fitted thresholds in thresholds.json" in capsys.readouterr().out
-    with torch.no_grad():
-        assert torch.equal(legacy(input_ids=ids).logits, in_run(input_ids=ids).logits)
     result = run_eval(EvalArgs(target=str(export), batches=2, batch_size=8, device="cpu"))
     assert result.held_out["perplexity"] == pytest.approx(final["eval/perplexity"], rel=1e-6)
     assert set(result.to_json()["cett_sparsity"]) == {"0.01", "0.2"}

@@ -1,4 +1,5 @@
-"""CATS: per-layer thresholds calibrated on data to a target sparsity; carried by the run's recipe."""
+"""CATS: per-layer thresholds calibrated on data to a target sparsity; carried by the run's checkpoints (the
+activation state), not its recipe."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def test_one_quantile_rule_for_every_calibration():
     """quantile_threshold on hand-computed values: 10 distinct values 0.1 .. 1.0, target 0.3 -> the 4th smallest
     (0.4), so exactly 3 of 10 fall below it; CATS (keeps |SiLU(gate)| >= t) and the `thresholds` conversion both use
     it (the CATS path used the k-th smallest before: one value too few zeroed)."""
+    from sparsetune.activations import cats, output_aware
+    from sparsetune.activations.base import quantile_threshold
     from sparsetune.sparsity import thresholds as conversion
-    from sparsetune.surgery.calibration import quantile_threshold
 
     values = torch.tensor([0.7, 0.1, 0.9, 0.4, 0.3, 1.0, 0.2, 0.6, 0.5, 0.8])
     assert quantile_threshold(values, 0.3) == pytest.approx(0.4)
@@ -61,6 +63,7 @@ def test_one_quantile_rule_for_every_calibration():
     assert float(values.max()) < quantile_threshold(values, 1.0)  # everything below: just above the largest
     assert quantile_threshold(values - 2.0, 0.3, floor=0.0) == 0.0
     assert conversion.quantile_threshold is quantile_threshold
+    assert cats.quantile_threshold is quantile_threshold and output_aware.quantile_threshold is quantile_threshold
 
 
 def test_cats_zeroes_exactly_the_target_count_of_the_calibration_values():
@@ -109,36 +112,3 @@ def test_training_calibrates_once_and_resume_reuses_the_thresholds(tiny_model_di
     out_dir = tmp_path / "export"
     assert main(["export", str(run), "--out", str(out_dir), "--no-eval"]) == 0
     assert json.loads((out_dir / "sparsetune.json").read_text())["activation"]["thresholds"] == thresholds
-
-
-@pytest.mark.e2e
-def test_a_checkpoint_with_cats_thresholds_in_its_recipe_still_resumes_and_exports(tiny_model_dirs, tmp_path,
-                                                                                     capsys):
-    """The layout written before activation_state.json: the thresholds inside the checkpoint's recipe.yaml."""
-    from sparsetune.checkpoint.store import MARKER, _fsync_and_hash
-
-    run = tmp_path / "run"
-    common = ["relufy.activation=cats", "relufy.target_sparsity=0.8", "relufy.calibration_batches=2",
-              "train.eval_every=0", "wandb.mode=disabled", "regularizer.type=none"]
-    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=2", *common) == 0
-    ckpt = CheckpointStore(run).latest_complete()
-    state = ckpt / "activation_state.json"
-    thresholds = json.loads(state.read_text())["activation"]["thresholds"]
-    state.unlink()
-    recipe = yaml.safe_load((ckpt / "recipe.yaml").read_text())
-    recipe["relufy"]["thresholds"] = thresholds
-    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    marker = json.loads((ckpt / MARKER).read_text())
-    (ckpt / MARKER).unlink()
-    marker["files"], marker["sha256"] = _fsync_and_hash(ckpt)
-    (ckpt / MARKER).write_text(json.dumps(marker))
-    capsys.readouterr()
-    out_dir = tmp_path / "export"
-    assert main(["export", str(run), "--out", str(out_dir), "--no-eval"]) == 0
-    assert json.loads((out_dir / "sparsetune.json").read_text())["activation"]["thresholds"] == thresholds
-    assert train_tiny(tiny_model_dirs["llama"], run, "train.max_steps=3", *common, "--resume") == 0
-    out = capsys.readouterr().out
-    assert "keeps its CATS thresholds in recipe.yaml (written by an older sparsetune); using them" in out
-    assert "cats: calibrated" not in out
-    resumed = json.loads((CheckpointStore(run).latest_complete() / "activation_state.json").read_text())
-    assert resumed["activation"]["thresholds"] == thresholds

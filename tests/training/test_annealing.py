@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sparsetune.activations import build_activation
 from sparsetune.checkpoint.store import CheckpointStore
 from sparsetune.recipe.loading import load_recipe
-from tests.checkpoint.test_resume import stop_and_resume
+from tests.checkpoint.helpers import stop_and_resume
 from tests.e2e_helpers import logs_with, train_logs, train_tiny
 
 

@@ -182,7 +182,7 @@ def test_resume_is_exact(tiny_model_dirs, tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_ddp_two_processes(tiny_model_dirs, tmp_path):
-    from tests.distributed.test_multiprocess import free_port
+    from tests.distributed.launching import free_port
 
     run = tmp_path / "run"
     tiny = [o for o in TINY_TRAIN if not o.startswith("train.micro_batch_size")]

@@ -47,8 +47,8 @@ class AnnealSegment:
 
 
 def saved_segment(folder: Path, saved: Recipe) -> AnnealSegment:
-    """The annealing a checkpoint was written under: its anneal.json, or (a checkpoint from before it, or a run
-    without annealing) the one its recipe started with."""
+    """The annealing a checkpoint was written under: its anneal.json, or (a run without annealing, which writes
+    none) the one its recipe started with."""
     path = folder / STATE_FILE
     if path.is_file():
         return AnnealSegment(**json.loads(path.read_text()))
@@ -107,7 +107,7 @@ class Annealing(Component):
         (folder / STATE_FILE).write_text(json.dumps(asdict(self.segment), indent=1))
 
     def load(self, folder: Path) -> None:
-        step = int(read_trainer_state(folder).get("step", 0))
+        step = int(read_trainer_state(folder)["step"])
         self.segment = resumed_segment(folder, read_recipe(folder), self.recipe, step)
         self._set(self.segment.progress(step))
 

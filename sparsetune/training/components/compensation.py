@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.checkpoint.state import read_recipe, read_trainer_state
+from sparsetune.console import notice
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.compensation import apply_compensation, fit_compensation
 from sparsetune.surgery.sparse_mlp import sparse_mlps
@@ -74,9 +75,9 @@ class Compensation(Component):
         self.fitted = {"step": ctx.step, "tokens": fit.tokens, "removed_per_layer": fit.removed}
         if self.accelerator.is_main_process:
             mean = sum(fit.removed) / len(fit.removed)
-            print(f"sparsetune: compensation: step {ctx.step}: fitted {len(fit.biases)} layer biases on {fit.tokens} "
-                  f"calibration tokens; they remove {mean:.1%} of the dropped activations' squared MLP-output error "
-                  f"(per layer {min(fit.removed):.1%}..{max(fit.removed):.1%})", flush=True)
+            notice(f"compensation: step {ctx.step}: fitted {len(fit.biases)} layer biases on {fit.tokens} calibration "
+                   f"tokens; they remove {mean:.1%} of the dropped activations' squared MLP-output error (per layer "
+                   f"{min(fit.removed):.1%}..{max(fit.removed):.1%})")
 
     def end_eval(self, ctx: EvalContext) -> EvalReport:
         if self.fitted is None:

@@ -11,6 +11,7 @@ import torch
 
 from sparsetune.checkpoint.resume import RecipeChange
 from sparsetune.checkpoint.state import load_torch_state
+from sparsetune.console import notice
 from sparsetune.errors import SparsetuneError
 from sparsetune.evaluation.dynamic import dynamic_eval, predicted_mask
 from sparsetune.evaluation.sweep import predictor_sweep, sweep_table, write_sweep
@@ -86,9 +87,9 @@ class Predictors(Component):
         fraction = self.bank.neuron_param_fraction()
         if fraction > r.predictor.max_param_fraction:
             raise SparsetuneError(
-                f"predictor.rank={r.predictor.rank} gives neuron predictors of {fraction:.1%} of the MLP "
+                f"{ranks_key(r.predictor)} gives neuron predictors of {fraction:.1%} of the MLP "
                 f"parameters, above predictor.max_param_fraction={r.predictor.max_param_fraction:g}; "
-                "lower the rank or raise the budget")
+                "lower the ranks or raise the budget")
         setup.recorder.consumers.append(self.bank)
         self.bank.bind(setup.model)  # predictor.input=residual: taps on the model's residual stream
         self.bank.down_norms = down_norm_reader(sparse_mlps(setup.model))
@@ -204,9 +205,8 @@ class Predictors(Component):
         thresholds = calibrate_thresholds(ctx.model, self.bank, batches, ctx.device, target, kind,
                                           seed=self.recipe.train.seed)
         probs = [1 / (1 + math.exp(-min(max(t, -50.0), 50.0))) for t in thresholds]
-        print(f"sparsetune: predictors: per-layer thresholds calibrated to {kind} {target:g} on "
-              f"{len(batches)} training micro-batches (sigmoid {min(probs):.3g}..{max(probs):.3g})",
-              flush=True)
+        notice(f"predictors: per-layer thresholds calibrated to {kind} {target:g} on {len(batches)} training "
+               f"micro-batches (sigmoid {min(probs):.3g}..{max(probs):.3g})")
 
     def _sweep(self, ctx: EvalContext) -> None:
         cfg = self.recipe.predictor
@@ -224,8 +224,7 @@ class Predictors(Component):
             _, png = write_sweep(sweep, folder / "sweep", f"{folder.name}: predictors vs best possible")
             if png is not None:
                 self.pending_report.images["predictor_sweep_plot"] = png
-            print(f"sparsetune: predictors: sweep of {len(sweep['neurons'])} targets written to {folder}/sweep.json",
-                  flush=True)
+            notice(f"predictors: sweep of {len(sweep['neurons'])} targets written to {folder}/sweep.json")
 
     # ------------------------------------------------------------ checkpoint
     def save(self, folder: Path, last_eval: dict) -> None:
@@ -239,3 +238,10 @@ class Predictors(Component):
         self.optimizer.load_state_dict(load_torch_state(folder / "predictor_optimizer.pt"))
         for group in self.optimizer.param_groups:  # the recipe's predictor.lr, not the saved one (a resume change)
             group["lr"] = self.recipe.predictor.lr
+
+
+def ranks_key(cfg) -> str:
+    """The recipe key that sized the predictors, as the user wrote it."""
+    if cfg.layer_ranks is not None:
+        return f"predictor.layer_ranks={list(cfg.layer_ranks)}"
+    return f"predictor.rank={cfg.rank}"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sparsetune.checkpoint.resume import RecipeChange
+from sparsetune.console import notice
 from sparsetune.evaluation.perplexity import evaluate
 from sparsetune.recipe.schema import Recipe
 from sparsetune.sparsity.recorder import ActivationRecorder
@@ -86,8 +87,7 @@ class ThresholdConversion(Component):
         conversion.apply(ctx.model)
         conversion.after = self._measure(ctx, held)
         self.conversion, self.pending_log = conversion, True
-        if self.accelerator.is_main_process:
-            print(f"sparsetune: {conversion.describe()}", flush=True)
+        notice(conversion.describe(), main=self.accelerator.is_main_process)
 
     def _held_out(self, ctx: EvalContext, n: int) -> list[dict]:
         """This rank's first n held-out micro-batches; under sharded weights (every forward collective) padded with
@@ -134,8 +134,8 @@ class ThresholdConversion(Component):
     def load(self, folder: Path) -> None:
         """The conversion's record. The fitted thresholds themselves are already on the model: they are its
         activation state, put back when the model was built (a resume that changes thresholds.* after the conversion
-        is refused in on_resume). A checkpoint written before the conversion (or before the section was added)
-        leaves the conversion to its step."""
+        is refused in on_resume). A checkpoint from before the conversion, or of a run that enables `thresholds` only
+        on this resume (it holds no thresholds.json), leaves the conversion to its step."""
         conversion, state = read_conversion(folder)
         self.conversion, self.pending_log = conversion, bool(state.get("pending_log", False))
 
