@@ -125,12 +125,16 @@ def _eval_json_path(args) -> Path | None:
 
 
 def _cmd_eval(args) -> int:
-    from sparsetune.console import print_eval
     from sparsetune.evaluation.command import run_eval, write_json
     from sparsetune.evaluation.options import EvalArgs
+    from sparsetune.evaluation.tables import print_eval
+    from sparsetune.training.completion import refuse_unfinished_source
 
     json_path = _eval_json_path(args)
-    result = run_eval(from_namespace(EvalArgs, args))
+    eval_args = from_namespace(EvalArgs, args)
+    if eval_args.activation is None:  # a swapped activation is the user's own, training-free model
+        refuse_unfinished_source(eval_args.target, "eval")
+    result = run_eval(eval_args)
     print_eval(result)
     if json_path is not None:
         write_json(result, json_path)
@@ -246,8 +250,12 @@ def _cmd_analyze(args) -> int:
     from sparsetune.analysis.command import run_analysis
     from sparsetune.analysis.options import AnalyzeArgs
     from sparsetune.analysis.report import summary
+    from sparsetune.training.completion import refuse_unfinished_source
 
-    result, files = run_analysis(from_namespace(AnalyzeArgs, args))
+    analyze_args = from_namespace(AnalyzeArgs, args)
+    if not analyze_args.activation:
+        refuse_unfinished_source(analyze_args.target, "analyze")
+    result, files = run_analysis(analyze_args)
     notice(summary(result))
     notice(f"wrote {files[1]} (with {files[0].name} and {len(files) - 2} figures)")
     return 0

@@ -51,10 +51,6 @@ def load_batches(args: AnalyzeArgs):
     from sparsetune.surgery.calibration import needs_calibration
 
     dev = resolve_device(args.device)
-    from sparsetune.training.completion import refuse_unfinished_source
-
-    if not args.activation:
-        refuse_unfinished_source(args.target, "analyze")
     t = SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code,
                                 activation={"activation": args.activation} if args.activation else None)
     if needs_calibration(t.model):

@@ -20,7 +20,6 @@ from sparsetune.surgery.calibration import calibrate, needs_calibration
 from sparsetune.surgery.relufy import activation_spec
 from sparsetune.surgery.sparse_mlp import patched_mlps, sparse_mlps
 from sparsetune.tracking.metrics import layer_metrics, predictor_metrics
-from sparsetune.training.completion import refuse_unfinished_source
 
 
 @dataclass
@@ -72,8 +71,6 @@ def load_target(args: EvalArgs) -> SparseModel:
     if args.activation is not None:
         extra = {"target_sparsity": args.target_sparsity} if args.target_sparsity is not None else {}
         swap = relufy_config(activation=args.activation, **extra).model_dump()
-    if swap is None:  # a swapped activation is the user's own, training-free model
-        refuse_unfinished_source(args.target, "eval")
     built = SparseModel.from_source(args.target, trust_remote_code=args.trust_remote_code, activation=swap)
     spec_file = Path(args.target) / SPEC_FILE
     if built.what == "export" and json.loads(spec_file.read_text()).get("compensation_in") == COMPENSATION_BIAS:

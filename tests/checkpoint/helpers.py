@@ -10,7 +10,7 @@ from tests.e2e_helpers import preempt_at, train_logs, train_tiny
 
 SCHEDULE = ["regularizer.schedule=prosparse",
             "regularizer.stages=[{end_step: 2, coef: 0.1}, {end_fraction: 1.0, coef: 1.0}]",
-            "train.log_every=1", "train.eval_every=4", "wandb.mode=offline", "train.lr_warmup_steps=2"]
+            "train.log_every=1", "train.eval_every=4", "train.lr_warmup_steps=2"]
 
 
 def final_weights(run):

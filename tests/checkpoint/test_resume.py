@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 def test_stop_and_resume_equals_straight_run_bitwise(tiny_model_dirs, tmp_path, monkeypatch, mode):
     extra = (["distill.weight=0.5", "predictor.enabled=true", "predictor.rank=4", "predictor.heads=true"]
              if mode == "full" else ["peft.method=lora", "peft.lora.r=4", "peft.lora.dropout=0.1"])
-    args = [*SCHEDULE, "train.max_steps=8", *extra]
+    args = [*SCHEDULE, "train.max_steps=8", "wandb.mode=offline", *extra]  # its W&B run is read back below
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
     with monkeypatch.context() as patch:
@@ -80,26 +80,41 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tiny_model_dirs,
 
 
 def test_sigterm_mid_run_checkpoints_exits_0_and_resumes_to_the_same_weights(tiny_model_dirs, tmp_path):
-    args = ["train.max_steps=300", "train.log_every=1", "train.eval_every=0", "wandb.mode=disabled",
+    """A real SIGTERM sent to the training process from outside, mid-run. The child is held before step 4
+    (tests/hooks: SPARSETUNE_TEST_PAUSE=step:4) so the signal arrives at a known step: the length of the run is not
+    what is tested, only that the step in flight ends in a checkpoint, exit 0, and the resume ends where the
+    straight run ends."""
+    steps, stop = 10, 4
+    args = [f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=0", "wandb.mode=disabled",
             "regularizer.schedule=constant"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight, stopped, sentinel = tmp_path / "straight", tmp_path / "stopped", tmp_path / "paused"
     assert train_tiny(tiny_model_dirs["llama"], straight, *args) == 0
     cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
            f"output_dir={stopped}", *TINY_TRAIN, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (stopped / "metrics.jsonl").exists() and len(read_metrics(stopped)) >= 3:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    env = child_env(hooks=True, SPARSETUNE_TEST_PAUSE=f"step:{stop}", SPARSETUNE_TEST_SENTINEL=str(sentinel),
+                    SPARSETUNE_TEST_PAUSE_S="120")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not sentinel.exists():
+            time.sleep(0.05)
+        assert sentinel.exists(), "the run never reached the pause before step 4"
+        assert train_steps(stopped) == list(range(1, stop)), "mid-run: steps 1..3 done and logged"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the run's handler takes it while paused
+        sentinel.unlink()  # go on: step 4 runs, then the checkpoint and exit
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, out[-2000:]
     assert "SIGTERM received" in out and "resume with: sparsetune train quickstart" in out and "--resume" in out
     stop_step = int(CheckpointStore(stopped).latest_complete().name.split("-")[1])
-    assert 0 < stop_step < 300
+    assert 0 < stop_step < steps
+    assert stop_step == stop, "the step in flight when the signal came ends in the checkpoint"
     assert train_tiny(tiny_model_dirs["llama"], stopped, *args, "--resume") == 0
-    assert train_steps(stopped) == list(range(1, 301))
+    assert train_steps(stopped) == list(range(1, steps + 1))
     assert_same_weights(final_weights(straight)[1], final_weights(stopped)[1])
 
 

@@ -86,7 +86,7 @@ class SharedRuns:
 
     def ddp_full(self) -> Launched:
         """2-process DDP, uninterrupted: the reference of the sharding engines' runs of FULL."""
-        return self._launch("ddp_full", "ddp", *FULL)
+        return self._launch("ddp_full", "ddp", *FULL, "wandb.mode=offline")  # test_memory_metrics reads its W&B run
 
     def resumed_full(self, preset: str) -> Launched:
         """`preset`'s run of FULL, stopped at step 2 and resumed."""

@@ -5,10 +5,16 @@ import pytest
 from tests.e2e_helpers import train_tiny
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tiny_model_dirs, tmp_path_factory):
-    """A finished tiny run with two checkpoints (steps 1 and 2), exported or resumed by the tests."""
+    """A finished tiny run with two checkpoints (steps 1 and 2), exported or resumed by the tests. Trained once per
+    session and shared by every fault module that uses it: read it, export it, evaluate it with --json elsewhere;
+    a test that must change it works on a copy (shutil.copytree)."""
     run = tmp_path_factory.mktemp("finished") / "run"
     assert train_tiny(tiny_model_dirs["llama"], run, "train.eval_every=0", "wandb.mode=disabled", "train.max_steps=2",
                       "train.save_every=1", "train.keep_checkpoints=2") == 0
-    return run
+    snap = lambda: {str(q.relative_to(run)): (q.read_bytes() if q.is_file() else None) for q in sorted(run.rglob("*"))}
+    before = snap()
+    yield run
+    after = snap()
+    assert after == before, ("TMPCHECK finished_run changed", set(after) ^ set(before), [k for k in before if k in after and before[k] != after[k]])

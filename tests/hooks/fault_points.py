@@ -6,7 +6,7 @@ as under `kill -9` or the OOM killer), or pauses there (touching a sentinel file
 can act meanwhile. Used in-process by tests and, through sitecustomize.py, in child processes:
 
   SPARSETUNE_TEST_SIGNAL="PHASE:SIGNAL[:STEP]"   e.g. "eval:SIGTERM", "prune:SIGKILL", "step:SIGKILL:1"
-  SPARSETUNE_TEST_PAUSE="PHASE"  with  SPARSETUNE_TEST_SENTINEL=FILE, SPARSETUNE_TEST_PAUSE_S=SECONDS
+  SPARSETUNE_TEST_PAUSE="PHASE[:STEP]"  with  SPARSETUNE_TEST_SENTINEL=FILE, SPARSETUNE_TEST_PAUSE_S=SECONDS
 
 Phases: setup (while the data is tokenized), eval (at the start of an evaluation), step (before step STEP),
 checkpoint (half-way through writing checkpoint STEP: after the weights), prune (half-way through deleting an old
@@ -137,4 +137,6 @@ def install_from_env() -> None:
         install(phase, sig, int(step[0]) if step else None, sentinel)
     pause = os.environ.get("SPARSETUNE_TEST_PAUSE")
     if pause:
-        install(pause, "pause", None, sentinel, float(os.environ.get("SPARSETUNE_TEST_PAUSE_S", "30")))
+        phase, *step = pause.split(":")
+        install(phase, "pause", int(step[0]) if step else None, sentinel,
+                float(os.environ.get("SPARSETUNE_TEST_PAUSE_S", "30")))

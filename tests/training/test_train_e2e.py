@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 def relu_l1_run(tiny_model_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "relu_l1"
     assert train_tiny(tiny_model_dirs["llama"], out, "train.max_steps=30", "regularizer.schedule=constant",
-                      "regularizer.coef=0.5", "train.log_every=5", "train.eval_every=10") == 0
+                      "regularizer.coef=0.5", "train.log_every=5", "train.eval_every=10",
+                      "wandb.mode=offline") == 0  # test_wandb_offline_run_read_back_has_sparsity_keys reads it
     return out
 
 
