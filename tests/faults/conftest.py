@@ -13,8 +13,4 @@ def finished_run(tiny_model_dirs, tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
     assert train_tiny(tiny_model_dirs["llama"], run, "train.eval_every=0", "wandb.mode=disabled", "train.max_steps=2",
                       "train.save_every=1", "train.keep_checkpoints=2") == 0
-    snap = lambda: {str(q.relative_to(run)): (q.read_bytes() if q.is_file() else None) for q in sorted(run.rglob("*"))}
-    before = snap()
-    yield run
-    after = snap()
-    assert after == before, ("TMPCHECK finished_run changed", set(after) ^ set(before), [k for k in before if k in after and before[k] != after[k]])
+    return run
