@@ -72,6 +72,21 @@ def test_mlp_distillation_of_a_full_fine_tune_under_sharding(runs, preset):
     assert_same_training(final_weights(resumed.run), final_weights(ddp.run), runs.model)
 
 
+def test_mlp_distillation_under_ddp_logs_its_term_in_the_loss(runs):
+    """Layer-wise MLP distillation in a 2-process DDP run (was tests/training/test_mlp_distillation.py's own launch):
+    the shared DDP run of FULL carries distill.mlp_weight=1.0 beside the logit distillation at 0.5; every logged step
+    has the term, and train/loss adds it with its weight."""
+    ddp = runs.ddp_full()
+    assert "2 process(es)" in ddp.log and "DDP" in ddp.log
+    logs = train_logs(ddp.run)
+    assert logs and all(m["train/mlp_distill_loss"] > 0 for m in logs)
+    assert "train/distill_loss" in logs[0]
+    m = logs[0]
+    expected = (m["train/lm_loss"] + m["train/reg_coef"] * m["train/reg_loss"] + 0.5 * m["train/distill_loss"]
+                + 1.0 * m["train/mlp_distill_loss"])
+    assert m["train/loss"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_predictor_only_training_of_a_sharded_frozen_model(runs, tmp_path):
     run = tmp_path / "run"
     proc = launched(runs.model, run, "zero3", *FROZEN)

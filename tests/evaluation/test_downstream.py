@@ -13,6 +13,31 @@ TASKS = Path(__file__).parent / "lm_eval_tasks"  # sparsetune_tiny_mc: 20 made-u
 TASK = "sparsetune_tiny_mc"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def harness_index_built_once():
+    """lm-eval's TaskManager reads every YAML of the harness's own task folder (thousands) each time it is made,
+    about 10 s here; the folders do not change during the tests, so the index of a set of folders is read once per
+    module and each TaskManager gets its own copy of it. The tests still go through sparsetune's load_tasks and
+    the harness's TaskManager, matching and loading as before."""
+    try:
+        from lm_eval.tasks._index import TaskIndex
+    except ImportError:  # test_bad_input_is_one_line checks the message without lm-eval; the rest need it
+        yield
+        return
+    build, built = TaskIndex.build, {}
+
+    def build_once(paths, **kwargs):
+        paths = list(paths)
+        key = (tuple(str(p) for p in paths), tuple(sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(paths, **kwargs)
+        return dict(built[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskIndex, "build", staticmethod(build_once))
+        yield
+
+
 def test_local_task_through_the_cli(tiny_model_dirs, tmp_path, monkeypatch, capsys):
     # Another working directory: the task finds its data beside its YAML, not relative to where eval runs.
     monkeypatch.chdir(tmp_path)

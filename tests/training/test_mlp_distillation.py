@@ -1,8 +1,6 @@
 """Layer-wise MLP distillation (`distill.mlp_weight`): every sparse MLP pulled toward the original dense SiLU MLP on
 the same input, inside the training forward."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from sparsetune.surgery.relufy import relufy
 from sparsetune.surgery.sparse_mlp import sparse_mlps
 from sparsetune.training.components.base import Setup, StepContext
 from sparsetune.training.components.distillation import Distillation, normalized_mse
-from tests.e2e_helpers import TINY_TRAIN, child_env, preempt_at, train_logs, train_tiny
+from tests.e2e_helpers import preempt_at, train_logs, train_tiny
 from tests.tiny_models import tiny_model
 
 
@@ -177,22 +175,3 @@ def test_resume_is_exact(tiny_model_dirs, tmp_path, monkeypatch):
     wa, wb = (load_file(CheckpointStore(r).latest_complete() / "model" / "model.safetensors")
               for r in (straight, stopped))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-@pytest.mark.slow
-@pytest.mark.e2e
-def test_ddp_two_processes(tiny_model_dirs, tmp_path):
-    from tests.distributed.launching import free_port
-
-    run = tmp_path / "run"
-    tiny = [o for o in TINY_TRAIN if not o.startswith("train.micro_batch_size")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
-         f"output_dir={run}", *tiny, "train.micro_batch_size=4", "train.eval_batches=2", "train.max_steps=2",
-         "train.log_every=1", "train.eval_every=0", "wandb.mode=disabled", "distill.mlp_weight=1.0",
-         "--launch", "ddp", "--num-processes", "2", "--main-process-port", str(free_port())],
-        capture_output=True, text=True, env=child_env(OMP_NUM_THREADS="1"), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "2 process(es)" in proc.stdout and "DDP" in proc.stdout
-    _assert_logged(run, 1.0)
-
