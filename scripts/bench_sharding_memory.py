@@ -86,7 +86,9 @@ def overrides(args, model: Path, out: Path, feature: str) -> list[str]:
     return [f"model.path={model}", f"output_dir={out}", f"data.seq_len={args.seq_len}",
             f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.log_every=1",
             "train.eval_every=0", "train.eval_batches=2", "train.lr_warmup_steps=0", 'train.mixed_precision="no"',
-            "model.dtype=float32", "wandb.mode=disabled", "distill.weight=0", *FEATURES[feature]]
+            "model.dtype=float32", "wandb.mode=disabled", "distill.weight=0", *FEATURES[feature],
+            *(["predictor.rank=4"] if feature == "predictors" and model.name.endswith("-tiny") else [])]
+    # (rank 64, the default, is half the tiny MLP's parameters, above predictor.max_param_fraction)
 
 
 def plan_of(engine: str, feature: str, model: Path, args, processes: int) -> dict:

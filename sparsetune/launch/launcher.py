@@ -19,6 +19,7 @@ import time
 from sparsetune.console import notice
 from sparsetune.launch.compatibility import check_launch
 from sparsetune.launch.presets import get_preset
+from sparsetune.launch.relay import ErrorRelay
 from sparsetune.recipe.schema import Recipe
 
 
@@ -88,10 +89,14 @@ def training_workers(launcher_pid: int) -> list:
 
 
 def run_forwarding_signals(cmd: list[str], env: dict) -> int:
-    """Run the launch in its own session; forward SIGTERM / SIGINT to its training workers; its exit code."""
+    """Run the launch in its own session; forward SIGTERM / SIGINT to its training workers; relay its stderr
+    without the launcher's traceback after a worker's one-line error (launch/relay.py); its exit code (2 after a
+    worker's one-line error)."""
     import psutil
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    relay = ErrorRelay(os.dup(proc.stderr.fileno()), sys.stderr).start()  # the workers' stderr, as it comes
+    proc.stderr.close()
 
     def forward(signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -110,9 +115,13 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     try:
         while True:
             try:
-                return proc.wait()
+                code = proc.wait()
+                break
             except KeyboardInterrupt:  # a handler raced with wait(): keep waiting for the workers' checkpoint
                 time.sleep(0.1)
+        relay.join(timeout=30)
+        # a worker's one-line error (exit 2) is the launch's, not torch's launcher's exit 1 and traceback
+        return 2 if code != 0 and relay.errors else code
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
