@@ -405,10 +405,18 @@ class FSDP2(Engine):
         return model
 
     def place_references(self, modules: list[nn.Module]) -> list[nn.Module]:
-        """Each sharded as a unit of its own: its forward gathers its parameters and frees them after."""
+        """Each sharded as a unit of its own: its forward gathers its parameters and frees them after. A unit called
+        alone is a root, and FSDP2 keeps a root's parameters gathered after its forward (for a backward, which a
+        frozen reference never has): a hook frees them again, or every reference would stay whole on every rank
+        after its first forward (measured: +1 GiB per rank at 0.5B, docs/DISTRIBUTED.md)."""
         from torch.distributed.fsdp import fully_shard
 
-        return [fully_shard(m.requires_grad_(False).to(self.accelerator.device)) for m in modules]
+        placed = []
+        for module in modules:
+            unit = fully_shard(module.requires_grad_(False).to(self.accelerator.device))
+            unit.register_forward_hook(lambda unit, args, output: unit.reshard())
+            placed.append(unit)
+        return placed
 
     def sync_context(self, model, last: bool):
         model.set_requires_gradient_sync(last)
