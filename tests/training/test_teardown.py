@@ -5,6 +5,8 @@ import sys
 import textwrap
 import time
 
+from tests.distributed.launching import free_port
+
 # A worker's end as the CLI runs it, under the watchdog: a teardown that blocks (a gloo barrier the peer never
 # joins; in CI rank 0 waited in gloo's teardown on a peer that had finished).
 WORKER = textwrap.dedent("""
@@ -24,19 +26,11 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_hung_teardown_ends_with_the_runs_exit_code(tmp_path):
     code = 2  # what the run would exit with (a one-line error here); 0 for a finished run goes the same way
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = str(_free_port())
+    port = str(free_port())
     start = time.monotonic()
     procs = [subprocess.Popen([sys.executable, str(script), str(rank), port, str(code), "3"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
