@@ -110,6 +110,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _remove_run(out: Path) -> None:
+    """Delete a run folder this script's `sparsetune train` made (it holds sparsetune's run marker); anything else
+    at that path, a folder sparsetune did not make, is left alone."""
+    from sparsetune.checkpoint.folders import RUN_MARKER
+
+    if (out / RUN_MARKER).is_file():
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def measure(engine: str, feature: str, model: Path, args, work: Path) -> dict:
     """One 2-process launch; the peaks it logged over its training steps."""
     import os
@@ -124,7 +133,7 @@ def measure(engine: str, feature: str, model: Path, args, work: Path) -> dict:
     wall = time.time() - start
     if proc.returncode != 0:
         tail = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
-        shutil.rmtree(out, ignore_errors=True)
+        _remove_run(out)
         return {"error": f"exit {proc.returncode}", "log_tail": tail, "wall_s": wall}
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in logs if "memory/peak_rss_gb_max" in m]
@@ -135,7 +144,7 @@ def measure(engine: str, feature: str, model: Path, args, work: Path) -> dict:
         "setup_peak_rss_gib_max": steps[0].get("memory/setup_peak_rss_gb_max"),
         "wall_s": wall,
     }
-    shutil.rmtree(out, ignore_errors=True)  # the checkpoint (GBs at 0.5B): only the metrics are kept
+    _remove_run(out)  # the checkpoint (GBs at 0.5B): only the metrics are kept
     return result
 
 
