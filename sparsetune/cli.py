@@ -16,7 +16,6 @@ from sparsetune.errors import SparsetuneError
 
 def _cmd_train(args) -> int:
     from sparsetune.recipe.loading import load_recipe
-    from sparsetune.training.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.resume and args.overwrite:
@@ -33,6 +32,8 @@ def _cmd_train(args) -> int:
                       main_process_port=args.main_process_port)
     command = shlex.join(["sparsetune", "train", args.recipe, *args.overrides])  # pasted back into a shell as is
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        from sparsetune.training.trainer import train  # not in the launcher above: ~5 s of imports it never uses
+
         train(recipe, overwrite=args.overwrite, resume=args.resume, command=command,
               allow_data_change=args.allow_data_change)
         return 0

@@ -27,6 +27,21 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def skip_cpu_deepspeed_shm_build() -> None:
+    """Under a DeepSpeed launch without a GPU, tell DeepSpeed not to JIT-build its shared-memory comm op.
+
+    DeepSpeed's torch backend builds `deepspeed_shm_comm` (a C++ extension, ~25-50 s of compiling, again for every
+    new venv path) when it opens its process group on the CPU accelerator. The op serves only DeepSpeed's
+    `inference_all_reduce`; ZeRO training reduces through torch.distributed (gloo here), so the build buys nothing.
+    `deepspeed.ops.__compatible_ops__` is the dict DeepSpeed reads to decide ("edits to it persist", its comment).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _fix_cpu_deepspeed_state(accelerator: Accelerator) -> None:
     """On a machine without GPUs, accelerate starts DeepSpeed's gloo process group but records a single
     process (rank 0 everywhere). Put the real rank and world size into accelerate's shared state so that

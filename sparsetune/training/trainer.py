@@ -52,7 +52,7 @@ from sparsetune.tracking.wandb_run import WandbRun
 from sparsetune.training.checkpointing import Checkpointer
 from sparsetune.training.components import build_components, judge_resume
 from sparsetune.training.components.base import Component, EvalContext, Setup, StepContext
-from sparsetune.training.engines import Engine
+from sparsetune.training.engines import Engine, skip_cpu_deepspeed_shm_build
 from sparsetune.training.optim import apply_recipe_after_restore
 from sparsetune.training.phases import Phases
 from sparsetune.training.preemption import PreemptionGuard
@@ -113,6 +113,7 @@ class Trainer:
 
     def _setup_distributed(self) -> None:
         r = self.recipe
+        skip_cpu_deepspeed_shm_build()  # before accelerate opens DeepSpeed's process group
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(r.train.mixed_precision))
         self.engine = Engine.create(self.accelerator, r)
         self.phases = Phases(r, self.engine)

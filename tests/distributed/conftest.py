@@ -2,8 +2,9 @@
 
 A launch costs tens of seconds on CPU (two interpreters importing torch, a gloo group, DeepSpeed's set-up), so each
 sharding engine (FSDP2, ZeRO-3) gets one full fine-tune carrying every feature it must place (FULL: teacher, MLP
-distillation, predictors), stopped at step 2 and resumed, and one LoRA run likewise; the DDP runs of the same
-recipes are the references they are compared with. The plain recipe's DDP run is compared with one process of
+distillation, predictors), stopped at step 2 and resumed, and one LoRA run likewise. The DDP run of FULL is the
+reference of FULL's (it is itself held to one process of twice the micro-batch); one process of the global batch is
+the reference of the LoRA and frozen-model runs. The plain recipe's DDP run is compared with one process of
 twice the micro-batch, and is the reference of DDP's exact resume and of ZeRO-2.
 """
 
@@ -125,15 +126,15 @@ class SharedRuns:
 
         return self._once("fsdp_uneven", make)
 
-    # --- LoRA and the frozen model ---------------------------------------------------------------------------------
-    def ddp_lora(self) -> Launched:
-        return self._launch("ddp_lora", "ddp", *LORA)
+    # --- LoRA and the frozen model: one process of the global batch is the reference ------------------------------
+    def single_lora(self) -> Launched:
+        return self._single("single_lora", *LORA, "predictor.dynamic_eval_batches=1")
 
     def resumed_lora(self, preset: str) -> Launched:
         return self._resumed(f"{preset}_lora", preset, *LORA)
 
-    def ddp_frozen(self) -> Launched:
-        return self._launch("ddp_frozen", "ddp", *FROZEN)
+    def single_frozen(self) -> Launched:
+        return self._single("single_frozen", *FROZEN, "predictor.dynamic_eval_batches=1")
 
 
 @pytest.fixture(scope="session")

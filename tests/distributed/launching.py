@@ -49,17 +49,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_env(**env: str) -> dict:
+    """The environment of a launch: the test hooks (tests/hooks), W&B offline, one thread per process."""
+    return child_env(hooks=True, WANDB_MODE="offline", OMP_NUM_THREADS="1", **env)
+
+
 def sparsetune(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sparsetune", *args], capture_output=True, text=True,
-                          env=child_env(hooks=True, WANDB_MODE="offline", OMP_NUM_THREADS="1", **(env or {})),
-                          timeout=timeout)
+                          env=launch_env(**(env or {})), timeout=timeout)
+
+
+def launch_argv(model: Path, out: Path, preset: str, *extra: str, processes: int = 2) -> list[str]:
+    """`sparsetune train` of the tiny recipe under `--launch PRESET`: the global batch of 8 rows, whatever the
+    process count, and 2 held-out batches per process."""
+    return [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={model}", f"output_dir={out}",
+            *COMMON, f"train.micro_batch_size={8 // processes}", f"train.eval_batches={2 * processes}", *extra,
+            "--launch", preset, "--num-processes", str(processes), "--main-process-port", str(free_port())]
 
 
 def launched(model: Path, out: Path, preset: str, *extra: str, env: dict | None = None, processes: int = 2):
-    proc = sparsetune("train", "quickstart", f"model.path={model}", f"output_dir={out}", *COMMON,
-                      f"train.micro_batch_size={8 // processes}", f"train.eval_batches={2 * processes}", *extra,
-                      "--launch", preset, "--num-processes", str(processes), "--main-process-port", str(free_port()),
-                      env=env)
+    proc = subprocess.run(launch_argv(model, out, preset, *extra, processes=processes), capture_output=True,
+                          text=True, env=launch_env(**(env or {})), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 

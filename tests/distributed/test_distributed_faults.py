@@ -3,45 +3,55 @@ rank under sharded parameters, and the dynamic evaluation over every rank's rows
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from sparsetune.checkpoint.store import CheckpointStore
-from tests.distributed.launching import COMMON, DYNAMIC_KEYS, free_port, launched
-from tests.e2e_helpers import child_env, logs_with, train_logs, train_steps, train_tiny
+from tests.distributed.launching import (
+    DYNAMIC_KEYS,
+    STEPS,
+    assert_weights_close,
+    final_weights,
+    launch_argv,
+    launch_env,
+    launched,
+)
+from tests.e2e_helpers import logs_with, train_steps, train_tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes(tiny_model_dirs, tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sparsetune", "train", "quickstart", f"model.path={tiny_model_dirs['llama']}",
-           f"output_dir={run}", *COMMON, "train.max_steps=2000", "train.micro_batch_size=4", "train.eval_batches=2",
-           "--launch", "ddp", "--num-processes", "2", "--main-process-port", str(free_port())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=child_env(WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+@pytest.mark.xdist_group("plain")
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes_to_the_uninterrupted_weights(runs, tmp_path):
+    """A real SIGTERM to the launcher while both workers wait before step 3 (tests/hooks: the pause, nothing
+    else); the workers finish step 3, checkpoint and exit 0; `--resume` ends at exactly the weights of the
+    uninterrupted DDP run of the same recipe (runs.ddp_plain: the same command without the signal)."""
+    run, sentinel = tmp_path / "run", tmp_path / "paused"
+    proc = subprocess.Popen(launch_argv(runs.model, run, "ddp"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=launch_env(SPARSETUNE_TEST_PAUSE="step:3",
+                                                      SPARSETUNE_TEST_SENTINEL=str(sentinel),
+                                                      SPARSETUNE_TEST_PAUSE_S="120"))
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(train_logs(run)) >= 3:
-            break
+    while time.time() < deadline and proc.poll() is None and not sentinel.exists():
         time.sleep(0.05)
+    assert sentinel.exists(), proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler or `kill PID` would
+    time.sleep(1.0)  # the launcher forwards it to both workers, which are still waiting
+    sentinel.unlink()  # both go on: step 3 ends, they agree to stop and checkpoint
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM received by the launcher; forwarded to 2 worker(s)" in out
-    assert re.search(r"stopped at step \d+ \(SIGTERM\)", out) and "Traceback" not in out
+    assert "stopped at step 3 (SIGTERM)" in out and "Traceback" not in out
     ckpt = CheckpointStore(run).latest_complete()
-    stop = int(ckpt.name.split("-")[1])
-    assert 3 <= stop < 2000
+    assert ckpt.name.endswith("step-00000003")
     assert (ckpt / "rng_state_rank0.json").is_file() and (ckpt / "rng_state_rank1.json").is_file()
-    resumed = launched(tiny_model_dirs["llama"], run, "ddp", f"train.max_steps={stop + 2}", "--resume")
-    assert f"resuming from {ckpt} at step {stop}" in resumed.stdout
-    assert train_steps(run) == list(range(1, stop + 3))
+    resumed = launched(runs.model, run, "ddp", "--resume")
+    assert f"resuming from {ckpt} at step 3" in resumed.stdout
+    assert train_steps(run) == list(range(1, STEPS + 1))  # each step logged once across the stop
+    assert_weights_close(final_weights(run), final_weights(runs.ddp_plain().run), atol=0)
 
 
 def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(runs, tmp_path):
@@ -59,6 +69,7 @@ def test_sharded_eval_with_too_few_held_out_rows_pads_instead_of_hanging(runs, t
     assert evals[0]["eval/sparsity"] == pytest.approx(first["eval/sparsity"], abs=1e-4)
 
 
+@pytest.mark.xdist_group("full")
 def test_ddp_dynamic_eval_figures_are_over_all_ranks(runs):
     """The shared DDP run (predictor.dynamic_eval_batches=2: 2 ranks x 4 rows) against one process over the same
     8 rows (dynamic_eval_batches=1 of 8, tests/distributed/conftest.py)."""

@@ -14,6 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 FIELDS = ("peak_rss_gb",)  # CPU: the resident set (CUDA adds allocated_gb and reserved_gb)
 
 
+@pytest.mark.xdist_group("full")
 def test_two_process_run_logs_peak_memory_per_rank(runs):
     run = runs.ddp_full().run
     logs = train_logs(run)

@@ -24,13 +24,13 @@ from tests.distributed.launching import (
     held_parameters,
     latest_checkpoint,
     per_step,
-    stop_and_resume,
 )
 from tests.e2e_helpers import logs_with, train_steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
+@pytest.mark.xdist_group("plain")
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(runs):
     ddp, single = runs.ddp_plain(), runs.single_plain().run
     assert "2 process(es)" in ddp.log and "DDP" in ddp.log
@@ -48,6 +48,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(runs):
     assert_weights_close(final_weights(ddp.run), final_weights(single), atol=1e-5)  # same 16 held-out sequences
 
 
+@pytest.mark.xdist_group("plain")
 def test_ddp_with_gradient_accumulation_equals_the_same_global_batch(runs):
     """Micro-batch 2 x 2 accumulation steps on each of two ranks (two machines over loopback, see below)."""
     run, single = runs.two_machines_accumulating().run, runs.single_plain().run
@@ -59,19 +60,12 @@ def test_ddp_with_gradient_accumulation_equals_the_same_global_batch(runs):
     assert_weights_close(final_weights(run), final_weights(single), atol=1e-5)
 
 
+@pytest.mark.xdist_group("plain")
 def test_two_machines_over_loopback(runs):
     two = runs.two_machines_accumulating()
     assert "2 process(es)" in two.log
     ckpt = latest_checkpoint(two.run)
     assert json.loads((ckpt / "trainer_state.json").read_text())["num_processes"] == 2
-
-
-def test_ddp_stop_at_step_2_and_resume_ends_at_the_uninterrupted_weights(runs, tmp_path):
-    run = tmp_path / "run"
-    stop_and_resume(runs.model, run, "ddp")
-    steps = train_steps(run)
-    assert steps == list(range(1, STEPS + 1))
-    assert_weights_close(final_weights(run), final_weights(runs.ddp_plain().run), atol=0)
 
 
 def assert_export_matches_checkpoint(run, out, model_dir) -> None:
@@ -94,7 +88,8 @@ def assert_export_matches_checkpoint(run, out, model_dir) -> None:
         assert tensor.numel() > 0, name
 
 
-@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+@pytest.mark.parametrize("preset", [pytest.param("zero2", marks=pytest.mark.xdist_group("plain")),
+                                    pytest.param("zero3", marks=pytest.mark.xdist_group("full"))])
 def test_deepspeed_zero_trains_resumes_and_exports(runs, tmp_path, preset):
     """ZeRO-2 on the plain recipe, against its DDP run; ZeRO-3 on FULL, against DDP's run of FULL."""
     resumed, ddp = (runs.resumed_plain(preset), runs.ddp_plain()) if preset == "zero2" else \
@@ -110,6 +105,7 @@ def test_deepspeed_zero_trains_resumes_and_exports(runs, tmp_path, preset):
     assert_export_matches_checkpoint(resumed.run, export_run(resumed.run, tmp_path / "export"), runs.model)
 
 
+@pytest.mark.xdist_group("full")
 def test_fsdp2_shards_parameters_resumes_and_exports(runs, tmp_path):
     resumed = runs.resumed_full("fsdp")
     held = held_parameters(resumed.log)
