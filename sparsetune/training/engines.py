@@ -67,6 +67,7 @@ class Engine:
     name = "ddp"
     shards_parameters = False
     trains_model = True  # False in the predictor-only phase (FrozenModel)
+    flat_optimizer_partitions = False  # the optimizer steps one flat tensor per group (DeepSpeed): fused AdamW
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe):
         self.accelerator = accelerator
@@ -98,7 +99,7 @@ class Engine:
         """(wrapped model, optimizer, LR scheduler). The scheduler is built on the engine's own torch optimizer
         and stepped by hand once per optimizer step (not prepared), so the LR at step n is the same whatever the
         number of processes."""
-        optimizer = build_optimizer(model.parameters(), self.recipe.train)
+        optimizer = build_optimizer(model.parameters(), self.recipe.train, fused=self.flat_optimizer_partitions)
         model, wrapped = self._wrap(model, optimizer)
         return model, wrapped, build_scheduler(optimizer, self.recipe.train)
 
@@ -266,6 +267,7 @@ class DeepSpeedZero(Engine):
     Checkpoints use DeepSpeed's own save/load (each rank's optimizer partition and fp32 master weights)."""
 
     name = "deepspeed"
+    flat_optimizer_partitions = True
 
     def __init__(self, accelerator: Accelerator, recipe: Recipe):
         super().__init__(accelerator, recipe)
