@@ -17,8 +17,9 @@ mixed precision is autocast); DeepSpeed casts the model to bf16 / fp16 under mix
 master copy of its partition (it clones the partition to fp32 in every mode), fp32 moments and, in 16-bit, an fp32
 gradient partition. peft keeps LoRA adapters in fp32 (autocast_adapter_dtype). Predictors are fp32 and replicated
 with their own AdamW. Under DeepSpeed sparsetune's AdamW is torch's fused one, which updates in place: the per-tensor
-one would add two temporaries the size of the rank's whole flat partition at each step (training/optim.py). The teacher, the layer-wise MLP references and a frozen model are placed as the engine places a
-teacher: whole per rank under ddp / zero2, sharded under zero3 / fsdp.
+one would add two temporaries the size of the rank's whole flat partition at each step (training/optim.py). The
+teacher, the layer-wise MLP references and a frozen model are placed as the engine places a teacher: whole per rank
+under ddp / zero2, sharded under zero3 / fsdp.
 
 The engines' own estimators are printed beside this breakdown as a cross-check (DeepSpeed's
 `estimate_zero{2,3}_model_states_mem_needs`, accelerate's `estimate_training_usage`); they assume a plain full
