@@ -20,11 +20,16 @@ from sparsetune.recipe.schema import Recipe
 from sparsetune.training.optim import build_optimizer, build_scheduler
 
 
+def _launched_with(flag: str) -> bool:
+    """Whether `accelerate launch` set ACCELERATE_USE_<flag> for this process (readable before any Accelerator)."""
+    return os.environ.get(f"ACCELERATE_USE_{flag}", "false").lower() == "true"
+
+
 def fsdp_requested() -> bool:
     (  # one docstring, wrapped by implicit concatenation
         "`accelerate launch` with an FSDP config sets this (also on CPU, where accelerate itself would fall back "
         "to DDP).")
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return _launched_with("FSDP")
 
 
 def skip_cpu_deepspeed_shm_build() -> None:
@@ -35,7 +40,7 @@ def skip_cpu_deepspeed_shm_build() -> None:
     `inference_all_reduce`; ZeRO training reduces through torch.distributed (gloo here), so the build buys nothing.
     `deepspeed.ops.__compatible_ops__` is the dict DeepSpeed reads to decide ("edits to it persist", its comment).
     """
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+    if not _launched_with("DEEPSPEED") or torch.cuda.is_available():
         return
     import deepspeed.ops
 

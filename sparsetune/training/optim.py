@@ -24,7 +24,7 @@ def build_optimizer(params, cfg: TrainSection, fused: bool = False) -> torch.opt
     # foreach=False (and fused, per tensor too) keeps the update bitwise identical whatever the parameter grouping
     # (exact resume).
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=False, fused=fused or None)
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=False, fused=fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainSection):

@@ -39,9 +39,13 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resumes_to_the_unint
         time.sleep(0.05)
     assert sentinel.exists(), proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler or `kill PID` would
-    time.sleep(1.0)  # the launcher forwards it to both workers, which are still waiting
+    printed = []
+    for line in proc.stdout:  # the launcher says so once it has signalled both workers, which are still waiting
+        printed.append(line)
+        if "SIGTERM received by the launcher" in line:
+            break
     sentinel.unlink()  # both go on: step 3 ends, they agree to stop and checkpoint
-    out, _ = proc.communicate(timeout=300)
+    out = "".join(printed) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM received by the launcher; forwarded to 2 worker(s)" in out
     assert "stopped at step 3 (SIGTERM)" in out and "Traceback" not in out

@@ -42,7 +42,10 @@ def normalized_mse(student: torch.Tensor, dense: torch.Tensor, token_mask: torch
     Normalized because MLP outputs differ in scale by orders of magnitude from layer to layer (the last layers'
     are the largest): a plain MSE would be the last layers' alone. A ratio of sums, not a mean of per-token ratios,
     so a token whose dense output is near zero cannot dominate."""
-    err, ref = _squared_sums(student, dense, token_mask)
+    return _ratio(*_squared_sums(student, dense, token_mask))
+
+
+def _ratio(err: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return err / ref.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -137,8 +140,7 @@ class MLPTargets:
         if not terms:
             return None
         refs = _mean_over_ranks(torch.stack([ref for _, ref in terms]))
-        ratios = [err / ref.clamp_min(torch.finfo(torch.float32).tiny) for (err, _), ref in zip(terms, refs)]
-        return torch.stack(ratios).mean()
+        return torch.stack([_ratio(err, ref) for (err, _), ref in zip(terms, refs)]).mean()
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
